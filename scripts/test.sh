@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install taskbalance with its test dependencies into .venv (CPU torch first, so no CUDA build is pulled)
+# and run the test suite. Used by the README's test command and by .ci/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
+  || python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[dev,rl]"
+set +e
+python -m pytest tests "$@"
+status=$?
+set -e
+if [ "$status" -eq 5 ]; then
+  echo "pytest collected no tests: failing" >&2
+  exit 1
+fi
+exit "$status"

@@ -1,0 +1,234 @@
+"""The Balancer: one loss-balancing method composed with one gradient-balancing method.
+
+    balanced = loss_method(L)                 # ℓ̃ (K,): e.g. IGBv1's w_k · log L_k
+    update   = gradient_method(∇θ ℓ̃_1..K)     # e.g. Nash-MTL's Jᵀ α; "sum" = ∇θ Σ ℓ̃_k
+    θ.grad  += update;  head.grad += ∇ Σ_k ℓ̃_k
+
+``Balancer.backward`` replaces ``sum(losses).backward()`` in a training loop. It never steps the optimizer.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._graph import reachable_leaves
+from .gradient_balancing.base import GradientBalancer
+from .gradient_balancing.sum import Sum
+from .jacobian import ENGINE_PATHS, EnginePath, apply_gradient_method
+from .loss_balancing.base import LossBalancer
+from .loss_balancing.equal import Equal
+
+
+@dataclass(frozen=True)
+class BalanceResult:
+    """What :meth:`Balancer.backward` returns for one step (all tensors detached).
+
+    Attributes:
+        weights: effective per-task weights (K,): the loss method's weights times the gradient method's
+            (when the gradient method is weight-based; otherwise the loss method's alone).
+        losses: the raw losses L (K,).
+        balanced_losses: ℓ̃ (K,), what the gradient level differentiated.
+        loss_weights: the loss method's weights (K,).
+        gradient_weights: the gradient method's w (K,), or None for methods without weights.
+        overhead_s: wall time spent in balancing beyond an ordinary backward of Σ ℓ̃ (loss method, per-task
+            gradients, solver). On CUDA this is host time (no synchronisation is forced).
+        converged: False when the gradient method's solver did not converge this step (see ``note``).
+        note: the solver's reason when ``converged`` is False.
+    """
+
+    weights: Tensor
+    losses: Tensor
+    balanced_losses: Tensor
+    loss_weights: Tensor
+    gradient_weights: Tensor | None
+    overhead_s: float
+    converged: bool = True
+    note: str = ""
+
+
+class Balancer(nn.Module):
+    """Balanced backward for a multi-task model: ``loss`` method × ``gradient`` method over ``n_tasks`` tasks.
+
+    Args:
+        loss: a loss-balancing method (default: EW, equal weights).
+        gradient: a gradient-balancing method (default: ``Sum``, one ordinary backward).
+        n_tasks: K, the number of tasks (losses per step).
+        engine: how per-task gradients are obtained for gradient methods (see :mod:`taskbalance.jacobian`).
+        check_finite: raise on NaN/Inf losses (one device synchronisation per step on CUDA).
+
+    The Balancer is an ``nn.Module``: ``parameters()`` are the methods' learnable parameters (UW, IMTL-L),
+    ``state_dict()`` holds all their state, ``to(device)`` moves them.
+    """
+
+    def __init__(
+        self,
+        loss: LossBalancer | None = None,
+        gradient: GradientBalancer | None = None,
+        *,
+        n_tasks: int,
+        engine: EnginePath = "auto",
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(n_tasks, int) or isinstance(n_tasks, bool) or n_tasks < 1:
+            raise ValueError(f"n_tasks must be a positive int, got {n_tasks!r}")
+        if engine not in ENGINE_PATHS:
+            raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINE_PATHS)}")
+        loss = Equal() if loss is None else loss
+        gradient = Sum() if gradient is None else gradient
+        if not isinstance(loss, LossBalancer):
+            raise TypeError(f"loss must be a LossBalancer, got {type(loss).__name__}")
+        if not isinstance(gradient, GradientBalancer):
+            raise TypeError(f"gradient must be a GradientBalancer, got {type(gradient).__name__}")
+        self.n_tasks = n_tasks
+        self.engine = engine
+        self.check_finite = check_finite
+        self.loss = loss
+        self.gradient = gradient
+        loss.setup(n_tasks)
+        gradient.setup(n_tasks)
+        self._warned_solver = False
+
+    # -- the training step -----------------------------------------------------------------------------------
+    def backward(
+        self,
+        losses: Tensor | Iterable[Tensor],
+        shared_params: Iterable[Tensor],
+        features: Tensor | None = None,
+    ) -> BalanceResult:
+        """Balance the K losses and accumulate gradients into ``.grad``.
+
+        Args:
+            losses: the K raw task losses, a tensor of shape (K,) (or a sequence of K scalars).
+            shared_params: the shared parameters θ (e.g. ``model.encoder.parameters()``).
+            features: the shared representation (the encoder's output) when the heads consume it; lets the
+                engine take the cheaper features-first path. Optional.
+
+        Raises:
+            ValueError: wrong shape, NaN/Inf loss (with the task index), non-positive loss for a method that
+                takes a log, a shared parameter the losses do not depend on. Nothing is changed then.
+        """
+        start = time.perf_counter()
+        losses = self._check_losses(losses)
+        shared = self._check_shared(shared_params)
+        leaves = reachable_leaves(losses)
+        leaf_ids = {id(t) for t in leaves}
+        unused = [i for i, p in enumerate(shared) if id(p) not in leaf_ids]
+        if unused:
+            raise ValueError(
+                f"shared parameters at positions {unused} have no gradient path from the losses; pass only "
+                "parameters the losses depend on (e.g. model.encoder.parameters())"
+            )
+
+        balanced = self.loss(losses)
+        raw = losses.detach()
+        if isinstance(self.gradient, Sum):
+            before_backward = time.perf_counter()
+            balanced.losses.sum().backward()
+            overhead = before_backward - start
+            return BalanceResult(
+                weights=balanced.weights,
+                losses=raw,
+                balanced_losses=balanced.losses.detach(),
+                loss_weights=balanced.weights,
+                gradient_weights=None,
+                overhead_s=overhead,
+            )
+
+        shared_ids = {id(p) for p in shared}
+        # heads and the methods' own parameters (UW's log-variances) all get ∇ Σ ℓ̃
+        task_params = [t for t in reachable_leaves(balanced.losses) if id(t) not in shared_ids]
+        combination = apply_gradient_method(balanced.losses, shared, task_params, self.gradient, features, self.engine)
+        if not combination.converged and not self._warned_solver:
+            self._warned_solver = True
+            warnings.warn(
+                f"{type(self.gradient).__name__}: {combination.note or 'solver did not converge'} "
+                "(reported in BalanceResult.converged; warned once)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        gradient_weights = combination.weights
+        effective = balanced.weights if gradient_weights is None else balanced.weights * gradient_weights
+        return BalanceResult(
+            weights=effective.detach(),
+            losses=raw,
+            balanced_losses=balanced.losses.detach(),
+            loss_weights=balanced.weights,
+            gradient_weights=None if gradient_weights is None else gradient_weights.detach(),
+            overhead_s=time.perf_counter() - start,
+            converged=combination.converged,
+            note=combination.note,
+        )
+
+    def end_epoch(self) -> None:
+        """Call once at the end of every training epoch (DWA, IGBv1's baseline, IGBv2's schedule use it)."""
+        self.loss.end_epoch()
+
+    def after_step(self, losses: Tensor | Iterable[Tensor]) -> None:
+        """Call after ``optimizer.step()`` with the same batch's losses under the updated model (FAMO).
+
+        A no-op for every other method, so a training loop may always call it.
+        """
+        self.loss.after_step(self._check_losses(losses, need_grad=False).detach())
+
+    def reset(self) -> None:
+        """Forget all history of both methods (and re-initialise their parameters)."""
+        self.loss.reset()
+        self.gradient.reset()
+        self._warned_solver = False
+
+    # -- validation ------------------------------------------------------------------------------------------
+    def _check_losses(self, losses: Tensor | Iterable[Tensor], need_grad: bool = True) -> Tensor:
+        if not isinstance(losses, Tensor):
+            items = list(losses)
+            if not all(isinstance(x, Tensor) and x.numel() == 1 for x in items):
+                raise TypeError("losses must be a tensor of shape (K,) or a sequence of K scalar tensors")
+            losses = torch.stack([x.reshape(()) for x in items])
+        if losses.dim() != 1 or losses.shape[0] != self.n_tasks:
+            raise ValueError(
+                f"losses must have shape ({self.n_tasks},) (one scalar per task), got {tuple(losses.shape)}"
+            )
+        if not losses.is_floating_point():
+            raise TypeError(f"losses must be floating point, got {losses.dtype}")
+        if need_grad and not losses.requires_grad:
+            raise ValueError("losses do not require grad: compute them from the model's outputs")
+        values = losses.detach()
+        if self.check_finite and not bool(torch.isfinite(values).all()):
+            bad = torch.nonzero(~torch.isfinite(values)).flatten().tolist()
+            raise ValueError(f"non-finite loss (NaN or Inf) for task(s) {bad}: {values.tolist()}")
+        if self.loss.takes_log and not bool((values > 0).all()):
+            bad = torch.nonzero(values <= 0).flatten().tolist()
+            raise ValueError(
+                f"{type(self.loss).__name__} takes log L_k, but task(s) {bad} have loss <= 0: "
+                f"{values.tolist()}. Use strictly positive losses (e.g. add a small constant)."
+            )
+        return losses
+
+    def _check_shared(self, shared_params: Iterable[Tensor]) -> list[Tensor]:
+        if isinstance(shared_params, Tensor):
+            shared_params = [shared_params]
+        shared = list(shared_params)
+        if not shared:
+            raise ValueError("shared_params is empty: pass the shared (encoder) parameters")
+        frozen = [i for i, p in enumerate(shared) if not p.requires_grad]
+        if frozen:
+            raise ValueError(f"shared parameters at positions {frozen} do not require grad")
+        return shared
+
+    # -- state -----------------------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"n_tasks": self.n_tasks}
+
+    def set_extra_state(self, state: Any) -> None:
+        if state["n_tasks"] != self.n_tasks:
+            raise ValueError(f"state is for {state['n_tasks']} tasks, this Balancer has {self.n_tasks}")
+
+    def extra_repr(self) -> str:
+        return f"n_tasks={self.n_tasks}, engine={self.engine!r}"

@@ -1,0 +1,92 @@
+"""The gradient level: a method that combines the K per-task gradients of the shared parameters into one update.
+
+Notation: J is the K × P matrix whose rows are g_k = ∇_θ ℓ̃_k over the shared parameters θ, and G = J Jᵀ its
+Gramian. A method declares which of the two it reads (:attr:`GradientBalancer.needs`):
+
+- ``"gramian"``: the method computes weights w from G alone and the update is Jᵀ w = Σ_k w_k g_k. The engine
+  may then obtain G without ever materialising J, or apply w with one ordinary backward of Σ_k w_k ℓ̃_k.
+- ``"jacobian"``: the method needs J itself (per-coordinate operations, or state made of past gradients).
+
+The "sum convention": with K equal gradients g, the update is K·g = ∇ Σ_k ℓ̃_k. Methods whose natural output
+is a convex combination multiply by K, as the reference implementations do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Combination:
+    """What a gradient method returns for one step.
+
+    Exactly one of ``weights`` / ``direction`` is usually set; both may be (a weight-based method that also
+    reports its explicit direction).
+
+    Attributes:
+        weights: w of shape (K,) with update = Jᵀ w (weight-based methods), detached.
+        direction: the update of the shared parameters, flat of shape (P,), for methods whose update is not
+            Jᵀ w for the current J (e.g. DB-MTL's EMA gradients, GradDrop's per-coordinate masks).
+        converged: False when an inner solver did not converge; the method documents what it returned then.
+        note: a short human-readable reason when ``converged`` is False.
+    """
+
+    weights: Tensor | None = None
+    direction: Tensor | None = None
+    converged: bool = True
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.weights is None and self.direction is None:
+            raise ValueError("a Combination needs weights or a direction")
+
+
+class GradientBalancer(nn.Module):
+    """Base class of every gradient-balancing method.
+
+    Subclasses set :attr:`name` and :attr:`needs`, implement :meth:`combine`, and keep any state they have in
+    ``state_dict()`` (tensors as buffers or through ``get_extra_state``). ``max_norm`` (None = no clipping)
+    bounds the norm of the shared update, as the Nash-MTL reference code does.
+    """
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[Literal["gramian", "jacobian"]] = "jacobian"
+
+    def __init__(self, max_norm: float | None = None) -> None:
+        super().__init__()
+        if max_norm is not None and not max_norm > 0:
+            raise ValueError(f"max_norm must be positive or None, got {max_norm}")
+        self.max_norm = max_norm
+        self.n_tasks = 0
+
+    def setup(self, n_tasks: int) -> None:
+        """Bind the method to K tasks. Called once by the Balancer."""
+        if self.n_tasks not in (0, n_tasks):
+            raise ValueError(f"{type(self).__name__} was set up for {self.n_tasks} tasks, not {n_tasks}")
+        self.n_tasks = n_tasks
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all history (EMAs, warm starts, step counters)."""
+
+    def forward(self, matrix: Tensor, losses: Tensor) -> Combination:
+        """Combine: ``matrix`` is G (K × K) or J (K × P) as :attr:`needs` says; ``losses`` are ℓ̃, detached."""
+        if self.n_tasks == 0:
+            raise RuntimeError(f"{type(self).__name__} is not set up: wrap it in taskbalance.Balancer")
+        return self.combine(matrix, losses)
+
+    def combine(self, matrix: Tensor, losses: Tensor) -> Combination:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"n_tasks": self.n_tasks}
+
+    def set_extra_state(self, state: Any) -> None:
+        if state["n_tasks"] != self.n_tasks:
+            raise ValueError(f"state is for {state['n_tasks']} tasks but {type(self).__name__} has {self.n_tasks}")
+
+    def extra_repr(self) -> str:
+        return f"n_tasks={self.n_tasks}, max_norm={self.max_norm}"

@@ -1,0 +1,165 @@
+"""Method names, presets and :func:`make`.
+
+A spec is ``"<loss>"``, ``"<gradient>"`` or ``"<loss>+<gradient>"``. A bare gradient name runs with EW at the
+loss level unless a preset says otherwise (``dbmtl`` = ``si+dbmtl``). The tables below are the one place that
+maps a paper's name to its module: ``loss_balancing/<module>.py`` or ``gradient_balancing/<module>.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+from .balancer import Balancer
+from .gradient_balancing.base import GradientBalancer
+from .loss_balancing.base import LossBalancer
+
+#: loss-level methods: name -> "module:Class" under taskbalance.loss_balancing
+LOSS_METHODS: dict[str, str] = {
+    "ew": "equal:Equal",
+    "si": "scale_invariant:ScaleInvariant",
+    "uw": "uncertainty:Uncertainty",
+    "dwa": "dwa:DWA",
+    "rlw": "rlw:RLW",
+    "gls": "gls:GLS",
+    "imtl_l": "imtl_l:IMTLL",
+    "famo": "famo:FAMO",
+    "stch": "stch:STCH",
+    "igbv1": "igb:IGBv1",
+    "igbv2": "igb_rl:IGBv2",
+}
+
+#: gradient-level methods: name -> "module:Class" under taskbalance.gradient_balancing
+GRADIENT_METHODS: dict[str, str] = {
+    "sum": "sum:Sum",
+    "mgda": "mgda:MGDA",
+    "pcgrad": "pcgrad:PCGrad",
+    "cagrad": "cagrad:CAGrad",
+    "graddrop": "graddrop:GradDrop",
+    "gradvac": "gradvac:GradVac",
+    "imtl_g": "imtl_g:IMTLG",
+    "nashmtl": "nash_mtl:NashMTL",
+    "aligned_mtl": "aligned_mtl:AlignedMTL",
+    "upgrad": "upgrad:UPGrad",
+    "fairgrad": "fairgrad:FairGrad",
+    "moco": "moco:MoCo",
+    "config": "config:ConFIG",
+    "gradnorm": "gradnorm:GradNorm",
+    "dbmtl": "dbmtl:DBMTL",
+    "imgrad": "imgrad:IMGrad",
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A name that stands for a configured method (an option set, not a copy of the code)."""
+
+    base: str
+    options: dict[str, Any] = field(default_factory=dict)
+    #: for a gradient method used bare: the loss method it runs with (default EW)
+    loss: str = "ew"
+    #: Balancer options (e.g. the engine path)
+    balancer: dict[str, Any] = field(default_factory=dict)
+
+
+#: the IGB paper's "+SI" variants: the method applied to log losses
+LOSS_PRESETS: dict[str, Preset] = {
+    "uw_si": Preset("uw", {"log_losses": True}),
+    "rlw_si": Preset("rlw", {"log_losses": True}),
+    "dwa_si": Preset("dwa", {"log_losses": True}),
+}
+
+GRADIENT_PRESETS: dict[str, Preset] = {
+    # DB-MTL = log losses + max-norm EMA gradient balancing (Lin et al.)
+    "dbmtl": Preset("dbmtl", loss="si"),
+}
+
+
+def available() -> list[str]:
+    """Every name :func:`make` accepts as a single method (combine with ``+``)."""
+    return sorted({*LOSS_METHODS, *GRADIENT_METHODS, *LOSS_PRESETS, *GRADIENT_PRESETS})
+
+
+def _load(table: dict[str, str], package: str, name: str) -> type[Any]:
+    module_name, class_name = table[name].split(":")
+    module = importlib.import_module(f"taskbalance.{package}.{module_name}")
+    cls: type[Any] = getattr(module, class_name)
+    return cls
+
+
+def loss_class(name: str) -> type[LossBalancer]:
+    """The class registered under a loss-level ``name``."""
+    return _load(LOSS_METHODS, "loss_balancing", name)
+
+
+def gradient_class(name: str) -> type[GradientBalancer]:
+    """The class registered under a gradient-level ``name``."""
+    return _load(GRADIENT_METHODS, "gradient_balancing", name)
+
+
+def _accepts(cls: type[Any]) -> set[str]:
+    params = inspect.signature(cls.__init__).parameters
+    return {n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def _unknown(name: str) -> ValueError:
+    return ValueError(f"unknown method {name!r}; available: {', '.join(available())}")
+
+
+def _parse(spec: str) -> tuple[str, Preset | None, str, Preset | None, dict[str, Any]]:
+    """(loss name, loss preset, gradient name, gradient preset, balancer options) of a spec."""
+    parts = [p.strip().lower() for p in spec.split("+")]
+    if len(parts) > 2 or not all(parts):
+        raise ValueError(f"a spec is '<loss>', '<gradient>' or '<loss>+<gradient>', got {spec!r}")
+    loss_spec, grad_spec = (parts[0], "sum") if len(parts) == 1 else (parts[0], parts[1])
+    if len(parts) == 1 and loss_spec not in LOSS_METHODS and loss_spec not in LOSS_PRESETS:
+        if loss_spec not in GRADIENT_METHODS and loss_spec not in GRADIENT_PRESETS:
+            raise _unknown(loss_spec)
+        grad_spec = loss_spec
+        preset = GRADIENT_PRESETS.get(grad_spec)
+        loss_spec = preset.loss if preset else "ew"
+    loss_preset = LOSS_PRESETS.get(loss_spec)
+    loss_name = loss_preset.base if loss_preset else loss_spec
+    grad_preset = GRADIENT_PRESETS.get(grad_spec)
+    grad_name = grad_preset.base if grad_preset else grad_spec
+    if loss_name not in LOSS_METHODS:
+        if loss_name in GRADIENT_METHODS:
+            raise ValueError(f"{loss_spec!r} is a gradient-level method; write it after '+': 'ew+{loss_spec}'")
+        raise _unknown(loss_spec)
+    if grad_name not in GRADIENT_METHODS:
+        if grad_name in LOSS_METHODS:
+            raise ValueError(f"{grad_spec!r} is a loss-level method; write it before '+'")
+        raise _unknown(grad_spec)
+    balancer_options = dict(grad_preset.balancer) if grad_preset else {}
+    return loss_name, loss_preset, grad_name, grad_preset, balancer_options
+
+
+def make(spec: str, n_tasks: int, **options: Any) -> Balancer:
+    """Build a :class:`Balancer` from a spec such as ``"igbv1+nashmtl"``, ``"dbmtl"`` or ``"uw"``.
+
+    Each keyword option goes to whichever of the loss method, the gradient method or the Balancer accepts it
+    (e.g. ``max_norm`` to Nash-MTL, ``base_epoch`` to IGBv1, ``engine`` to the Balancer). An option accepted by
+    more than one, or by none, is an error; build ``Balancer(loss=..., gradient=...)`` directly then.
+    """
+    loss_name, loss_preset, grad_name, grad_preset, balancer_options = _parse(spec)
+    loss_cls, grad_cls = loss_class(loss_name), gradient_class(grad_name)
+    loss_options = dict(loss_preset.options) if loss_preset else {}
+    grad_options = dict(grad_preset.options) if grad_preset else {}
+    targets = {
+        "loss": _accepts(loss_cls),
+        "gradient": _accepts(grad_cls),
+        "balancer": {"engine", "check_finite"},
+    }
+    for key, value in options.items():
+        owners = [level for level, accepted in targets.items() if key in accepted]
+        if not owners:
+            accepted = sorted(set().union(*targets.values()))
+            raise TypeError(f"option {key!r} is not accepted by {spec!r}; accepted: {', '.join(accepted)}")
+        if len(owners) > 1:
+            raise TypeError(f"option {key!r} is ambiguous in {spec!r} (accepted by {' and '.join(owners)})")
+        {"loss": loss_options, "gradient": grad_options, "balancer": balancer_options}[owners[0]][key] = value
+    return Balancer(
+        loss=loss_cls(**loss_options), gradient=grad_cls(**grad_options), n_tasks=n_tasks, **balancer_options
+    )

@@ -1,0 +1,134 @@
+"""The Balancer contract: validation, composition seam, result object, state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import taskbalance as tb
+from taskbalance.jacobian import apply_gradient_method
+from tests.models import TinyMTL, make_data, task_losses
+
+
+def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+def test_ew_equals_plain_sum_backward() -> None:
+    model = TinyMTL()
+    x, y = make_data()
+    _, losses = task_losses(model, x, y)
+    losses.sum().backward()
+    expected = _grads(model)
+    model.zero_grad(set_to_none=True)
+    _, losses = task_losses(model, x, y)
+    result = tb.make("ew", n_tasks=3).backward(losses, model.encoder.parameters())
+    for a, b in zip(_grads(model), expected, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(result.weights, torch.ones(3))
+    torch.testing.assert_close(result.losses, losses.detach())
+
+
+def test_engine_sum_path_equals_plain_backward() -> None:
+    """The gradient-method seam (J, then Jᵀw, heads get ∇Σℓ̃) reproduces an ordinary backward for Sum."""
+    model = TinyMTL()
+    x, y = make_data()
+    _, losses = task_losses(model, x, y)
+    losses.sum().backward()
+    expected = _grads(model)
+    model.zero_grad(set_to_none=True)
+    _, losses = task_losses(model, x, y)
+    shared = list(model.encoder.parameters())
+    heads = list(model.heads.parameters())
+    balancer = tb.Balancer(n_tasks=3)
+    apply_gradient_method(losses, shared, heads, balancer.gradient)
+    for a, b in zip(_grads(model), expected, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_gradients_accumulate_like_backward() -> None:
+    model = TinyMTL()
+    x, y = make_data()
+    balancer = tb.make("ew", n_tasks=3)
+    for _ in range(2):
+        _, losses = task_losses(model, x, y)
+        balancer.backward(losses, model.encoder.parameters())
+    twice = _grads(model)
+    model.zero_grad(set_to_none=True)
+    _, losses = task_losses(model, x, y)
+    (2 * losses.sum()).backward()
+    for a, b in zip(twice, _grads(model), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (lambda losses: losses[:2], r"shape \(3,\)"),
+        (lambda losses: losses.reshape(3, 1), r"shape \(3,\)"),
+        (lambda losses: losses * torch.tensor([1.0, float("nan"), 1.0]), r"task\(s\) \[1\]"),
+        (lambda losses: losses * torch.tensor([1.0, 1.0, float("inf")]), r"task\(s\) \[2\]"),
+        (lambda losses: losses.detach(), "do not require grad"),
+    ],
+)
+def test_bad_losses_raise_and_change_nothing(bad, message) -> None:  # type: ignore[no-untyped-def]
+    model = TinyMTL()
+    x, y = make_data()
+    balancer = tb.make("ew", n_tasks=3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    _, losses = task_losses(model, x, y)
+    with pytest.raises(ValueError, match=message):
+        balancer.backward(bad(losses), model.encoder.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[k])
+
+
+def test_shared_parameter_without_gradient_path_is_refused() -> None:
+    model = TinyMTL()
+    x, y = make_data()
+    stray = torch.nn.Parameter(torch.ones(2))
+    _, losses = task_losses(model, x, y)
+    with pytest.raises(ValueError, match=r"positions \[4\] have no gradient path"):
+        tb.make("ew", n_tasks=3).backward(losses, [*model.encoder.parameters(), stray])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_frozen_shared_parameter_is_refused() -> None:
+    model = TinyMTL()
+    x, y = make_data()
+    _, losses = task_losses(model, x, y)
+    with pytest.raises(ValueError, match="do not require grad"):
+        tb.make("ew", n_tasks=3).backward(losses, [torch.zeros(2)])
+
+
+def test_sequence_of_scalars_is_accepted() -> None:
+    model = TinyMTL()
+    x, y = make_data()
+    _, losses = task_losses(model, x, y)
+    result = tb.make("ew", n_tasks=3).backward(list(losses), model.encoder.parameters())
+    assert result.weights.shape == (3,)
+
+
+def test_fixed_weights() -> None:
+    model = TinyMTL()
+    x, y = make_data()
+    _, losses = task_losses(model, x, y)
+    (0.5 * losses[0] + 2.0 * losses[2]).backward()
+    expected = _grads(model)
+    model.zero_grad(set_to_none=True)
+    _, losses = task_losses(model, x, y)
+    tb.Balancer(loss=tb.Equal([0.5, 0.0, 2.0]), n_tasks=3).backward(losses, model.encoder.parameters())
+    for a, b in zip(_grads(model), expected, strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="2 fixed weights for 3 tasks"):
+        tb.Balancer(loss=tb.Equal([1.0, 1.0]), n_tasks=3)
+
+
+def test_bad_construction() -> None:
+    with pytest.raises(ValueError, match="positive int"):
+        tb.Balancer(n_tasks=0)
+    with pytest.raises(ValueError, match="unknown engine"):
+        tb.Balancer(n_tasks=2, engine="magic")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="LossBalancer"):
+        tb.Balancer(loss=tb.Sum(), n_tasks=2)  # type: ignore[arg-type]
