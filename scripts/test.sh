@@ -5,9 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --upgrade pip
-python -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
-  || python -m pip install -q torch==2.13.0
+python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[dev,rl]"
 set +e
 python -m pytest tests "$@"
