@@ -1,12 +1,37 @@
 """The engine: how the per-task gradients of the shared parameters are obtained and the update applied.
 
-Given the balanced losses ℓ̃ (K,), the shared parameters θ and the task-specific parameters (heads), the engine
-computes what the gradient method reads (J or G), lets the method combine, and accumulates
+Given the balanced losses ℓ̃ (K,), the shared parameters θ and the task-specific parameters (heads, and loss
+methods' own parameters such as UW's log-variances), the engine computes what the gradient method reads — the
+Jacobian J (K × P, row k = ∇_θ ℓ̃_k) or the Gramian G = J Jᵀ — lets the method combine, and accumulates
 
-- into ``θ.grad``: the method's update (Jᵀ w or its explicit direction), clipped to ``method.max_norm``;
-- into every head's ``.grad``: ∇ Σ_k ℓ̃_k (each head gets the gradient of its own balanced loss).
+- into ``θ.grad``: the method's update (Jᵀ w, or its explicit flat direction), clipped to ``method.max_norm``;
+- into every other leaf's ``.grad``: ∇ Σ_k ℓ̃_k (each head gets the gradient of its own balanced loss).
 
-Gradients accumulate like an ordinary ``backward()`` (gradient accumulation across micro-batches works).
+Gradients accumulate like an ordinary ``backward()`` (gradient accumulation across micro-batches works), and no
+gradient leaves the device. Paths (``Balancer(engine=...)``):
+
+``"loop"``            K backward calls. The reference; works on every graph. Cost K backward passes.
+``"batched"``         one backward under vmap with the K one-hot cotangents (``is_grads_batched``); K calls when
+                      vmap cannot run the graph (warned once, remembered). Cost ≈ one K-batched backward, and each
+                      head is run K times (the one-hot of task k still sends zeros through the other heads).
+``"features"``        features-first, exact: J_z = ∂ℓ̃/∂z through the heads (about two head passes when the graph
+                      separates the tasks, see :mod:`taskbalance._engine_heads`), then one K-batched product
+                      J = J_z · ∂z/∂θ through the trunk. Needs ``features`` and every path from θ to ℓ̃ through it.
+``"gramian"``         for methods that read only G (``needs == "gramian"``): G accumulated parameter by parameter
+                      during the backward, never holding J (:func:`~taskbalance._engine_vjp.streaming_gramian`),
+                      then the update by one backward of Σ_k w_k ℓ̃_k restricted to θ. One more backward than the
+                      other paths: it trades time for memory (K × P floats). Uses the features-first split when it
+                      is exact, so the update backward then runs through the trunk only.
+``"representation"``  MGDA-UB (Sener & Koltun, NeurIPS 2018, arXiv 1810.04650): an approximation, only on request.
+                      The method reads J_z (or G_z = J_z J_zᵀ) instead of J; the update of θ is the trunk product of
+                      the combined feature gradient Σ_k w_k ∂ℓ̃_k/∂z, or of the method's direction read as a
+                      direction in feature space (flattened z). Cost ≈ one backward plus J_z.
+``"auto"``            (default) the cheapest exact path that is safe: ``"features"`` when ``features`` is given and
+                      every path from θ to ℓ̃ goes through it (checked on the autograd graph), else ``"batched"``
+                      (which falls back to the loop).
+
+Clipping: the shared update u is scaled by min(1, max_norm / ‖u‖). On the Gramian path ‖Jᵀw‖ = √(wᵀGw), so w
+is scaled before the update backward.
 """
 
 from __future__ import annotations
@@ -17,53 +42,213 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ._engine_heads import features_jacobian
+from ._engine_vjp import EngineFallbackWarning, VmapMemo, batched_vjp, streaming_gramian
+from ._graph import leaves_before, task_split
 from .gradient_balancing.base import Combination, GradientBalancer
 
-EnginePath = Literal["auto", "loop"]
-ENGINE_PATHS: tuple[str, ...] = ("auto", "loop")
+__all__ = [
+    "ENGINE_PATHS",
+    "Engine",
+    "EngineFallbackWarning",
+    "EnginePath",
+    "apply_gradient_method",
+    "clip_update",
+]
 
-
-def _flat(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
-    return torch.cat(
-        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)]
-    )
-
-
-def _accumulate(params: Sequence[Tensor], flat: Tensor) -> None:
-    offset = 0
-    for p in params:
-        n = p.numel()
-        piece = flat[offset : offset + n].view_as(p)
-        offset += n
-        if p.grad is None:
-            p.grad = piece.detach().clone()
-        else:
-            p.grad.add_(piece)
+EnginePath = Literal["auto", "loop", "batched", "features", "gramian", "representation"]
+ENGINE_PATHS: tuple[str, ...] = ("auto", "loop", "batched", "features", "gramian", "representation")
 
 
 def clip_update(update: Tensor, max_norm: float | None) -> Tensor:
     """Scale ``update`` so that its norm is at most ``max_norm`` (unchanged when None)."""
     if max_norm is None:
         return update
-    norm = torch.linalg.vector_norm(update)
-    return update * torch.clamp(max_norm / (norm + 1e-12), max=1.0)
+    return update * _clip_factor(torch.linalg.vector_norm(update), max_norm)
 
 
-def loop_jacobian(
-    balanced: Tensor, shared: Sequence[Tensor], task_params: Sequence[Tensor]
-) -> tuple[Tensor, list[Tensor | None]]:
-    """J (K × P) by K autograd calls, and ∇ Σ_k ℓ̃_k of the task-specific parameters. The reference path."""
-    inputs = [*shared, *task_params]
-    rows: list[Tensor] = []
-    head_grads: list[Tensor | None] = [None] * len(task_params)
-    for k in range(balanced.shape[0]):
-        grads = torch.autograd.grad(balanced[k], inputs, retain_graph=True, allow_unused=True)
-        rows.append(_flat(grads[: len(shared)], shared))
-        for i, g in enumerate(grads[len(shared) :]):
-            if g is not None:
-                previous = head_grads[i]
-                head_grads[i] = g if previous is None else previous + g
-    return torch.stack(rows), head_grads
+def _clip_factor(norm: Tensor, max_norm: float) -> Tensor:
+    return torch.clamp(max_norm / (norm + 1e-12), max=1.0)
+
+
+class _FeatureCut:
+    """θ, the other leaves, and how they sit around ``features`` z (which leaves ℓ̃ reaches without z)."""
+
+    def __init__(
+        self, balanced: Tensor, features: Tensor | None, shared: Sequence[Tensor], task_params: Sequence[Tensor]
+    ) -> None:
+        self.head_side: list[Tensor] = []
+        self.trunk_side: list[Tensor] = []
+        self.reason = ""
+        if features is None:
+            self.reason = "no features were given"
+            return
+        if features.grad_fn is None:
+            self.reason = "features are not the output of a differentiable computation (no grad_fn)"
+            return
+        direct = {id(t) for t in leaves_before(balanced, features)}
+        bypass = [i for i, p in enumerate(shared) if id(p) in direct]
+        if bypass:
+            self.reason = f"shared parameters at positions {bypass} reach the losses without passing through features"
+            return
+        self.head_side = [p for p in task_params if id(p) in direct]
+        self.trunk_side = [p for p in task_params if id(p) not in direct]
+
+    @property
+    def exact(self) -> bool:
+        """Whether J = J_z · ∂z/∂θ holds (every path from θ to ℓ̃ goes through z)."""
+        return not self.reason
+
+
+class Engine:
+    """Obtains per-task gradients along one of :data:`ENGINE_PATHS` and applies a gradient method's update.
+
+    Keep one ``Engine`` per training run: it remembers whether vmap can run the model's backward graph, so a
+    failing batched attempt is paid (and warned about) once, and once vmap is known to work the last backward of
+    each step frees the graph like an ordinary ``backward()``. ``last_path`` names the path the last call took
+    (``"auto"`` resolved), and :attr:`fell_back` says whether vmap failed, for logs and tests.
+    """
+
+    def __init__(self, path: EnginePath = "auto") -> None:
+        if path not in ENGINE_PATHS:
+            raise ValueError(f"unknown engine path {path!r}; choose from {', '.join(ENGINE_PATHS)}")
+        self.path: EnginePath = path
+        self.memo = VmapMemo()
+        self.last_path = ""
+
+    @property
+    def fell_back(self) -> bool:
+        """Whether vmap failed on this model, so that products are taken one task at a time."""
+        return self.memo.failed
+
+    def reset(self) -> None:
+        """Forget what was learnt about vmap on the model."""
+        self.memo = VmapMemo()
+        self.last_path = ""
+
+    def __repr__(self) -> str:
+        return f"Engine({self.path!r})"
+
+    def __call__(
+        self,
+        balanced: Tensor,
+        shared: Sequence[Tensor],
+        task_params: Sequence[Tensor],
+        method: GradientBalancer,
+        features: Tensor | None = None,
+    ) -> Combination:
+        """Compute what ``method`` needs, combine, and accumulate the gradients. Returns the method's Combination."""
+        path = self.path
+        if path == "gramian" and method.needs != "gramian":
+            raise ValueError(f"engine 'gramian' needs a method that reads only G; {type(method).__name__} reads J")
+        split = _FeatureCut(balanced, features, shared, task_params)
+        if path in ("features", "representation") and not split.exact:
+            raise ValueError(f"engine {path!r} needs features through which every shared path runs: {split.reason}")
+        if path == "auto":
+            path = "features" if split.exact else "batched"
+        if path == "representation":
+            assert features is not None
+            return self._representation(balanced, shared, features, split, method)
+        if path == "gramian":
+            return self._gramian(balanced, shared, task_params, features, split, method)
+        if path == "features":
+            assert features is not None
+            blocks, task_grads = self._features(balanced, shared, features, split)
+            task_params = [*split.head_side, *split.trunk_side]
+        else:
+            eye = torch.eye(balanced.shape[0], dtype=balanced.dtype, device=balanced.device)
+            inputs = [*shared, *task_params]
+            grads = batched_vjp(balanced, inputs, eye, self.memo, final=True, try_vmap=path != "loop")
+            blocks = grads[: len(shared)]
+            task_grads = [None if g is None else g.sum(0) for g in grads[len(shared) :]]
+        self.last_path = path
+        combination = _apply_jacobian(balanced, shared, blocks, method)
+        _accumulate(task_params, task_grads)
+        return combination
+
+    # -- paths -------------------------------------------------------------------------------------------------
+    def _features(
+        self, balanced: Tensor, shared: Sequence[Tensor], features: Tensor, split: _FeatureCut
+    ) -> tuple[list[Tensor | None], list[Tensor | None]]:
+        """Per-task blocks of θ, and ∇ Σ ℓ̃ of head-side then trunk-side task parameters."""
+        jz, head_grads = self._features_jacobian(balanced, features, split)
+        grads = batched_vjp(features, [*shared, *split.trunk_side], jz, self.memo, final=True)
+        trunk_grads = [None if g is None else g.sum(0) for g in grads[len(shared) :]]
+        return grads[: len(shared)], [*head_grads, *trunk_grads]
+
+    def _features_jacobian(
+        self, balanced: Tensor, features: Tensor, split: _FeatureCut
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        tasks = task_split(balanced, features, balanced.shape[0])
+        return features_jacobian(balanced, features, split.head_side, tasks, self.memo)
+
+    def _gramian(
+        self,
+        balanced: Tensor,
+        shared: Sequence[Tensor],
+        task_params: Sequence[Tensor],
+        features: Tensor | None,
+        split: _FeatureCut,
+        method: GradientBalancer,
+    ) -> Combination:
+        n = balanced.shape[0]
+        if split.exact:
+            assert features is not None
+            jz, head_grads = self._features_jacobian(balanced, features, split)
+            gramian, trunk_grads = streaming_gramian(features, shared, split.trunk_side, jz, self.memo, final=False)
+            self.last_path = "gramian"
+            combination = _combine(method, gramian, balanced.detach())
+            weights = _weights_for_gramian(combination, gramian, method)
+            cotangent = torch.tensordot(weights.to(jz.dtype), jz, dims=1)
+            update = torch.autograd.grad(features, shared, cotangent, allow_unused=True)
+            _accumulate(shared, update)
+            _accumulate([*split.head_side, *split.trunk_side], [*head_grads, *trunk_grads])
+            return combination
+        eye = torch.eye(n, dtype=balanced.dtype, device=balanced.device)
+        gramian, _ = streaming_gramian(balanced, shared, [], eye, self.memo, final=False)
+        self.last_path = "gramian"
+        combination = _combine(method, gramian, balanced.detach())
+        weights = _weights_for_gramian(combination, gramian, method)
+        if task_params:
+            ones = torch.ones_like(balanced)
+            _accumulate(
+                task_params, torch.autograd.grad(balanced, task_params, ones, retain_graph=True, allow_unused=True)
+            )
+        update = torch.autograd.grad(balanced, shared, weights.to(balanced.dtype), allow_unused=True)
+        _accumulate(shared, update)
+        return combination
+
+    def _representation(
+        self, balanced: Tensor, shared: Sequence[Tensor], features: Tensor, split: _FeatureCut, method: GradientBalancer
+    ) -> Combination:
+        n = balanced.shape[0]
+        jz, head_grads = self._features_jacobian(balanced, features, split)
+        self.last_path = "representation"
+        flat = jz.reshape(n, -1)
+        combination = _combine(method, flat @ flat.T if method.needs == "gramian" else flat, balanced.detach())
+        if combination.weights is not None and combination.direction is None:
+            _check_weights(combination.weights, n)
+            cotangent = (combination.weights.to(flat.dtype) @ flat).reshape(features.shape)
+        else:
+            assert combination.direction is not None
+            _check_direction(combination.direction, flat.shape[1], "the flattened features")
+            cotangent = combination.direction.to(features.dtype).reshape(features.shape)
+        inputs = [*shared, *split.trunk_side]
+        if split.trunk_side:  # they need ∇ Σ ℓ̃ = the product with Σ_k J_z[k]: one 2-batched trunk pass for both
+            both = torch.stack([cotangent, jz.sum(0)])
+            grads = batched_vjp(features, inputs, both, self.memo, final=True)
+            update = [None if g is None else g[0] for g in grads[: len(shared)]]
+            trunk_grads = [None if g is None else g[1] for g in grads[len(shared) :]]
+        else:
+            update = list(torch.autograd.grad(features, inputs, cotangent, allow_unused=True))
+            trunk_grads = []
+        if method.max_norm is not None:
+            norms = [torch.linalg.vector_norm(g) for g in update if g is not None]
+            factor = _clip_factor(torch.linalg.vector_norm(torch.stack(norms)), method.max_norm)
+            update = [None if g is None else g * factor for g in update]
+        _accumulate(shared, update)
+        _accumulate([*split.head_side, *split.trunk_side], [*head_grads, *trunk_grads])
+        return combination
 
 
 def apply_gradient_method(
@@ -72,21 +257,94 @@ def apply_gradient_method(
     task_params: Sequence[Tensor],
     method: GradientBalancer,
     features: Tensor | None = None,
-    path: EnginePath = "auto",
+    path: EnginePath | Engine = "auto",
 ) -> Combination:
-    """Compute what ``method`` needs, combine, and accumulate the gradients. Returns the method's Combination."""
-    if path not in ENGINE_PATHS:
-        raise ValueError(f"unknown engine path {path!r}; choose from {', '.join(ENGINE_PATHS)}")
-    jacobian, head_grads = loop_jacobian(balanced, shared, task_params)
-    matrix = jacobian @ jacobian.T if method.needs == "gramian" else jacobian
-    combination: Combination = method(matrix, balanced.detach())
+    """Compute what ``method`` needs, combine, and accumulate the gradients. Returns the method's Combination.
+
+    ``path`` is a path name (a fresh :class:`Engine`, which knows nothing of earlier steps) or an ``Engine``.
+    """
+    engine = path if isinstance(path, Engine) else Engine(path)
+    return engine(balanced, shared, task_params, method, features)
+
+
+# -- applying a combination ----------------------------------------------------------------------------------------
+def _apply_jacobian(
+    balanced: Tensor, shared: Sequence[Tensor], blocks: Sequence[Tensor | None], method: GradientBalancer
+) -> Combination:
+    """The method's combination of the per-parameter blocks (K, *p.shape), and the clipped update into ``θ.grad``.
+
+    A method that reads G gets Σ_p B_p B_pᵀ and its update is Σ_k w_k B_p per block: J is never concatenated.
+    A method that reads J gets the concatenation (K × P) and the update is split back into the parameters.
+    """
+    n = balanced.shape[0]
+    full = [b if b is not None else p.new_zeros((n, *p.shape)) for b, p in zip(blocks, shared, strict=True)]
+    if method.needs == "gramian":
+        gramian = full[0].new_zeros((n, n))
+        for block in full:
+            flat = block.reshape(n, -1)
+            gramian.addmm_(flat, flat.T)
+        combination = _combine(method, gramian, balanced.detach())
+        weights = _weights_for_gramian(combination, gramian, method)
+        _accumulate(shared, [torch.tensordot(weights.to(b.dtype), b, dims=1) for b in full])
+        return combination
+    jacobian = torch.cat([b.reshape(n, -1) for b in full], dim=1)
+    combination = _combine(method, jacobian, balanced.detach())
     if combination.direction is not None:
-        update = combination.direction
+        _check_direction(combination.direction, jacobian.shape[1], "the shared parameters")
+        update = combination.direction.to(jacobian.dtype)
     else:
         assert combination.weights is not None
+        _check_weights(combination.weights, n)
         update = combination.weights.to(jacobian.dtype) @ jacobian
-    _accumulate(shared, clip_update(update, method.max_norm))
-    for p, g in zip(task_params, head_grads, strict=True):
-        if g is not None:
-            p.grad = g.detach().clone() if p.grad is None else p.grad.add_(g)
+    update = clip_update(update, method.max_norm)
+    _accumulate(shared, list(torch.split(update, [p.numel() for p in shared])))
     return combination
+
+
+def _combine(method: GradientBalancer, matrix: Tensor, losses: Tensor) -> Combination:
+    combination: Combination = method(matrix, losses)
+    return combination
+
+
+def _weights_for_gramian(combination: Combination, gramian: Tensor, method: GradientBalancer) -> Tensor:
+    """The method's w, scaled so that ‖Jᵀw‖ = √(wᵀGw) is at most ``method.max_norm``."""
+    if combination.weights is None:
+        raise ValueError(
+            f"{type(method).__name__} reads only G (needs='gramian') but returned no weights: a method that never "
+            "sees J must express its update as weights"
+        )
+    _check_weights(combination.weights, gramian.shape[0])
+    weights = combination.weights.to(gramian.dtype)
+    if method.max_norm is None:
+        return weights
+    norm = torch.sqrt(torch.clamp(weights @ gramian @ weights, min=0.0))
+    return weights * _clip_factor(norm, method.max_norm)
+
+
+def _check_weights(weights: Tensor, n: int) -> None:
+    if weights.shape != (n,):
+        raise ValueError(f"a gradient method returned weights of shape {tuple(weights.shape)}, expected ({n},)")
+
+
+def _check_direction(direction: Tensor, size: int, what: str) -> None:
+    if direction.shape != (size,):
+        raise ValueError(
+            f"a gradient method returned a direction of shape {tuple(direction.shape)}, expected ({size},): "
+            f"one entry per coordinate of {what}"
+        )
+
+
+def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
+    """Add each gradient into its parameter's ``.grad`` like ``backward()`` does (a fresh tensor when None).
+
+    A fresh ``.grad`` is a copy in the parameter's own layout: the incoming tensor may be a view of a flat update
+    or of a method's state, which ``optimizer.zero_grad(set_to_none=False)`` must not write into.
+    """
+    for p, g in zip(params, grads, strict=True):
+        if g is None:
+            continue
+        g = g.detach().reshape(p.shape)
+        if p.grad is None:
+            p.grad = torch.empty_like(p).copy_(g)
+        else:
+            p.grad.add_(g)

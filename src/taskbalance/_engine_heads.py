@@ -1,0 +1,105 @@
+"""The first half of the features-first path: J_z, the per-task gradients of ℓ̃ w.r.t. the features z.
+
+With z the shared representation (the trunk's output) and every path from the shared parameters to ℓ̃ running
+through z, the chain rule splits the per-task Jacobian into J = J_z · ∂z/∂θ: J_z through the heads here, then one
+K-batched product through the trunk (see :mod:`taskbalance.jacobian`).
+
+Cost of J_z. A K-batched backward from ℓ̃ runs every head K times (K² head passes: the one-hot cotangent of task k
+still sends zeros through the other heads). When the graph separates the tasks (:func:`taskbalance._graph.task_split`:
+ℓ̃ = f(stack(L_1..L_K)) and each node reading z serves one task), a hook on each consumer of z keeps what that
+consumer sends to z, filed under the task it serves, and far fewer head passes are needed:
+
+- ℓ̃_k a function of L_k alone (EW, UW, IGB, DB-MTL's log, ...: ∂ℓ̃/∂L diagonal): one backward of Σ_k ℓ̃_k, which
+  also gives the heads their ∇ Σ_k ℓ̃_k. This is exactly an EW backward through the heads.
+- otherwise (ℓ̃ mixes the losses): M = ∂ℓ̃/∂L (K × K, through the loss method only), D_j = ∂L_j/∂z from one
+  backward of Σ_j L_j, J_z = M · D, and one more backward of Σ_k ℓ̃_k for the heads.
+
+Otherwise the K-batched backward (or K backward calls when vmap fails) is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import GradientEdge
+
+from ._engine_vjp import VmapMemo, batched_vjp
+from ._graph import TaskSplit
+
+
+def features_jacobian(
+    balanced: Tensor,
+    features: Tensor,
+    head_params: Sequence[Tensor],
+    split: TaskSplit | None,
+    memo: VmapMemo,
+) -> tuple[Tensor, list[Tensor | None]]:
+    """(J_z of shape (K, *features.shape), ∇ Σ_k ℓ̃_k for each of ``head_params``). The graph is kept."""
+    n = balanced.shape[0]
+    eye = torch.eye(n, dtype=balanced.dtype, device=balanced.device)
+    if split is None:
+        grads = batched_vjp(balanced, [features, *head_params], eye, memo, final=False)
+        first = grads[0]
+        jz = first if first is not None else features.new_zeros((n, *features.shape))
+        return jz, [None if g is None else g.sum(0) for g in grads[1:]]
+
+    if split.diagonal:
+        return _captured_pass(balanced, features, head_params, split, torch.ones_like(balanced))
+    stack_out = GradientEdge(split.stack, 0)
+    mixing = _mixing(balanced, stack_out, eye, memo)
+    per_loss, _ = _captured_pass(stack_out, features, [], split, torch.ones_like(mixing[0]))
+    jz = (mixing.to(features.dtype) @ per_loss.reshape(n, -1)).reshape(n, *features.shape)
+    if not head_params:
+        return jz, []
+    ones = torch.ones_like(balanced)
+    heads = torch.autograd.grad(balanced, head_params, ones, retain_graph=True, allow_unused=True)
+    return jz, list(heads)
+
+
+def _mixing(balanced: Tensor, stack_out: GradientEdge, eye: Tensor, memo: VmapMemo) -> Tensor:
+    """M[k, j] = ∂ℓ̃_k/∂L_j: the loss method's Jacobian (diagonal for weight × loss methods)."""
+    grads = batched_vjp(balanced, [stack_out], eye, memo, final=False)
+    mixing = grads[0]
+    if mixing is None:  # ℓ̃ reaches z only through the stack (task_split checked), so this cannot be unused
+        raise RuntimeError("internal error: the balanced losses do not depend on the stacked raw losses")
+    return mixing
+
+
+def _captured_pass(
+    output: Tensor | GradientEdge,
+    features: Tensor,
+    head_params: Sequence[Tensor],
+    split: TaskSplit,
+    ones: Tensor,
+) -> tuple[Tensor, list[Tensor | None]]:
+    """One backward of Σ ``output`` down to z and ``head_params``, keeping what each consumer of z sends to z.
+
+    Returns (per-task sums of the captured gradients (K, *z.shape), the gradients of ``head_params``).
+    """
+    captured: list[Tensor | None] = [None] * len(split.consumers)
+    handles = [
+        node.register_hook(_capture(captured, k, slots))
+        for k, nodes in enumerate(split.consumers)
+        for node, slots in nodes
+    ]
+    try:
+        grads = torch.autograd.grad(output, [features, *head_params], ones, retain_graph=True, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    per_task = torch.stack([torch.zeros_like(features) if d is None else d for d in captured])
+    return per_task, list(grads[1:])
+
+
+def _capture(captured: list[Tensor | None], task: int, slots: list[int]) -> Callable[..., None]:
+    def hook(grad_inputs: tuple[Tensor | None, ...], grad_outputs: Any) -> None:
+        for slot in slots:
+            grad = grad_inputs[slot]
+            if grad is not None:
+                previous = captured[task]
+                captured[task] = grad if previous is None else previous + grad
+
+    return hook

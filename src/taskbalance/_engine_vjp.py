@@ -1,0 +1,191 @@
+"""K vector-Jacobian products at once: batched through vmap, or one by one when vmap cannot run the graph.
+
+``batched_vjp(outputs, inputs, cotangents)`` returns, for each input, the stacked products
+[v_kᵀ ∂outputs/∂input]_k of shape (K, *input.shape), where v_k = ``cotangents[k]``. With the identity as
+cotangents this is the per-task Jacobian. ``torch.autograd.grad(..., is_grads_batched=True)`` runs the backward
+graph once under vmap; when an op of the graph has no batching rule that vmap can use (a custom autograd Function
+whose backward branches on values, ``.item()`` in a backward, ...) it raises, and the products are computed by K
+ordinary backward calls instead. :class:`VmapMemo` remembers the failure so that later steps do not pay for a
+failed attempt again, and warns once.
+
+``streaming_gramian`` is the memory-lean variant for methods that read only G = J Jᵀ: a hook on each parameter
+turns its (K, *shape) block into its contribution J_p J_pᵀ as soon as the backward produces it and hands autograd
+back a zero-sized stand-in, so the K × P Jacobian never exists at once (peak: the largest block).
+
+Graph retention: a batched attempt keeps the graph (``retain_graph=True``) until vmap is known to work on this
+model, because a failure half-way would otherwise leave a half-freed graph and no way to fall back. Once it worked,
+the last pass of a step frees the graph like an ordinary ``backward()`` does.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch._C import _functorch
+from torch.autograd.graph import GradientEdge
+
+#: what products are taken with respect to: tensors, or edges of the graph (outputs of nodes)
+Inputs = Sequence[Tensor] | Sequence[GradientEdge]
+
+
+class EngineFallbackWarning(RuntimeWarning):
+    """vmap could not run the backward graph; the engine fell back to K sequential backward calls."""
+
+
+class VmapMemo:
+    """What the engine learnt about vmap on this model: unknown, works (``ok``), or fails (``failed``)."""
+
+    def __init__(self) -> None:
+        self.ok = False
+        self.failed = False
+
+    def retain(self, final: bool) -> bool:
+        """Whether a batched pass must keep the graph: always, unless it is the last and vmap is known to work."""
+        return not (final and self.ok)
+
+    def record_failure(self, error: BaseException, final: bool) -> None:
+        """Note that vmap failed; re-raise when the graph was already freed (nothing left to fall back on)."""
+        if not self.retain(final):
+            raise RuntimeError(
+                "the batched backward failed although it worked on earlier steps, and the graph is freed; use "
+                f"engine='loop' for this model. vmap said: {error}"
+            ) from error
+        self.failed = True
+        warnings.warn(
+            f"taskbalance engine: vmap cannot run this backward graph ({type(error).__name__}: {error}); falling "
+            "back to one backward call per task from now on (correct, slower). Choose engine='loop' to silence this.",
+            EngineFallbackWarning,
+            stacklevel=4,
+        )
+
+
+def loop_vjp(outputs: Tensor, inputs: Inputs, cotangents: Tensor, final: bool) -> list[Tensor | None]:
+    """The K products by K ordinary backward calls (the reference; works on every graph)."""
+    n = cotangents.shape[0]
+    rows: list[list[Tensor | None]] = []
+    for k in range(n):
+        last = final and k == n - 1
+        rows.append(list(torch.autograd.grad(outputs, inputs, cotangents[k], retain_graph=not last, allow_unused=True)))
+    stacked: list[Tensor | None] = []
+    for i in range(len(inputs)):
+        column = [row[i] for row in rows]
+        present = next((g for g in column if g is not None), None)
+        if present is None:
+            stacked.append(None)
+        else:
+            stacked.append(torch.stack([torch.zeros_like(present) if g is None else g for g in column]))
+    return stacked
+
+
+def batched_vjp(
+    outputs: Tensor,
+    inputs: Inputs,
+    cotangents: Tensor,
+    memo: VmapMemo,
+    final: bool,
+    try_vmap: bool = True,
+) -> list[Tensor | None]:
+    """The K products in one vmapped backward; K backward calls when vmap fails (or failed before).
+
+    ``final`` says that no later pass of this step needs the graph. ``try_vmap=False`` goes straight to the
+    loop (``engine='loop'``).
+    """
+    if try_vmap and not memo.failed:
+        try:
+            grads = torch.autograd.grad(
+                outputs,
+                inputs,
+                cotangents,
+                retain_graph=memo.retain(final),
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        except RuntimeError as error:
+            memo.record_failure(error, final)
+        else:
+            memo.ok = True
+            return list(grads)
+    return loop_vjp(outputs, inputs, cotangents, final)
+
+
+def streaming_gramian(
+    outputs: Tensor,
+    shared: Sequence[Tensor],
+    summed: Sequence[Tensor],
+    cotangents: Tensor,
+    memo: VmapMemo,
+    final: bool,
+) -> tuple[Tensor, list[Tensor | None]]:
+    """G = Σ_p J_p J_pᵀ over the ``shared`` parameters, and Σ_k of the products for the ``summed`` ones.
+
+    Each parameter's (K, *shape) block is reduced inside a tensor hook the moment the backward produces it
+    (G += B Bᵀ for a shared block, B.sum(0) for a summed one) and replaced by a broadcast zero, so no more than
+    one block is alive at a time. The hooks see vmap's batched tensors; ``torch._C._functorch.get_unwrapped``
+    gives the physical (K, ...) tensor behind one (the private part of this module, held by the tests). When vmap
+    fails the blocks come from K backward calls (all of J then exists, once).
+    """
+    n = cotangents.shape[0]
+    dtype = shared[0].dtype
+    gramian = torch.zeros(n, n, dtype=dtype, device=shared[0].device)
+    sums: list[Tensor | None] = [None] * len(summed)
+    if not memo.failed:
+        hooks = [p.register_hook(_gramian_hook(gramian, n)) for p in shared]  # type: ignore[no-untyped-call]
+        hooks += [p.register_hook(_sum_hook(sums, i, n)) for i, p in enumerate(summed)]  # type: ignore[no-untyped-call]
+        inputs = [*shared, *summed]
+        retain = memo.retain(final)
+
+        def product(vector: Tensor) -> tuple[Tensor, ...]:
+            return torch.autograd.grad(outputs, inputs, vector, retain_graph=retain, materialize_grads=True)
+
+        try:
+            torch.func.vmap(product)(cotangents)
+        except RuntimeError as error:
+            memo.record_failure(error, final)
+            gramian.zero_()
+            sums = [None] * len(summed)
+        else:
+            memo.ok = True
+            return gramian, sums
+        finally:
+            for handle in hooks:
+                handle.remove()
+    blocks = loop_vjp(outputs, [*shared, *summed], cotangents, final)
+    for block in blocks[: len(shared)]:
+        if block is not None:
+            flat = block.reshape(n, -1)
+            gramian.addmm_(flat, flat.T)
+    return gramian, [None if b is None else b.sum(0) for b in blocks[len(shared) :]]
+
+
+def _physical(grad: Tensor, n: int) -> Tensor:
+    """The (K, *shape) tensor behind a gradient seen inside vmap (broadcast when it does not vary with k)."""
+    if not _functorch.is_batchedtensor(grad):
+        return grad.unsqueeze(0).expand(n, *grad.shape)
+    return _functorch.get_unwrapped(grad).movedim(_functorch.maybe_get_bdim(grad), 0)
+
+
+def _stand_in(grad: Tensor) -> Tensor:
+    """A zero of the gradient's shape that owns one element: what autograd keeps instead of the block."""
+    return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
+
+
+def _gramian_hook(gramian: Tensor, n: int) -> Callable[[Tensor], Tensor]:
+    def hook(grad: Tensor) -> Tensor:
+        block = _physical(grad, n).reshape(n, -1)
+        gramian.addmm_(block.to(gramian.dtype), block.T.to(gramian.dtype))
+        return _stand_in(grad)
+
+    return hook
+
+
+def _sum_hook(sums: list[Tensor | None], index: int, n: int) -> Callable[[Tensor], Tensor]:
+    def hook(grad: Tensor) -> Tensor:
+        total = _physical(grad, n).sum(0)
+        previous = sums[index]
+        sums[index] = total if previous is None else previous + total
+        return _stand_in(grad)
+
+    return hook
