@@ -1,0 +1,290 @@
+"""Small solvers on the K × K Gramian G = J Jᵀ, shared by the gradient-balancing methods.
+
+- :func:`project_simplex`: Euclidean projection onto the probability simplex Δ = {w ≥ 0, Σ w = 1}.
+- :func:`min_norm_point`: the w ∈ Δ minimising wᵀGw, so that Jᵀw is the min-norm element of conv{g_k} (MGDA).
+- :func:`lower_bounded_qp`: min vᵀGv s.t. v ≥ u, row by row for a batch of u (UPGrad's dual-cone projections).
+- :func:`linear_plus_norm`: the w ∈ Δ minimising bᵀw + ρ‖Jᵀw‖ (CAGrad's dual problem, IMGrad's objective).
+
+Everything is torch-native and stays on the input's device: no SciPy, no copy of the problem to the host. The
+problems are K × K (K = number of tasks), so every solver works in float64 internally, at no measurable cost,
+which keeps its decisions reliable when gradient norms differ by many orders of magnitude; results come back in
+the input's dtype. The quadratic programs are solved exactly (up to rounding) by a primal active-set method:
+its answer is the solution of the equality-constrained problem on the final active set, so a warm start changes
+the number of iterations, not the result. Active-set decisions depend on the data, so each iteration reads one
+boolean from the device; nothing else leaves it.
+
+Every problem is made strictly convex by a relative ridge G + δ·(diag G + δ·max diag G), δ = 1e-12: it
+perturbs each gradient by a private orthogonal component of relative size 1e-6 in norm, which picks, among
+several optimal weight vectors (duplicate or zero gradients), the one spreading weight most evenly, and changes
+the optimal update by a relative 1e-12.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: relative ridge that makes every quadratic strictly convex (see the module docstring)
+RIDGE = 1e-12
+
+
+@dataclass(frozen=True)
+class SolverResult:
+    """A solver's answer.
+
+    Attributes:
+        x: the solution, in the input's dtype and on its device (shape (K,), or (B, K) for a batch).
+        iterations: iterations used (outer iterations for :func:`linear_plus_norm`).
+        residual: relative KKT residual of ``x`` (0-dim tensor, the maximum over a batch): 0 at the exact
+            solution; each solver documents its definition.
+        converged: whether the solver met its stopping criterion within its iteration budget.
+    """
+
+    x: Tensor
+    iterations: int
+    residual: Tensor
+    converged: bool
+
+
+def project_simplex(y: Tensor) -> Tensor:
+    """Euclidean projection of ``y`` (..., K) onto the simplex along the last axis (sort-based, exact)."""
+    k = y.shape[-1]
+    u, _ = torch.sort(y, dim=-1, descending=True)
+    cumulative = u.cumsum(dim=-1) - 1
+    index = torch.arange(1, k + 1, device=y.device, dtype=y.dtype)
+    support = (u - cumulative / index > 0).sum(dim=-1, keepdim=True).clamp_min(1)
+    theta = cumulative.gather(-1, support - 1) / support.to(y.dtype)
+    return (y - theta).clamp_min(0)
+
+
+def _checked(tensor: Tensor, solver: str) -> Tensor:
+    """``tensor`` in float64, after refusing NaN/Inf (a non-finite gradient would otherwise loop to max_iter)."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{solver} got non-finite input (NaN or Inf gradients?)")
+    return tensor.to(torch.float64)
+
+
+def _regularised(h: Tensor, base: Tensor | None = None) -> Tensor:
+    """h + δ·(diag(base) + δ·max diag(base)); ``base`` defaults to h. The identity when ``base`` is zero."""
+    diag = (h if base is None else base).diagonal().clamp_min(0)
+    top = diag.max()
+    if not bool(top > 0):  # G = 0: every point is optimal; the identity picks the smallest weights
+        return h + torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return h + torch.diag(RIDGE * (diag + RIDGE * top))
+
+
+def _active_set(
+    h: Tensor, q: Tensor, lower: Tensor, x0: Tensor, simplex: bool, max_iter: int
+) -> tuple[Tensor, int, bool]:
+    """Primal active-set method for min ½xᵀhx + qᵀx s.t. x ≥ lower (and Σx = 1 when ``simplex``), one problem per
+    row of ``q`` / ``lower`` / ``x0`` (B, K); ``h`` (K, K) positive definite, float64; ``x0`` feasible.
+
+    Each iteration solves the equality-constrained problem with the variables of the working set fixed at their
+    bound (Nocedal & Wright, Numerical Optimization, Alg. 16.3): a feasible solution is taken, then the bound
+    with the most negative multiplier is released; an infeasible one is approached until the first bound
+    blocks, which joins the working set. The linear systems are symmetrically scaled to unit diagonal.
+    """
+    batch, k = q.shape
+    scale = h.diagonal().clamp_min(torch.finfo(h.dtype).tiny).rsqrt()
+    a = h * scale[:, None] * scale[None, :]
+    eye = torch.eye(k, dtype=h.dtype, device=h.device)
+    n = k + 1 if simplex else k
+    top = scale.max()
+    x = x0.clone()
+    free = x > lower
+    done = torch.zeros(batch, dtype=torch.bool, device=h.device)
+    rows = torch.arange(batch, device=h.device)
+    tiny = torch.finfo(h.dtype).tiny
+    iterations = 0
+    for iterations in range(1, max_iter + 1):
+        system = torch.zeros(batch, n, n, dtype=h.dtype, device=h.device)
+        system[:, :k, :k] = torch.where(free[:, :, None], a, eye)
+        rhs = torch.zeros(batch, n, dtype=h.dtype, device=h.device)
+        rhs[:, :k] = torch.where(free, -scale * q, lower / scale)
+        if simplex:
+            e = scale / top
+            system[:, :k, k] = torch.where(free, -e, torch.zeros_like(e))
+            system[:, k, :k] = e
+            rhs[:, k] = 1 / top
+        z = torch.linalg.solve(system, rhs)
+        x_hat = scale * z[:, :k]
+        mu = (z[:, k] / top)[:, None] if simplex else torch.zeros_like(q[:, :1])
+        size = 1 + x_hat.abs().amax(dim=-1, keepdim=True)
+        feasible = ((x_hat >= lower - 1e-12 * size) | ~free).all(dim=-1)
+        # multipliers of the bounds in the working set: ∂/∂x_k of the Lagrangian
+        multipliers = x_hat @ h + q - mu
+        # a multiplier counts as negative beyond the rounding error of the terms it sums, coordinate by coordinate
+        terms = x_hat.abs() @ h.abs() + q.abs() + mu.abs()
+        candidates = torch.where(free, torch.full_like(multipliers, torch.inf), multipliers / terms.clamp_min(tiny))
+        worst_value, worst = candidates.min(dim=-1)
+        optimal = feasible & (worst_value >= -1e-12)
+        # infeasible: step from x toward x_hat until the first free variable reaches its bound
+        step = x_hat - x
+        ratio = torch.where(free & (step < 0), (lower - x) / step, torch.full_like(step, torch.inf))
+        alpha, block = ratio.min(dim=-1)
+        alpha = alpha.clamp(0, 1)
+        x_step = x + alpha[:, None] * step
+        x_step[rows, block] = lower[rows, block]
+        take = ~done & feasible
+        move = ~done & ~feasible
+        x_taken = torch.where(free, torch.maximum(x_hat, lower), lower)
+        if simplex:
+            x_taken = x_taken / x_taken.sum(dim=-1, keepdim=True)
+        x = torch.where(take[:, None], x_taken, torch.where(move[:, None], x_step, x))
+        release = take & ~optimal
+        free = free.clone()
+        free[rows, worst] = free[rows, worst] | release
+        free[rows, block] = free[rows, block] & ~move
+        done = done | (take & optimal)
+        if bool(done.all()):  # the one read from the device per iteration: the loop's exit depends on the data
+            return x, iterations, True
+    return x, iterations, False
+
+
+def _simplex_qp(h: Tensor, q: Tensor, init: Tensor | None, max_iter: int) -> tuple[Tensor, int, bool]:
+    """min ½wᵀhw + qᵀw over the simplex; h (K, K) positive definite, q (K,), float64."""
+    k = q.shape[0]
+    x0 = torch.full((k,), 1.0 / k, dtype=h.dtype, device=h.device) if init is None else project_simplex(init.to(h))
+    x, iterations, converged = _active_set(h, q[None], torch.zeros_like(q)[None], x0[None], True, max_iter)
+    return x[0], iterations, converged
+
+
+def _default_iterations(k: int) -> int:
+    return 10 * k + 50
+
+
+def min_norm_point(gramian: Tensor, init: Tensor | None = None, max_iter: int | None = None) -> SolverResult:
+    """The w ∈ Δ minimising wᵀGw; Jᵀw is then the min-norm element of the convex hull of the rows of J.
+
+    Exact for every K (active set, see the module docstring); ``init`` (K,) warm-starts it (projected onto Δ).
+    Residual: the Frank–Wolfe gap (wᵀGw − min_k (Gw)_k) / max_k G_kk, which is ≥ 0 and 0 exactly at the KKT point
+    ((Gw)_k ≥ wᵀGw for all k, with equality where w_k > 0).
+    """
+    k = gramian.shape[-1]
+    g = _checked(gramian, "min_norm_point")
+    top = g.diagonal().max().clamp_min(torch.finfo(torch.float64).tiny)
+    g = g / top
+    limit = _default_iterations(k) if max_iter is None else max_iter
+    w, iterations, converged = _simplex_qp(_regularised(g), torch.zeros(k, dtype=g.dtype, device=g.device), init, limit)
+    gw = g @ w
+    residual = (w @ gw - gw.min()).clamp_min(0)
+    return SolverResult(w.to(gramian.dtype), iterations, residual, converged)
+
+
+def lower_bounded_qp(gramian: Tensor, lower: Tensor, max_iter: int | None = None) -> SolverResult:
+    """For each row u of ``lower`` (B, K) or (K,): the v minimising vᵀGv subject to v ≥ u.
+
+    With u ≥ 0, Jᵀv is the projection of Jᵀu onto the dual cone {x : Jx ≥ 0} of the rows of J (Quinton & Rey
+    2024, Prop. 1). Started from v = u (all bounds active), so a Jᵀu already in the cone costs one iteration.
+    Residual (KKT: Gv ≥ 0, (v − u)ᵀGv = 0): max(max_k (−(Gv)_k)₊, max_k |(v_k − u_k)(Gv)_k|) / max_k G_kk,
+    over the batch.
+    """
+    single = lower.dim() == 1
+    bounds = _checked(lower, "lower_bounded_qp").reshape(-1, lower.shape[-1])
+    g = _checked(gramian, "lower_bounded_qp")
+    top = g.diagonal().max().clamp_min(torch.finfo(torch.float64).tiny)
+    g = g / top
+    limit = _default_iterations(bounds.shape[-1]) if max_iter is None else max_iter
+    v, iterations, converged = _active_set(
+        _regularised(g), torch.zeros_like(bounds), bounds, bounds.clone(), False, limit
+    )
+    gv = v @ g
+    residual = torch.maximum((-gv).clamp_min(0).amax(), ((v - bounds) * gv).abs().amax())
+    x = v[0] if single else v
+    return SolverResult(x.to(lower.dtype), iterations, residual, converged)
+
+
+def _line_search(w: Tensor, p: Tensor, g: Tensor, b: Tensor, rho: float) -> Tensor:
+    """argmin over t ∈ [0, 1] of f(w + t p), f(w) = bᵀw + ρ√(wᵀGw) (convex in t; closed form)."""
+    gp = g @ p
+    quad, cross, const = p @ gp, w @ gp, w @ g @ w
+    slope = b @ p
+    tiny = torch.finfo(torch.float64).tiny
+    end_slope = slope + rho * (quad + cross) / (quad + 2 * cross + const).clamp_min(tiny).sqrt()
+    # f'(t) = 0  ⇔  (quad·t + cross)/√(…) = γ, γ = −slope/ρ; squaring gives a quadratic whose relevant root is:
+    gamma = -slope / rho
+    ratio = (quad * const - cross**2).clamp_min(0) / (quad - gamma**2).clamp_min(tiny)
+    root = (-cross + gamma * ratio.sqrt()) / quad.clamp_min(tiny)
+    inner = torch.where(quad > tiny, root, torch.ones_like(root)).nan_to_num(1.0).clamp(0, 1)
+    t = torch.where(end_slope <= 0, torch.ones_like(root), inner)
+    # near the solution the root loses its digits to cancellation; the full (Newton) step is then as good
+    value_t = slope * t + rho * (quad * t**2 + 2 * cross * t + const).clamp_min(0).sqrt()
+    value_1 = slope + rho * (quad + 2 * cross + const).clamp_min(0).sqrt()
+    return torch.where(value_1 <= value_t + 1e-15 * (slope.abs() + rho * const.sqrt()), torch.ones_like(t), t)
+
+
+#: ‖Jᵀw‖² below this fraction of max_k ‖g_k‖² is not resolved by G (rounding of wᵀGw); see linear_plus_norm
+NORM_FLOOR = 1e-10
+
+
+def linear_plus_norm(
+    gramian: Tensor, b: Tensor, rho: float | Tensor, init: Tensor | None = None, max_iter: int = 50, tol: float = 1e-10
+) -> SolverResult:
+    """The w ∈ Δ minimising f(w) = bᵀw + ρ√(wᵀGw) (ρ ≥ 0): CAGrad's dual with b = G·1/K, ρ = c‖g₀‖.
+
+    Sequential quadratic programming: at w, the exact second-order model of f (Hessian ρ/n·(G − GwwᵀG/n²),
+    n = √(wᵀGw)) is minimised over Δ by the active-set solver, then an exact line search (closed form) moves
+    along the segment; convergence is quadratic once the active face is found, and every step decreases f.
+    ``init`` warm-starts it. With ρ = 0 (or G = 0) the problem is linear: w is uniform over argmin_k b_k.
+
+    Residual: the Frank–Wolfe gap (∇fᵀw − min_k ∇f_k) / (max|b| + ρ·√max G_kk), an upper bound on the
+    relative suboptimality; the solver stops when it is ≤ ``tol``. f is not differentiable where Jᵀw = 0, and
+    wᵀGw computed from G loses all its digits once ‖Jᵀw‖² < NORM_FLOOR·max_k G_kk: an iterate there (the
+    gradients are Pareto-stationary, 0 lies in their hull) stops the solver with ``converged=False``.
+    """
+    k = gramian.shape[-1]
+    dtype, device = gramian.dtype, gramian.device
+    g = _checked(gramian, "linear_plus_norm")
+    lin = _checked(b, "linear_plus_norm")
+    weight = float(rho)
+    if not weight >= 0:
+        raise ValueError(f"rho must be >= 0, got {weight}")
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    top = g.diagonal().max()
+    if weight == 0 or not bool(top > 0):
+        lowest = lin.min()
+        ties = lin <= lowest + 1e-12 * lin.abs().max()
+        w = ties.to(torch.float64) / ties.sum()
+        return SolverResult(w.to(dtype), 0, zero, True)
+    g = g / top
+    lin = lin / top.sqrt()
+    scale = lin.abs().max() + weight
+    uniform = torch.full((k,), 1.0 / k, dtype=torch.float64, device=device)
+    w = uniform if init is None else project_simplex(init.to(g))
+    for start in (uniform, torch.nn.functional.one_hot(g.diagonal().argmax(), k).to(g)):
+        if bool(w @ g @ w > NORM_FLOOR):  # start where f is differentiable
+            break
+        w = start
+
+    def fw_gap(w: Tensor) -> tuple[Tensor, Tensor]:
+        gw = g @ w
+        norm_sq = w @ gw
+        grad = lin + weight * gw / norm_sq.clamp_min(NORM_FLOOR).sqrt()
+        return (w @ grad - grad.min()).clamp_min(0) / scale, norm_sq
+
+    iterations = 0
+    while iterations < max_iter:
+        iterations += 1
+        gap, norm_sq = fw_gap(w)
+        # read from the device: the stopping rule depends on the data
+        if bool(gap <= tol) or not bool(norm_sq > NORM_FLOOR):
+            break
+        norm = norm_sq.sqrt()
+        gw = g @ w
+        hessian = (weight / norm) * (g - torch.outer(gw, gw) / norm_sq)
+        hessian = _regularised(hessian, g * (weight / norm))
+        v, _, _ = _simplex_qp(hessian, lin + weight * gw / norm - hessian @ w, w, _default_iterations(k))
+        step = v - w
+        t = _line_search(w, step, g, lin, weight)
+        new = project_simplex(w + t * step)
+        before = lin @ w + weight * norm
+        after = lin @ new + weight * (new @ g @ new).clamp_min(0).sqrt()
+        # near the solution f changes below its rounding error while the Newton step still improves w
+        if not bool(after <= before + 1e-15 * scale) or bool((new - w).abs().max() <= 1e-15):
+            break
+        w = new
+    gap, norm_sq = fw_gap(w)
+    converged = bool(gap <= tol) and bool(norm_sq > NORM_FLOOR)
+    return SolverResult(w.to(dtype), iterations, gap, converged)
