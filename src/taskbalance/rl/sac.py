@@ -1,0 +1,300 @@
+"""Soft Actor-Critic with a pluggable squashing map: one agent for control benchmarks and for IGBv2.
+
+Haarnoja, Zhou, Abbeel, Levine, "Soft Actor-Critic" (ICML 2018, arXiv 1801.01290), with the twin critics,
+target critics and automatic temperature of Haarnoja et al., "Soft Actor-Critic Algorithms and Applications"
+(arXiv 1812.05905). One :meth:`SAC.update` on a minibatch (s, a, r, s', d) does, in this order:
+
+    y      = r + γ (1 − d) (min_i Q̄_i(s', a') − α log π(a'|s')),   a' ~ π(·|s')           (no gradient)
+    critic : minimise Σ_i mean (Q_i(s, a) − y)²
+    actor  : minimise mean (α log π(ã|s) − min_i Q_i(s, ã)),      ã ~ π(·|s) reparameterised
+    α      : minimise −mean log α · (log π(ã|s) + H̄)               (α grows when the entropy is below H̄)
+    target : θ̄ ← τ θ + (1 − τ) θ̄
+
+The actor and the α step use the α from before this update, the actor step the critics after theirs, as the
+reference code does. Actions are a = squash(u), u ~ N(μ(s), σ(s)); log π is the density of a
+(see :mod:`taskbalance.rl.squash`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .networks import GaussianActor, TwinCritic
+from .replay import ReplayBuffer
+from .squash import Squash
+
+
+class UpdateInfo(NamedTuple):
+    """Diagnostics of one update, as detached device tensors (reading them synchronises; nothing else does)."""
+
+    critic_loss: Tensor
+    actor_loss: Tensor
+    alpha_loss: Tensor | None
+    #: α used by this update (before its own α step)
+    alpha: Tensor
+    #: mean log π(ã|s) over the batch: minus the policy-entropy estimate the α step compares with H̄
+    log_prob: Tensor
+
+
+def _positive_int(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_options(hidden: Sequence[int], gamma: float, tau: float, lrs: Sequence[float], init_alpha: float) -> None:
+    """Raise ValueError, with the accepted range, for a bad SAC size or rate (shared with IGBv2's early check)."""
+    for width in hidden:
+        _positive_int("each hidden width", width)
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"tau must be in (0, 1], got {tau}")
+    for lr in lrs:
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"learning rates must be positive finite numbers, got {lr}")
+    if not (math.isfinite(init_alpha) and init_alpha > 0):
+        raise ValueError(f"init_alpha must be a positive finite number, got {init_alpha}")
+
+
+class SAC(nn.Module):
+    """A small Soft Actor-Critic agent: Gaussian actor, twin critics with Polyak targets, learned temperature.
+
+    Everything it needs to continue a run bit-identically lives in ``state_dict()``: the networks and target
+    networks, log α, the replay buffer (module buffers), and as extra state the three Adam states, the
+    generator state and the update counter. All randomness (initialisation, action noise, minibatch indices)
+    comes from one CPU ``torch.Generator`` seeded with ``seed``; draws are moved to the agent's device, so a
+    seed gives the same random stream on every device. ``.to(device)`` moves networks, buffer and optimizer
+    states together.
+
+    Args:
+        state_dim, action_dim: sizes of s and a.
+        squash: the map u ↦ a with its log-density (:class:`TanhSquash`, :class:`SoftmaxSquash`).
+        hidden: hidden layer widths of the actor and of each critic (default 128, 128).
+        gamma: discount γ ∈ [0, 1] (0.99).
+        tau: Polyak rate τ ∈ (0, 1] of the target critics (0.005).
+        actor_lr, critic_lr, alpha_lr: Adam learning rates (3e-4 each).
+        init_alpha: initial temperature α > 0 (0.2).
+        learn_alpha: tune α toward ``target_entropy`` (True); otherwise α stays ``init_alpha``.
+        target_entropy: H̄, default −action_dim.
+        buffer_size: replay capacity (10,000).
+        log_std_bounds: clamp of the actor's log σ ((−20, 2)).
+        seed: seed of the agent's generator; None draws one from torch's global RNG once, at construction.
+    """
+
+    log_alpha: nn.Parameter
+
+    def __init__(
+        self,
+        state_dim: int,
+        action_dim: int,
+        squash: Squash,
+        *,
+        hidden: Sequence[int] = (128, 128),
+        gamma: float = 0.99,
+        tau: float = 0.005,
+        actor_lr: float = 3e-4,
+        critic_lr: float = 3e-4,
+        alpha_lr: float = 3e-4,
+        init_alpha: float = 0.2,
+        learn_alpha: bool = True,
+        target_entropy: float | None = None,
+        buffer_size: int = 10_000,
+        log_std_bounds: tuple[float, float] = (-20.0, 2.0),
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        _positive_int("state_dim", state_dim)
+        _positive_int("action_dim", action_dim)
+        _positive_int("buffer_size", buffer_size)
+        if not isinstance(squash, Squash):
+            raise TypeError(f"squash must be a taskbalance.rl.Squash, got {type(squash).__name__}")
+        check_options(hidden, gamma, tau, (actor_lr, critic_lr, alpha_lr), init_alpha)
+        if target_entropy is not None and not math.isfinite(target_entropy):
+            raise ValueError(f"target_entropy must be finite or None, got {target_entropy}")
+        if not log_std_bounds[0] < log_std_bounds[1]:
+            raise ValueError(f"log_std_bounds must be (low, high) with low < high, got {log_std_bounds}")
+        self.state_dim = state_dim
+        self.action_dim = action_dim
+        self.hidden = tuple(hidden)
+        self.gamma = float(gamma)
+        self.tau = float(tau)
+        self.lrs = (float(actor_lr), float(critic_lr), float(alpha_lr))
+        self.init_alpha = float(init_alpha)
+        self.learn_alpha = learn_alpha
+        self.target_entropy = float(-action_dim if target_entropy is None else target_entropy)
+        self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
+
+        self.squash = squash
+        self.actor = GaussianActor(state_dim, action_dim, self.hidden, log_std_bounds)
+        self.critic = TwinCritic(state_dim, action_dim, self.hidden)
+        self.critic_target = TwinCritic(state_dim, action_dim, self.hidden)
+        self.critic_target.requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.zeros(()))
+        self.buffer = ReplayBuffer(buffer_size, state_dim, action_dim)
+        self.generator = torch.Generator()
+        self.n_updates = 0
+        self.reset()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Back to the freshly constructed agent (same seed), on the current device and dtype."""
+        self.generator.manual_seed(self.seed)
+        self.actor.reset_parameters(self.generator)
+        self.critic.reset_parameters(self.generator)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        with torch.no_grad():
+            self.log_alpha.fill_(math.log(self.init_alpha))
+        self.buffer.clear()
+        self._build_optimizers()
+        self.n_updates = 0
+
+    def _build_optimizers(self) -> None:
+        actor_lr, critic_lr, alpha_lr = self.lrs
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=actor_lr)
+        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=critic_lr)
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=alpha_lr)
+
+    def _optimizers(self) -> Iterator[tuple[str, torch.optim.Optimizer]]:
+        yield "actor", self.actor_optimizer
+        yield "critic", self.critic_optimizer
+        yield "alpha", self.alpha_optimizer
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SAC:
+        # .to()/.double() move parameters; Adam's moment tensors must follow them. Re-building the optimizers
+        # and loading their old state casts it to the parameters' new device and dtype.
+        saved = {name: opt.state_dict() for name, opt in self._optimizers()} if "actor_optimizer" in vars(self) else {}
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        if saved:
+            self._build_optimizers()
+            for name, opt in self._optimizers():
+                opt.load_state_dict(saved[name])
+        return self
+
+    # -- properties ------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.log_alpha.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.log_alpha.dtype
+
+    @property
+    def alpha(self) -> Tensor:
+        """The current temperature α = exp(log α), detached."""
+        return self.log_alpha.detach().exp()
+
+    # -- acting ----------------------------------------------------------------------------------------------
+    def _noise(self, like: Tensor) -> Tensor:
+        """Standard normal noise shaped like ``like``, drawn on the CPU from the agent's generator."""
+        return torch.randn(like.shape, generator=self.generator, dtype=like.dtype).to(like.device)
+
+    def policy(self, state: Tensor) -> tuple[Tensor, Tensor]:
+        """A reparameterised sample a ~ π(·|s) and log π(a|s) (differentiable w.r.t. the actor)."""
+        mean, log_std = self.actor(state)
+        u = mean + log_std.exp() * self._noise(mean)
+        return self.squash(u), self.squash.log_prob(u, mean, log_std)
+
+    @torch.no_grad()
+    def act(self, state: Tensor, deterministic: bool = False) -> Tensor:
+        """The action for ``state`` ((S,) or (B, S)): a sample of π, or squash(μ) when ``deterministic``."""
+        state = state.to(device=self.device, dtype=self.dtype)
+        mean, log_std = self.actor(state)
+        u = mean if deterministic else mean + log_std.exp() * self._noise(mean)
+        action: Tensor = self.squash(u)
+        return action
+
+    def store(
+        self, state: Tensor, action: Tensor, reward: Tensor | float, next_state: Tensor, done: Tensor | float = 0.0
+    ) -> None:
+        """Add one transition to the replay buffer."""
+        self.buffer.add(state, action, reward, next_state, done)
+
+    # -- learning --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def td_target(self, reward: Tensor, next_state: Tensor, done: Tensor) -> Tensor:
+        """y = r + γ (1 − d) (min_i Q̄_i(s', a') − α log π(a'|s')) with a fresh a' ~ π(·|s')."""
+        next_action, next_log_prob = self.policy(next_state)
+        q1, q2 = self.critic_target(next_state, next_action)
+        soft_value = torch.min(q1, q2) - self.alpha * next_log_prob
+        target: Tensor = reward + self.gamma * (1.0 - done) * soft_value
+        return target
+
+    def update(self, batch_size: int) -> UpdateInfo:
+        """One SAC gradient update of critics, actor, α and the target critics on a sampled minibatch."""
+        batch = self.buffer.sample(batch_size, self.generator)
+        alpha = self.alpha
+        target = self.td_target(batch.reward, batch.next_state, batch.done)
+
+        q1, q2 = self.critic(batch.state, batch.action)
+        critic_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(critic_loss)
+        self.critic_optimizer.step()
+
+        action, log_prob = self.policy(batch.state)
+        q1_pi, q2_pi = self.critic(batch.state, action)
+        actor_loss = (alpha * log_prob - torch.min(q1_pi, q2_pi)).mean()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        # inputs=: this loss trains the actor only; the critics' .grad stays untouched
+        torch.autograd.backward(actor_loss, inputs=list(self.actor.parameters()))
+        self.actor_optimizer.step()
+
+        alpha_loss = None
+        if self.learn_alpha:
+            alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+            self.alpha_optimizer.zero_grad(set_to_none=True)
+            torch.autograd.backward(alpha_loss)
+            self.alpha_optimizer.step()
+
+        self.soft_update()
+        self.n_updates += 1
+        return UpdateInfo(
+            critic_loss=critic_loss.detach(),
+            actor_loss=actor_loss.detach(),
+            alpha_loss=None if alpha_loss is None else alpha_loss.detach(),
+            alpha=alpha,
+            log_prob=log_prob.detach().mean(),
+        )
+
+    @torch.no_grad()
+    def soft_update(self) -> None:
+        """Polyak averaging of the target critics: θ̄ ← τ θ + (1 − τ) θ̄."""
+        for target, online in zip(self.critic_target.parameters(), self.critic.parameters(), strict=True):
+            target.lerp_(online, self.tau)
+
+    # -- state -----------------------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "state_dim": self.state_dim,
+            "action_dim": self.action_dim,
+            "seed": self.seed,
+            "generator": self.generator.get_state(),
+            "n_updates": self.n_updates,
+            "optimizers": {name: opt.state_dict() for name, opt in self._optimizers()},
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        if (state["state_dim"], state["action_dim"]) != (self.state_dim, self.action_dim):
+            raise ValueError(
+                f"state is for an agent with state_dim={state['state_dim']}, action_dim={state['action_dim']}; "
+                f"this one has {self.state_dim}, {self.action_dim}"
+            )
+        self.seed = int(state["seed"])
+        self.generator.set_state(state["generator"].cpu())
+        self.n_updates = int(state["n_updates"])
+        for name, opt in self._optimizers():
+            opt.load_state_dict(state["optimizers"][name])
+
+    def extra_repr(self) -> str:
+        return (
+            f"state_dim={self.state_dim}, action_dim={self.action_dim}, hidden={self.hidden}, gamma={self.gamma}, "
+            f"tau={self.tau}, lrs={self.lrs}, learn_alpha={self.learn_alpha}, "
+            f"target_entropy={self.target_entropy}, seed={self.seed}"
+        )
