@@ -82,24 +82,28 @@ def test_balancer_gradient_on_tiny_model_over_epochs() -> None:
 def test_invariant_to_loss_scaling_and_equivariant_to_permutation(
     epochs: list[list[list[float]]], data: st.DataObject
 ) -> None:
+    """Losses L = s ⊙ u: weights and the gradient in u are the same for any per-task scale s."""
     k = len(epochs[0][0])
-    scale = data.draw(st.lists(positive, min_size=k, max_size=k))
+    scale = torch.tensor(data.draw(st.lists(positive, min_size=k, max_size=k)), dtype=torch.float64)
     perm = data.draw(st.permutations(range(k)))
-    variants = [
-        epochs,
-        [[[v * c for v, c in zip(step, scale, strict=True)] for step in steps] for steps in epochs],
-        [[[step[i] for i in perm] for step in steps] for steps in epochs],
-    ]
-    weights = []
-    for variant in variants:
+    weights, grads = [], []
+    for s, order in ((torch.ones(k, dtype=torch.float64), list(range(k))), (scale, list(range(k))), (scale, perm)):
         method = _igb(k)
-        seen = []
-        for steps in variant:
-            seen.extend(method(torch.tensor(step, dtype=torch.float64)).weights for step in steps)
+        seen, seen_grads = [], []
+        for steps in epochs:
+            for step in steps:
+                u = torch.tensor(step, dtype=torch.float64, requires_grad=True)
+                out = method((s * u)[order])
+                (g,) = torch.autograd.grad(out.losses.sum(), u)
+                seen.append(out.weights)
+                seen_grads.append(g)
             method.end_epoch()
         weights.append(torch.stack(seen))
+        grads.append(torch.stack(seen_grads))
     torch.testing.assert_close(weights[1], weights[0])
-    torch.testing.assert_close(weights[2], weights[0][:, list(perm)])
+    torch.testing.assert_close(grads[1], grads[0])
+    torch.testing.assert_close(weights[2], weights[1][:, list(perm)])
+    torch.testing.assert_close(grads[2], grads[1])
     torch.testing.assert_close(weights[0].sum(dim=1), torch.full((len(weights[0]),), float(k), dtype=torch.float64))
 
 
