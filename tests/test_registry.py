@@ -1,0 +1,90 @@
+"""tb.make / tb.available: every registered name builds, specs parse, errors list what is available."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import taskbalance as tb
+from taskbalance import registry
+from taskbalance.cli import main
+from tests.models import TinyMTL, make_data, task_losses
+
+
+@pytest.mark.parametrize("name", tb.available())
+def test_every_name_builds_and_backpropagates(name: str) -> None:
+    balancer = tb.make(name, n_tasks=3)
+    assert isinstance(balancer, tb.Balancer)
+    assert repr(balancer)
+    model = TinyMTL()
+    x, y = make_data()
+    _, losses = task_losses(model, x, y)
+    result = balancer.backward(losses, model.encoder.parameters())
+    assert result.weights.shape == (3,)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.encoder.parameters())
+
+
+@pytest.mark.parametrize(
+    ("spec", "loss", "gradient"),
+    [
+        ("ew", "Equal", "Sum"),
+        ("igbv1+sum", "IGBv1", "Sum"),
+        ("IGBv1 + NashMTL", "IGBv1", "NashMTL"),
+        ("nashmtl", "Equal", "NashMTL"),
+        ("dbmtl", "ScaleInvariant", "DBMTL"),
+        ("igbv1+dbmtl", "IGBv1", "DBMTL"),
+        ("uw_si", "Uncertainty", "Sum"),
+        ("rlw_si+cagrad", "RLW", "CAGrad"),
+    ],
+)
+def test_specs_parse(spec: str, loss: str, gradient: str) -> None:
+    balancer = tb.make(spec, n_tasks=2)
+    assert type(balancer.loss).__name__ == loss
+    assert type(balancer.gradient).__name__ == gradient
+
+
+def test_presets_are_options_not_copies() -> None:
+    balancer = tb.make("uw_si", n_tasks=2)
+    assert type(balancer.loss) is registry.loss_class("uw")
+    assert balancer.loss.takes_log
+
+
+def test_options_are_routed() -> None:
+    balancer = tb.make("igbv1+nashmtl", n_tasks=3, max_norm=2.0, base_epoch=2, engine="loop")
+    assert balancer.gradient.max_norm == 2.0
+    assert balancer.engine == "loop"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("nosuch", "unknown method 'nosuch'; available: .*igbv1"),
+        ("ew+nosuch", "unknown method 'nosuch'"),
+        ("nashmtl+ew", "gradient-level method"),
+        ("ew+igbv1", "loss-level method"),
+        ("a+b+c", "a spec is"),
+        ("ew+", "a spec is"),
+    ],
+)
+def test_bad_specs(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tb.make(spec, n_tasks=2)
+
+
+def test_unknown_option_lists_accepted() -> None:
+    with pytest.raises(TypeError, match=r"option .bogus. is not accepted.*engine"):
+        tb.make("ew", n_tasks=2, bogus=1)
+
+
+def test_paper_names_are_attributes() -> None:
+    assert tb.IGBv1 is registry.loss_class("igbv1")
+    assert tb.NashMTL is registry.gradient_class("nashmtl")
+    with pytest.raises(AttributeError):
+        _ = tb.NoSuchMethod
+
+
+def test_cli_lists_methods(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in tb.available():
+        assert name in out
