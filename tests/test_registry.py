@@ -88,3 +88,17 @@ def test_cli_lists_methods(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for name in tb.available():
         assert name in out
+
+
+def test_ambiguous_option_needs_explicit_level() -> None:
+    with pytest.raises(TypeError, match=r"ambiguous.*loss_options"):
+        tb.make("famo+moco", n_tasks=2, gamma=0.5)
+    balancer = tb.make("famo+moco", n_tasks=2, loss_options={"gamma": 0.5}, gradient_options={"gamma": 0.2})
+    assert balancer.loss.gamma == 0.5
+    assert balancer.gradient.gamma == 0.2
+
+
+def test_dbmtl_preset_uses_libmtl_epsilon() -> None:
+    """DB-MTL's loss half is log(L + 1e-8) (Lin et al.; LibMTL), not the exact log of plain SI."""
+    balanced = tb.make("dbmtl", n_tasks=2).loss(torch.tensor([1e-8, 1.0]))
+    torch.testing.assert_close(balanced.losses, torch.log(torch.tensor([2e-8, 1.0 + 1e-8])))

@@ -58,8 +58,9 @@ class Preset:
 
     base: str
     options: dict[str, Any] = field(default_factory=dict)
-    #: for a gradient method used bare: the loss method it runs with (default EW)
+    #: for a gradient method used bare: the loss method it runs with (default EW) and its options
     loss: str = "ew"
+    loss_options: dict[str, Any] = field(default_factory=dict)
     #: Balancer options (e.g. the engine path)
     balancer: dict[str, Any] = field(default_factory=dict)
 
@@ -72,8 +73,8 @@ LOSS_PRESETS: dict[str, Preset] = {
 }
 
 GRADIENT_PRESETS: dict[str, Preset] = {
-    # DB-MTL = log losses + max-norm EMA gradient balancing (Lin et al.)
-    "dbmtl": Preset("dbmtl", loss="si"),
+    # DB-MTL = log(L + 1e-8) losses + max-norm EMA gradient balancing (Lin et al.; ε as in LibMTL)
+    "dbmtl": Preset("dbmtl", loss="si", loss_options={"eps": 1e-8}),
 }
 
 
@@ -108,8 +109,8 @@ def _unknown(name: str) -> ValueError:
     return ValueError(f"unknown method {name!r}; available: {', '.join(available())}")
 
 
-def _parse(spec: str) -> tuple[str, Preset | None, str, Preset | None, dict[str, Any]]:
-    """(loss name, loss preset, gradient name, gradient preset, balancer options) of a spec."""
+def _parse(spec: str) -> tuple[str, dict[str, Any], str, dict[str, Any], dict[str, Any]]:
+    """(loss name, loss options, gradient name, gradient options, balancer options) preset by a spec."""
     parts = [p.strip().lower() for p in spec.split("+")]
     if len(parts) > 2 or not all(parts):
         raise ValueError(f"a spec is '<loss>', '<gradient>' or '<loss>+<gradient>', got {spec!r}")
@@ -118,8 +119,10 @@ def _parse(spec: str) -> tuple[str, Preset | None, str, Preset | None, dict[str,
         if loss_spec not in GRADIENT_METHODS and loss_spec not in GRADIENT_PRESETS:
             raise _unknown(loss_spec)
         grad_spec = loss_spec
-        preset = GRADIENT_PRESETS.get(grad_spec)
-        loss_spec = preset.loss if preset else "ew"
+        bare = GRADIENT_PRESETS.get(grad_spec)
+        loss_spec = bare.loss if bare else "ew"
+    else:
+        bare = None
     loss_preset = LOSS_PRESETS.get(loss_spec)
     loss_name = loss_preset.base if loss_preset else loss_spec
     grad_preset = GRADIENT_PRESETS.get(grad_spec)
@@ -132,21 +135,32 @@ def _parse(spec: str) -> tuple[str, Preset | None, str, Preset | None, dict[str,
         if grad_name in LOSS_METHODS:
             raise ValueError(f"{grad_spec!r} is a loss-level method; write it before '+'")
         raise _unknown(grad_spec)
+    loss_options = dict(loss_preset.options) if loss_preset else {}
+    if bare is not None:
+        loss_options.update(bare.loss_options)
+    grad_options = dict(grad_preset.options) if grad_preset else {}
     balancer_options = dict(grad_preset.balancer) if grad_preset else {}
-    return loss_name, loss_preset, grad_name, grad_preset, balancer_options
+    return loss_name, loss_options, grad_name, grad_options, balancer_options
 
 
-def make(spec: str, n_tasks: int, **options: Any) -> Balancer:
+def make(
+    spec: str,
+    n_tasks: int,
+    *,
+    loss_options: dict[str, Any] | None = None,
+    gradient_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> Balancer:
     """Build a :class:`Balancer` from a spec such as ``"igbv1+nashmtl"``, ``"dbmtl"`` or ``"uw"``.
 
     Each keyword option goes to whichever of the loss method, the gradient method or the Balancer accepts it
     (e.g. ``max_norm`` to Nash-MTL, ``base_epoch`` to IGBv1, ``engine`` to the Balancer). An option accepted by
-    more than one, or by none, is an error; build ``Balancer(loss=..., gradient=...)`` directly then.
+    more than one (FAMO's and MoCo's ``gamma``) is an error: pass it in ``loss_options`` / ``gradient_options``.
     """
-    loss_name, loss_preset, grad_name, grad_preset, balancer_options = _parse(spec)
+    loss_name, preset_loss, grad_name, preset_grad, balancer_options = _parse(spec)
     loss_cls, grad_cls = loss_class(loss_name), gradient_class(grad_name)
-    loss_options = dict(loss_preset.options) if loss_preset else {}
-    grad_options = dict(grad_preset.options) if grad_preset else {}
+    loss_options = {**preset_loss, **(loss_options or {})}
+    grad_options = {**preset_grad, **(gradient_options or {})}
     targets = {
         "loss": _accepts(loss_cls),
         "gradient": _accepts(grad_cls),
@@ -158,7 +172,10 @@ def make(spec: str, n_tasks: int, **options: Any) -> Balancer:
             accepted = sorted(set().union(*targets.values()))
             raise TypeError(f"option {key!r} is not accepted by {spec!r}; accepted: {', '.join(accepted)}")
         if len(owners) > 1:
-            raise TypeError(f"option {key!r} is ambiguous in {spec!r} (accepted by {' and '.join(owners)})")
+            raise TypeError(
+                f"option {key!r} is ambiguous in {spec!r} (accepted by {' and '.join(owners)}); "
+                "pass it in loss_options= or gradient_options="
+            )
         {"loss": loss_options, "gradient": grad_options, "balancer": balancer_options}[owners[0]][key] = value
     return Balancer(
         loss=loss_cls(**loss_options), gradient=grad_cls(**grad_options), n_tasks=n_tasks, **balancer_options
