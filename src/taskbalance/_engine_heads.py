@@ -40,32 +40,24 @@ def features_jacobian(
     """(J_z of shape (K, *features.shape), ∇ Σ_k ℓ̃_k for each of ``head_params``). The graph is kept."""
     n = balanced.shape[0]
     eye = torch.eye(n, dtype=balanced.dtype, device=balanced.device)
-    if split is None:
-        grads = batched_vjp(balanced, [features, *head_params], eye, memo, final=False)
-        first = grads[0]
-        jz = first if first is not None else features.new_zeros((n, *features.shape))
-        return jz, [None if g is None else g.sum(0) for g in grads[1:]]
-
-    if split.diagonal:
+    if split is not None and split.diagonal:
         return _captured_pass(balanced, features, head_params, split, torch.ones_like(balanced))
-    stack_out = GradientEdge(split.stack, 0)
-    mixing = _mixing(balanced, stack_out, eye, memo)
-    per_loss, _ = _captured_pass(stack_out, features, [], split, torch.ones_like(mixing[0]))
-    jz = (mixing.to(features.dtype) @ per_loss.reshape(n, -1)).reshape(n, *features.shape)
-    if not head_params:
-        return jz, []
-    ones = torch.ones_like(balanced)
-    heads = torch.autograd.grad(balanced, head_params, ones, retain_graph=True, allow_unused=True)
-    return jz, list(heads)
-
-
-def _mixing(balanced: Tensor, stack_out: GradientEdge, eye: Tensor, memo: VmapMemo) -> Tensor:
-    """M[k, j] = ∂ℓ̃_k/∂L_j: the loss method's Jacobian (diagonal for weight × loss methods)."""
-    grads = batched_vjp(balanced, [stack_out], eye, memo, final=False)
-    mixing = grads[0]
-    if mixing is None:  # ℓ̃ reaches z only through the stack (task_split checked), so this cannot be unused
-        raise RuntimeError("internal error: the balanced losses do not depend on the stacked raw losses")
-    return mixing
+    if split is not None:
+        stack_out = GradientEdge(split.stack, 0)
+        mixing = batched_vjp(balanced, [stack_out], eye, memo, kind="mixing", final=False)[0]
+        # a stack of K scalars gives M of shape (K, K); a stack of K head outputs (then reduced) does not split
+        if mixing is not None and mixing.shape == (n, n):
+            per_loss, _ = _captured_pass(stack_out, features, [], split, torch.ones_like(mixing[0]))
+            jz = (mixing.to(features.dtype) @ per_loss.reshape(n, -1)).reshape(n, *features.shape)
+            if not head_params:
+                return jz, []
+            ones = torch.ones_like(balanced)
+            heads = torch.autograd.grad(balanced, head_params, ones, retain_graph=True, allow_unused=True)
+            return jz, list(heads)
+    grads = batched_vjp(balanced, [features, *head_params], eye, memo, kind="heads", final=False)
+    first = grads[0]
+    jz = first if first is not None else features.new_zeros((n, *features.shape))
+    return jz, [None if g is None else g.sum(0) for g in grads[1:]]
 
 
 def _captured_pass(

@@ -36,30 +36,36 @@ class EngineFallbackWarning(RuntimeWarning):
 
 
 class VmapMemo:
-    """What the engine learnt about vmap on this model: unknown, works (``ok``), or fails (``failed``)."""
+    """What the engine learnt about vmap on this model, per kind of pass (``"trunk"``, ``"heads"``, ...).
+
+    A kind of pass is unknown, known to work (in ``ok``) or known to fail (in ``failed``). Kinds are kept apart
+    because vmap may run the heads and fail in the trunk: one success says nothing about another part of the graph.
+    """
 
     def __init__(self) -> None:
-        self.ok = False
-        self.failed = False
+        self.ok: set[str] = set()
+        self.failed: set[str] = set()
 
-    def retain(self, final: bool) -> bool:
+    def retain(self, kind: str, final: bool) -> bool:
         """Whether a batched pass must keep the graph: always, unless it is the last and vmap is known to work."""
-        return not (final and self.ok)
+        return not (final and kind in self.ok)
 
-    def record_failure(self, error: BaseException, final: bool) -> None:
+    def record_failure(self, kind: str, error: BaseException, final: bool) -> None:
         """Note that vmap failed; re-raise when the graph was already freed (nothing left to fall back on)."""
-        if not self.retain(final):
+        if not self.retain(kind, final):
             raise RuntimeError(
                 "the batched backward failed although it worked on earlier steps, and the graph is freed; use "
                 f"engine='loop' for this model. vmap said: {error}"
             ) from error
-        self.failed = True
-        warnings.warn(
-            f"taskbalance engine: vmap cannot run this backward graph ({type(error).__name__}: {error}); falling "
-            "back to one backward call per task from now on (correct, slower). Choose engine='loop' to silence this.",
-            EngineFallbackWarning,
-            stacklevel=4,
-        )
+        if not self.failed:
+            warnings.warn(
+                f"taskbalance engine: vmap cannot run this backward graph ({type(error).__name__}: {error}); "
+                "falling back to one backward call per task for that part of the graph from now on (correct, "
+                "slower). Choose engine='loop' to silence this.",
+                EngineFallbackWarning,
+                stacklevel=5,
+            )
+        self.failed.add(kind)
 
 
 def loop_vjp(outputs: Tensor, inputs: Inputs, cotangents: Tensor, final: bool) -> list[Tensor | None]:
@@ -85,28 +91,30 @@ def batched_vjp(
     inputs: Inputs,
     cotangents: Tensor,
     memo: VmapMemo,
+    kind: str,
     final: bool,
     try_vmap: bool = True,
 ) -> list[Tensor | None]:
     """The K products in one vmapped backward; K backward calls when vmap fails (or failed before).
 
-    ``final`` says that no later pass of this step needs the graph. ``try_vmap=False`` goes straight to the
+    ``kind`` names the part of the graph for :class:`VmapMemo`; ``final`` says that no later pass of this step
+    needs the graph. ``try_vmap=False`` goes straight to the
     loop (``engine='loop'``).
     """
-    if try_vmap and not memo.failed:
+    if try_vmap and kind not in memo.failed:
         try:
             grads = torch.autograd.grad(
                 outputs,
                 inputs,
                 cotangents,
-                retain_graph=memo.retain(final),
+                retain_graph=memo.retain(kind, final),
                 allow_unused=True,
                 is_grads_batched=True,
             )
         except RuntimeError as error:
-            memo.record_failure(error, final)
+            memo.record_failure(kind, error, final)
         else:
-            memo.ok = True
+            memo.ok.add(kind)
             return list(grads)
     return loop_vjp(outputs, inputs, cotangents, final)
 
@@ -117,6 +125,7 @@ def streaming_gramian(
     summed: Sequence[Tensor],
     cotangents: Tensor,
     memo: VmapMemo,
+    kind: str,
     final: bool,
 ) -> tuple[Tensor, list[Tensor | None]]:
     """G = Σ_p J_p J_pᵀ over the ``shared`` parameters, and Σ_k of the products for the ``summed`` ones.
@@ -131,11 +140,12 @@ def streaming_gramian(
     dtype = shared[0].dtype
     gramian = torch.zeros(n, n, dtype=dtype, device=shared[0].device)
     sums: list[Tensor | None] = [None] * len(summed)
-    if not memo.failed:
+    kind = f"streamed {kind}"  # torch.func.vmap, not is_grads_batched: its own record
+    if kind not in memo.failed:
         hooks = [p.register_hook(_gramian_hook(gramian, n)) for p in shared]  # type: ignore[no-untyped-call]
         hooks += [p.register_hook(_sum_hook(sums, i, n)) for i, p in enumerate(summed)]  # type: ignore[no-untyped-call]
         inputs = [*shared, *summed]
-        retain = memo.retain(final)
+        retain = memo.retain(kind, final)
 
         def product(vector: Tensor) -> tuple[Tensor, ...]:
             return torch.autograd.grad(outputs, inputs, vector, retain_graph=retain, materialize_grads=True)
@@ -143,11 +153,11 @@ def streaming_gramian(
         try:
             torch.func.vmap(product)(cotangents)
         except RuntimeError as error:
-            memo.record_failure(error, final)
+            memo.record_failure(kind, error, final)
             gramian.zero_()
             sums = [None] * len(summed)
         else:
-            memo.ok = True
+            memo.ok.add(kind)
             return gramian, sums
         finally:
             for handle in hooks:

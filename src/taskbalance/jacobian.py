@@ -119,7 +119,7 @@ class Engine:
     @property
     def fell_back(self) -> bool:
         """Whether vmap failed on this model, so that products are taken one task at a time."""
-        return self.memo.failed
+        return bool(self.memo.failed)
 
     def reset(self) -> None:
         """Forget what was learnt about vmap on the model."""
@@ -158,7 +158,7 @@ class Engine:
         else:
             eye = torch.eye(balanced.shape[0], dtype=balanced.dtype, device=balanced.device)
             inputs = [*shared, *task_params]
-            grads = batched_vjp(balanced, inputs, eye, self.memo, final=True, try_vmap=path != "loop")
+            grads = batched_vjp(balanced, inputs, eye, self.memo, kind="whole", final=True, try_vmap=path != "loop")
             blocks = grads[: len(shared)]
             task_grads = [None if g is None else g.sum(0) for g in grads[len(shared) :]]
         self.last_path = path
@@ -172,7 +172,7 @@ class Engine:
     ) -> tuple[list[Tensor | None], list[Tensor | None]]:
         """Per-task blocks of θ, and ∇ Σ ℓ̃ of head-side then trunk-side task parameters."""
         jz, head_grads = self._features_jacobian(balanced, features, split)
-        grads = batched_vjp(features, [*shared, *split.trunk_side], jz, self.memo, final=True)
+        grads = batched_vjp(features, [*shared, *split.trunk_side], jz, self.memo, kind="trunk", final=True)
         trunk_grads = [None if g is None else g.sum(0) for g in grads[len(shared) :]]
         return grads[: len(shared)], [*head_grads, *trunk_grads]
 
@@ -195,7 +195,9 @@ class Engine:
         if split.exact:
             assert features is not None
             jz, head_grads = self._features_jacobian(balanced, features, split)
-            gramian, trunk_grads = streaming_gramian(features, shared, split.trunk_side, jz, self.memo, final=False)
+            gramian, trunk_grads = streaming_gramian(
+                features, shared, split.trunk_side, jz, self.memo, kind="trunk", final=False
+            )
             self.last_path = "gramian"
             combination = _combine(method, gramian, balanced.detach())
             weights = _weights_for_gramian(combination, gramian, method)
@@ -205,7 +207,7 @@ class Engine:
             _accumulate([*split.head_side, *split.trunk_side], [*head_grads, *trunk_grads])
             return combination
         eye = torch.eye(n, dtype=balanced.dtype, device=balanced.device)
-        gramian, _ = streaming_gramian(balanced, shared, [], eye, self.memo, final=False)
+        gramian, _ = streaming_gramian(balanced, shared, [], eye, self.memo, kind="whole", final=False)
         self.last_path = "gramian"
         combination = _combine(method, gramian, balanced.detach())
         weights = _weights_for_gramian(combination, gramian, method)
@@ -236,7 +238,7 @@ class Engine:
         inputs = [*shared, *split.trunk_side]
         if split.trunk_side:  # they need ∇ Σ ℓ̃ = the product with Σ_k J_z[k]: one 2-batched trunk pass for both
             both = torch.stack([cotangent, jz.sum(0)])
-            grads = batched_vjp(features, inputs, both, self.memo, final=True)
+            grads = batched_vjp(features, inputs, both, self.memo, kind="trunk", final=True)
             update = [None if g is None else g[0] for g in grads[: len(shared)]]
             trunk_grads = [None if g is None else g[1] for g in grads[len(shared) :]]
         else:
