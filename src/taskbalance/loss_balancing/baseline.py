@@ -58,7 +58,9 @@ class EpochMeanBaseline:
         """L / L̄ in the dtype and device of ``losses`` (requires :attr:`ready`)."""
         if self.value is None:
             raise RuntimeError("the baseline is not recorded yet")
-        return losses.detach() / self.value.to(device=losses.device, dtype=losses.dtype)
+        if self.value.device != losses.device:  # once after a resume on another device, not every step
+            self.value = self.value.to(losses.device)
+        return losses.detach() / self.value.to(losses.dtype)
 
     def state(self) -> dict[str, Any]:
         return {
