@@ -1,0 +1,274 @@
+"""IGBv2: improvable gap balancing with deep reinforcement learning (a SAC agent picks the task weights).
+
+Task weighting as a continuing decision problem: the state is the batch's K raw losses, the action the K task
+weights, the reward how much the worst task's improvable gap shrank since the previous iteration. The agent is
+:class:`taskbalance.rl.SAC` with a softmax squashing map.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from ..rl import SAC, SoftmaxSquash
+from ..rl.sac import check_options
+from .base import Balanced, LossBalancer, log_losses, random_softmax_weights
+from .baseline import EpochMeanBaseline
+
+
+def _int_at_least(name: str, value: int, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+class IGBv2(LossBalancer):
+    """ℓ̃_k = a_k · log L_k, with a = K·softmax(u), u ~ N(μ(s), σ(s)) from a SAC actor fed s = L (detached).
+
+    Reward of the transition (s_{t−1}, a_{t−1}) → s_t:
+        r_t = reward_scale · min_k (L_k(t−1) − L_k(t)) / L̄_k,
+    L̄ the IGBv1 baseline (mean raw loss of epoch ``base_epoch``); no terminal state, γ = 0.99.
+
+    Schedule (0-based epochs counted by :meth:`end_epoch`, t = global iteration from 0), each iteration:
+      1. from the first iteration after the baseline is recorded (epoch base_epoch + 1): store the transition;
+      2. from epoch ``train_epoch`` on, when t % ``update_every`` = 0: with k = 1 + |buffer|/capacity ∈ [1, 2],
+         run int(update_every·k/2) SAC updates on minibatches of int(batch_size·k/2) transitions;
+      3. weights: K·softmax(randn(K)) before epoch ``policy_epoch`` (RLW on log losses), a stochastic action of
+         the policy from then on.
+    Both the update count and the minibatch grow as the buffer fills; once it is full this is one SAC update
+    per iteration on average.
+
+    Agent (paper and reference defaults): actor K→128→128 (ReLU) with linear heads μ, log σ (clamped to
+    [−20, 2]); twin critics (state ⊕ weights) 2K→128→128→1 with Polyak targets (τ = 0.005); Adam lr 3e-4 for
+    actor, critics and log α; α from 0.2, tuned toward entropy −K; FIFO replay of 10,000 transitions. The
+    critics see the weights a (as the reference does), not the Gaussian sample u.
+
+    Paper: Dai, Fei, Lu, "Improvable Gap Balancing for Multi-Task Learning" (UAI 2023, arXiv 2307.15429).
+
+    Args:
+        base_epoch: epoch of the baseline L̄ (1). train_epoch: first epoch with SAC updates (3).
+            policy_epoch: first epoch whose weights come from the policy (5). Need base_epoch < train_epoch
+            <= policy_epoch, so the buffer is never empty when training starts.
+        update_every: iterations between training calls, and the update count per call at a full buffer (50).
+        batch_size: minibatch size at a full buffer (256). buffer_size: replay capacity (10,000).
+        hidden, lr, gamma, tau, init_alpha: SAC sizes and rates ((128, 128), 3e-4, 0.99, 0.005, 0.2).
+        reward_scale: factor of the reward (1.0). The reference sets it to initial_lr / current_lr at the start
+            of every NYUv2 epoch, so that the smaller loss declines at a lower learning rate still pay; assign
+            :attr:`reward_scale` between epochs to do the same.
+        log_prob: ``"simplex"`` (default) the density of the weights on the simplex; ``"reference"`` the
+            reference code's formula (see :class:`~taskbalance.rl.SoftmaxSquash`).
+        seed: seed of the method's generator (random weights) from which the agent's seed is drawn; None draws
+            one from torch's global RNG once, at construction.
+
+    Differences from the reference code (IGB4MTL), and why:
+      - log π: the reference subtracts tanh's log-derivative although the weights come from a softmax, so
+        the entropy its α is tuned on is not the weights' entropy; we default to the correct density and keep
+        the reference formula as ``log_prob="reference"``.
+      - the reference finds epochs by comparing its global step with N·epoch (it must be told N); we count
+        epochs through :meth:`end_epoch`. Same schedule when every epoch has N iterations, and still right when
+        they do not.
+      - randomness comes from generators the method owns (the reference draws from the global RNG), and the
+        replay buffer lives on the agent's device (the reference stages it on the CPU), so a step does no host
+        synchronisation.
+
+    The agent's networks are not registered submodules, so ``Balancer.parameters()`` does not yield them and a
+    model optimizer cannot step them a second time: they have their own optimizers. They still follow
+    ``balancer.to(...)``, move to the losses' device on first use, and are saved in ``state_dict()``.
+    """
+
+    name: ClassVar[str] = "igbv2"
+    takes_log = True
+    _agent: SAC | None
+
+    def __init__(
+        self,
+        *,
+        base_epoch: int = 1,
+        train_epoch: int = 3,
+        policy_epoch: int = 5,
+        update_every: int = 50,
+        batch_size: int = 256,
+        buffer_size: int = 10_000,
+        hidden: Sequence[int] = (128, 128),
+        lr: float = 3e-4,
+        gamma: float = 0.99,
+        tau: float = 0.005,
+        init_alpha: float = 0.2,
+        reward_scale: float = 1.0,
+        log_prob: Literal["simplex", "reference"] = "simplex",
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        _int_at_least("base_epoch", base_epoch, 0)
+        _int_at_least("train_epoch", train_epoch, base_epoch + 1)
+        _int_at_least("policy_epoch", policy_epoch, train_epoch)
+        # the per-call count and minibatch are int(x · k/2) with k/2 ≥ 1/2: both must stay ≥ 1
+        _int_at_least("update_every", update_every, 2)
+        _int_at_least("batch_size", batch_size, 2)
+        _int_at_least("buffer_size", buffer_size, 1)
+        if log_prob not in ("simplex", "reference"):
+            raise ValueError(f"log_prob must be 'simplex' or 'reference', got {log_prob!r}")
+        self.base_epoch = base_epoch
+        self.train_epoch = train_epoch
+        self.policy_epoch = policy_epoch
+        self.update_every = update_every
+        self.batch_size = batch_size
+        self.buffer_size = buffer_size
+        self.log_prob = log_prob
+        check_options(hidden, gamma, tau, (lr,), init_alpha)
+        self._sac_options: dict[str, Any] = {
+            "hidden": tuple(hidden),
+            "actor_lr": lr,
+            "critic_lr": lr,
+            "alpha_lr": lr,
+            "gamma": gamma,
+            "tau": tau,
+            "init_alpha": init_alpha,
+        }
+        self.initial_reward_scale = self._check_reward_scale(reward_scale)
+        self._reward_scale = self.initial_reward_scale
+        self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
+        self._generator = torch.Generator()
+        self._baseline = EpochMeanBaseline(base_epoch)
+        self.step = 0
+        self._prev_state: Tensor | None = None
+        self._prev_action: Tensor | None = None
+        # Held outside the module tree (object.__setattr__ skips nn.Module's registration) so that the agent's
+        # parameters never reach the model's optimizer through Balancer.parameters().
+        object.__setattr__(self, "_agent", None)
+
+    # -- the agent and options -------------------------------------------------------------------------------
+    @property
+    def agent(self) -> SAC:
+        """The SAC agent (exists once the method is set up by a Balancer)."""
+        agent: SAC | None = self._agent
+        if agent is None:
+            raise RuntimeError("IGBv2 is not set up: wrap it in taskbalance.Balancer")
+        return agent
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch, 0-based (the number of :meth:`end_epoch` calls so far)."""
+        return self._baseline.epoch
+
+    @staticmethod
+    def _check_reward_scale(value: float) -> float:
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"reward_scale must be a positive finite number, got {value}")
+        return float(value)
+
+    @property
+    def reward_scale(self) -> float:
+        return self._reward_scale
+
+    @reward_scale.setter
+    def reward_scale(self, value: float) -> None:
+        self._reward_scale = self._check_reward_scale(value)
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self._generator.manual_seed(self.seed)
+        self._baseline.reset()
+        self.step = 0
+        self._prev_state = None
+        self._prev_action = None
+        self._reward_scale = self.initial_reward_scale
+        if self.n_tasks == 0:
+            return
+        agent_seed = int(torch.randint(0, 2**62, (1,), generator=self._generator).item())
+        if self._agent is None:
+            squash = SoftmaxSquash(float(self.n_tasks), density=self.log_prob)
+            agent = SAC(
+                self.n_tasks, self.n_tasks, squash, buffer_size=self.buffer_size, seed=agent_seed, **self._sac_options
+            )
+            object.__setattr__(self, "_agent", agent)
+        else:
+            self._agent.seed = agent_seed
+            self._agent.reset()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> IGBv2:
+        # .to()/.double() reach the Balancer's submodules only; carry them on to the unregistered agent.
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        if self._agent is not None:
+            self._agent._apply(fn, recurse)
+        if self._prev_state is not None and self._prev_action is not None:
+            self._prev_state, self._prev_action = fn(self._prev_state), fn(self._prev_action)
+        return self
+
+    def end_epoch(self) -> None:
+        self._baseline.end_epoch()
+
+    # -- the step --------------------------------------------------------------------------------------------
+    def balance(self, losses: Tensor) -> Balanced:
+        agent = self.agent
+        if agent.device != losses.device:
+            agent.to(losses.device)  # once, when the losses first arrive on another device
+            if self._prev_state is not None and self._prev_action is not None:
+                self._prev_state = self._prev_state.to(losses.device)
+                self._prev_action = self._prev_action.to(losses.device)
+        state = losses.detach().to(dtype=agent.dtype, copy=True)
+        self._baseline.observe(state)
+
+        baseline = self._baseline.value
+        if baseline is not None and self._prev_state is not None and self._prev_action is not None:
+            baseline = baseline.to(device=state.device, dtype=state.dtype)
+            reward = self._reward_scale * ((self._prev_state - state) / baseline).min()
+            agent.store(self._prev_state, self._prev_action, reward, state)
+
+        if self.epoch >= self.train_epoch and self.step % self.update_every == 0:
+            self._train(agent)
+
+        if self.epoch < self.policy_epoch:
+            weights = random_softmax_weights(self.n_tasks, self._generator, like=losses)
+            action = weights.to(agent.dtype)
+        else:
+            action = agent.act(state)
+            weights = action.to(losses.dtype)
+        self._prev_state, self._prev_action = state, action
+        self.step += 1
+        return Balanced(losses=weights * log_losses(losses), weights=weights)
+
+    def _train(self, agent: SAC) -> None:
+        """One training call: the update count and the minibatch grow with the buffer's fill (as the reference)."""
+        k = 1 + len(agent.buffer) / agent.buffer.capacity
+        batch = int(self.batch_size * (k / 2))
+        for _ in range(int(self.update_every * (k / 2))):
+            agent.update(batch)
+
+    # -- state -----------------------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        state = super().get_extra_state()
+        state.update(
+            seed=self.seed,
+            step=self.step,
+            reward_scale=self._reward_scale,
+            generator=self._generator.get_state(),
+            prev_state=self._prev_state,
+            prev_action=self._prev_action,
+            baseline=self._baseline.state(),
+            agent=None if self._agent is None else self._agent.state_dict(),
+        )
+        return state
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        agent = self.agent
+        self.seed = int(state["seed"])
+        self.step = int(state["step"])
+        self._reward_scale = self._check_reward_scale(state["reward_scale"])
+        self._generator.set_state(state["generator"].cpu())
+        self._baseline.load(state["baseline"])
+        agent.load_state_dict(state["agent"])
+        prev_state, prev_action = state["prev_state"], state["prev_action"]
+        self._prev_state = None if prev_state is None else prev_state.to(device=agent.device, dtype=agent.dtype)
+        self._prev_action = None if prev_action is None else prev_action.to(device=agent.device, dtype=agent.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, base_epoch={self.base_epoch}, train_epoch={self.train_epoch}, "
+            f"policy_epoch={self.policy_epoch}, update_every={self.update_every}, batch_size={self.batch_size}, "
+            f"buffer_size={self.buffer_size}, log_prob={self.log_prob!r}, seed={self.seed}"
+        )
