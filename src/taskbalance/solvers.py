@@ -215,12 +215,20 @@ def _line_search(w: Tensor, p: Tensor, g: Tensor, b: Tensor, rho: float) -> Tens
     return torch.where(value_1 <= value_t + 1e-15 * (slope.abs() + rho * const.sqrt()), torch.ones_like(t), t)
 
 
-#: ‖Jᵀw‖² below this fraction of max_k ‖g_k‖² is not resolved by G (rounding of wᵀGw); see linear_plus_norm
+#: wᵀGw below this fraction of (Σ_k w_k‖g_k‖)² has lost its digits to cancellation; see resolved_norm_sq
 NORM_FLOOR = 1e-10
 
 
+def resolved_norm_sq(gramian: Tensor, w: Tensor) -> tuple[Tensor, bool]:
+    """(‖Jᵀw‖² = wᵀGw, whether G resolves it). Computing wᵀGw rounds at about ε·(Σ_k |w_k|‖g_k‖)²; below
+    NORM_FLOOR times that (relative accuracy worse than 1e-6), Jᵀw is numerically 0: Pareto-stationary."""
+    norm_sq = w @ gramian @ w
+    bound = (w.abs() @ gramian.diagonal().clamp_min(0).sqrt()) ** 2
+    return norm_sq, bool(norm_sq > NORM_FLOOR * bound)
+
+
 def linear_plus_norm(
-    gramian: Tensor, b: Tensor, rho: float | Tensor, init: Tensor | None = None, max_iter: int = 50, tol: float = 1e-10
+    gramian: Tensor, b: Tensor, rho: float | Tensor, init: Tensor | None = None, max_iter: int = 50, tol: float = 1e-9
 ) -> SolverResult:
     """The w ∈ Δ minimising f(w) = bᵀw + ρ√(wᵀGw) (ρ ≥ 0): CAGrad's dual with b = G·1/K, ρ = c‖g₀‖.
 
@@ -231,8 +239,9 @@ def linear_plus_norm(
 
     Residual: the Frank–Wolfe gap (∇fᵀw − min_k ∇f_k) / (max|b| + ρ·√max G_kk), an upper bound on the
     relative suboptimality; the solver stops when it is ≤ ``tol``. f is not differentiable where Jᵀw = 0, and
-    wᵀGw computed from G loses all its digits once ‖Jᵀw‖² < NORM_FLOOR·max_k G_kk: an iterate there (the
-    gradients are Pareto-stationary, 0 lies in their hull) stops the solver with ``converged=False``.
+    wᵀGw computed from G loses its digits near there (:func:`resolved_norm_sq`): an iterate where Jᵀw is
+    numerically 0 (the gradients are Pareto-stationary, 0 lies in their hull) stops the solver with
+    ``converged=False``.
     """
     k = gramian.shape[-1]
     dtype, device = gramian.dtype, gramian.device
@@ -250,41 +259,54 @@ def linear_plus_norm(
         return SolverResult(w.to(dtype), 0, zero, True)
     g = g / top
     lin = lin / top.sqrt()
+    if weight <= 1e-12 * float(lin.abs().max()):  # the norm term is below rounding: the linear problem
+        return linear_plus_norm(gramian, b, 0.0)
     scale = lin.abs().max() + weight
     uniform = torch.full((k,), 1.0 / k, dtype=torch.float64, device=device)
     w = uniform if init is None else project_simplex(init.to(g))
     for start in (uniform, torch.nn.functional.one_hot(g.diagonal().argmax(), k).to(g)):
-        if bool(w @ g @ w > NORM_FLOOR):  # start where f is differentiable
+        if resolved_norm_sq(g, w)[1]:  # start where f is differentiable
             break
         w = start
 
-    def fw_gap(w: Tensor) -> tuple[Tensor, Tensor]:
-        gw = g @ w
-        norm_sq = w @ gw
-        grad = lin + weight * gw / norm_sq.clamp_min(NORM_FLOOR).sqrt()
-        return (w @ grad - grad.min()).clamp_min(0) / scale, norm_sq
+    def objective(w: Tensor) -> Tensor:
+        return lin @ w + weight * (w @ g @ w).clamp_min(0).sqrt()
+
+    def fw_gap(w: Tensor) -> tuple[Tensor, bool]:
+        norm_sq, resolved = resolved_norm_sq(g, w)
+        grad = lin + weight * (g @ w) / norm_sq.clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+        return (w @ grad - grad.min()).clamp_min(0) / scale, resolved
 
     iterations = 0
     while iterations < max_iter:
         iterations += 1
-        gap, norm_sq = fw_gap(w)
+        gap, resolved = fw_gap(w)
         # read from the device: the stopping rule depends on the data
-        if bool(gap <= tol) or not bool(norm_sq > NORM_FLOOR):
+        if not resolved or bool(gap <= tol):
             break
+        norm_sq = w @ g @ w
         norm = norm_sq.sqrt()
         gw = g @ w
-        hessian = (weight / norm) * (g - torch.outer(gw, gw) / norm_sq)
-        hessian = _regularised(hessian, g * (weight / norm))
-        v, _, _ = _simplex_qp(hessian, lin + weight * gw / norm - hessian @ w, w, _default_iterations(k))
+        # the model's Hessian is ρ/n·(G − GwwᵀG/n²); the subproblem is solved divided by ρ/n (same minimiser)
+        hessian = _regularised(g - torch.outer(gw, gw) / norm_sq, g)
+        linear = (norm / weight) * lin + gw - hessian @ w
+        v, _, _ = _simplex_qp(hessian, linear, w, _default_iterations(k))
         step = v - w
         t = _line_search(w, step, g, lin, weight)
         new = project_simplex(w + t * step)
         before = lin @ w + weight * norm
-        after = lin @ new + weight * (new @ g @ new).clamp_min(0).sqrt()
+        after = objective(new)
+        if not bool(t >= 0.1):
+            # a strongly damped Newton step: the model is poor (near the kink at Jᵀw = 0). The majorize-minimize step,
+            # argmin bᵀw + ρ(wᵀGw + n²)/(2n) (√ is below its tangent), always decreases f; take the better one.
+            mm, _, _ = _simplex_qp(_regularised(g), (norm / weight) * lin, w, _default_iterations(k))
+            mm_value = objective(mm)
+            if bool(mm_value < after):
+                new, after = mm, mm_value
         # near the solution f changes below its rounding error while the Newton step still improves w
         if not bool(after <= before + 1e-15 * scale) or bool((new - w).abs().max() <= 1e-15):
             break
         w = new
-    gap, norm_sq = fw_gap(w)
-    converged = bool(gap <= tol) and bool(norm_sq > NORM_FLOOR)
+    gap, resolved = fw_gap(w)
+    converged = resolved and bool(gap <= tol)
     return SolverResult(w.to(dtype), iterations, gap, converged)

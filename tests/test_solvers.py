@@ -1,0 +1,247 @@
+"""The shared solvers: simplex projection, min-norm point, lower-bounded QP, linear + norm over the simplex."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from taskbalance.solvers import linear_plus_norm, lower_bounded_qp, min_norm_point, project_simplex
+
+F64 = torch.float64
+
+
+def _jacobian(seed: int, k: int, p: int, shift: float = 0.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(k, p, generator=gen, dtype=F64) + shift * torch.randn(1, p, generator=gen, dtype=F64)
+
+
+def _brute_min_norm(gram: torch.Tensor) -> float:
+    """Smallest wᵀGw over the equality-constrained optima of every support (exhaustive, small K, G ≻ 0)."""
+    k = gram.shape[0]
+    best = float("inf")
+    for size in range(1, k + 1):
+        for support in itertools.combinations(range(k), size):
+            idx = list(support)
+            a = torch.linalg.solve(gram[idx][:, idx], torch.ones(size, dtype=F64))
+            if (a < 0).any() or a.sum() <= 0:
+                continue
+            w = torch.zeros(k, dtype=F64)
+            w[idx] = a / a.sum()
+            best = min(best, float(w @ gram @ w))
+    return best
+
+
+def _brute_lower_bounded(gram: torch.Tensor, lower: torch.Tensor) -> float:
+    """min vᵀGv s.t. v ≥ u over every choice of free variables (exhaustive, small K, G ≻ 0)."""
+    k = gram.shape[0]
+    best = float("inf")
+    for size in range(k + 1):
+        for free in itertools.combinations(range(k), size):
+            idx, fixed = list(free), [i for i in range(k) if i not in free]
+            v = lower.clone()
+            if idx:
+                v[idx] = torch.linalg.solve(gram[idx][:, idx], -gram[idx][:, fixed] @ lower[fixed])
+            if (v >= lower - 1e-12).all():
+                best = min(best, float(v @ gram @ v))
+    return best
+
+
+# -- project_simplex -----------------------------------------------------------------------------------------------
+def test_project_simplex_hand_computed() -> None:
+    y = torch.tensor([[0.5, 0.5], [1.0, 0.2], [2.0, -1.0], [0.0, 0.0]], dtype=F64)
+    expected = torch.tensor([[0.5, 0.5], [0.9, 0.1], [1.0, 0.0], [0.5, 0.5]], dtype=F64)
+    torch.testing.assert_close(project_simplex(y), expected)
+
+
+@given(st.integers(0, 2**31), st.integers(1, 8), st.floats(0.01, 100))
+def test_project_simplex_is_the_euclidean_projection(seed: int, k: int, spread: float) -> None:
+    y = spread * torch.randn(3, k, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    x = project_simplex(y)
+    assert (x >= 0).all()
+    torch.testing.assert_close(x.sum(-1), torch.ones(3, dtype=F64))
+    # variational inequality against every vertex: (y − x)ᵀ(e_j − x) ≤ 0
+    residual = y - x
+    for j in range(k):
+        assert ((residual[:, j] - (residual * x).sum(-1)) <= 1e-9 * (1 + y.abs().amax(-1))).all()
+
+
+# -- min_norm_point ------------------------------------------------------------------------------------------------
+def test_min_norm_point_two_tasks_closed_form() -> None:
+    jac = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=F64)
+    # w₁g₁ + w₂g₂ ⟂ g₁ − g₂: w₁ = ‖g₂‖² / ‖g₁ − g₂‖² = 4/5
+    result = min_norm_point(jac @ jac.T)
+    torch.testing.assert_close(result.x, torch.tensor([0.8, 0.2], dtype=F64))
+    assert result.converged and float(result.residual) < 1e-12
+    # one gradient inside the other's half-space beyond its foot: a vertex
+    jac = torch.tensor([[1.0, 0.0], [3.0, 1.0]], dtype=F64)
+    torch.testing.assert_close(min_norm_point(jac @ jac.T).x, torch.tensor([1.0, 0.0], dtype=F64))
+
+
+@given(st.integers(0, 2**31), st.integers(1, 5), st.integers(5, 12), st.sampled_from([0.0, 1.0, 3.0]))
+def test_min_norm_point_kkt_and_brute_force(seed: int, k: int, p: int, shift: float) -> None:
+    jac = _jacobian(seed, k, p, shift)
+    gram = jac @ jac.T
+    result = min_norm_point(gram)
+    w = result.x
+    assert result.converged
+    assert (w >= 0).all()
+    torch.testing.assert_close(w.sum(), torch.tensor(1.0, dtype=F64))
+    scale = float(gram.diagonal().max())
+    gw = gram @ w
+    value = float(w @ gw)
+    assert (gw >= value - 1e-9 * scale).all()  # (Gw)_k ≥ wᵀGw
+    assert (gw[w > 1e-9] - value).abs().max() <= 1e-9 * scale  # equality on the support
+    assert value <= _brute_min_norm(gram) + 1e-10 * scale
+    assert float(result.residual) <= 1e-9
+
+
+@given(st.integers(0, 2**31), st.integers(2, 6))
+def test_min_norm_point_warm_start_does_not_change_the_answer(seed: int, k: int) -> None:
+    jac = _jacobian(seed, k, 8, 1.0)
+    gram = jac @ jac.T
+    cold = min_norm_point(gram)
+    init = torch.rand(k, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    warm = min_norm_point(gram, init=init)
+    torch.testing.assert_close(warm.x, cold.x, rtol=0, atol=1e-12)
+
+
+def test_min_norm_point_degenerate_inputs() -> None:
+    g = torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=F64)
+    cases = {
+        "zero": torch.zeros(3, 6, dtype=F64),
+        "one zero": torch.stack([g, torch.zeros(6, dtype=F64), -g]),
+        "equal": torch.stack([g, g, g]),
+        "opposite": torch.stack([g, -2 * g]),
+        "1e6 longer": torch.stack([1e6 * g, torch.ones(6, dtype=F64)]),
+        "K=1": g[None],
+        "K=40, P=10": _jacobian(1, 40, 10),
+    }
+    for name, jac in cases.items():
+        result = min_norm_point(jac @ jac.T)
+        assert result.converged, name
+        assert torch.isfinite(result.x).all(), name
+        torch.testing.assert_close(result.x.sum(), torch.tensor(1.0, dtype=F64), msg=name)
+    # the zero gradient is the min-norm point; equal gradients share the weight evenly
+    jac = cases["one zero"]
+    torch.testing.assert_close(min_norm_point(jac @ jac.T).x, torch.tensor([0.0, 1.0, 0.0], dtype=F64))
+    jac = cases["equal"]
+    torch.testing.assert_close(min_norm_point(jac @ jac.T).x, torch.full((3,), 1 / 3, dtype=F64))
+
+
+def test_min_norm_point_keeps_dtype_and_refuses_non_finite() -> None:
+    jac = _jacobian(3, 3, 5).float()
+    assert min_norm_point(jac @ jac.T).x.dtype == torch.float32
+    bad = torch.eye(2, dtype=F64)
+    bad[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        min_norm_point(bad)
+
+
+# -- lower_bounded_qp ----------------------------------------------------------------------------------------------
+@given(st.integers(0, 2**31), st.integers(1, 4), st.integers(4, 10), st.sampled_from([0.0, 2.0]))
+def test_lower_bounded_qp_kkt_and_brute_force(seed: int, k: int, p: int, shift: float) -> None:
+    jac = _jacobian(seed, k, p, shift)
+    gram = jac @ jac.T
+    lower = torch.eye(k, dtype=F64)
+    result = lower_bounded_qp(gram, lower)
+    assert result.converged and float(result.residual) <= 1e-9
+    scale = float(gram.diagonal().max())
+    for row in range(k):
+        v = result.x[row]
+        gv = gram @ v
+        assert (v >= lower[row] - 1e-12).all()
+        assert (gv >= -1e-9 * scale).all()  # Jᵀv lies in the dual cone
+        assert ((v - lower[row]) * gv).abs().max() <= 1e-9 * scale * (1 + v.abs().max())
+        assert float(v @ gv) <= _brute_lower_bounded(gram, lower[row]) * (1 + 1e-9) + 1e-12 * scale
+
+
+def test_lower_bounded_qp_hand_computed() -> None:
+    # g₁ = (1, 0), g₂ = (−1, 1): projecting g₁ on {x : g₁ᵀx ≥ 0, g₂ᵀx ≥ 0} gives (½, ½) = g₁ + ½g₂
+    jac = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=F64)
+    result = lower_bounded_qp(jac @ jac.T, torch.tensor([1.0, 0.0], dtype=F64))
+    torch.testing.assert_close(result.x, torch.tensor([1.0, 0.5], dtype=F64))
+    # a vector already in the cone is its own projection, found in one iteration
+    jac = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=F64)
+    result = lower_bounded_qp(jac @ jac.T, torch.tensor([0.0, 1.0], dtype=F64))
+    torch.testing.assert_close(result.x, torch.tensor([0.0, 1.0], dtype=F64))
+    assert result.iterations == 1
+
+
+def test_lower_bounded_qp_degenerate_and_large() -> None:
+    g = torch.randn(5, generator=torch.Generator().manual_seed(2), dtype=F64)
+    for jac in (torch.zeros(3, 5, dtype=F64), torch.stack([g, -g]), torch.stack([1e6 * g, -g + 1]), g[None]):
+        k = jac.shape[0]
+        result = lower_bounded_qp(jac @ jac.T, torch.eye(k, dtype=F64))
+        assert result.converged and torch.isfinite(result.x).all()
+    jac = _jacobian(4, 40, 30)
+    result = lower_bounded_qp(jac @ jac.T, torch.eye(40, dtype=F64))
+    assert result.converged and float(result.residual) <= 1e-9
+
+
+# -- linear_plus_norm ----------------------------------------------------------------------------------------------
+def _objective(w: torch.Tensor, gram: torch.Tensor, b: torch.Tensor, rho: float) -> torch.Tensor:
+    return w @ b + rho * ((w @ gram) * w).sum(-1).clamp_min(0).sqrt()
+
+
+def _simplex_grid(k: int, n: int) -> torch.Tensor:
+    if k == 2:
+        t = torch.linspace(0, 1, n + 1, dtype=F64)
+        return torch.stack([t, 1 - t], dim=1)
+    points = [(i / n, j / n, (n - i - j) / n) for i in range(n + 1) for j in range(n + 1 - i)]
+    return torch.tensor(points, dtype=F64)
+
+
+@given(st.integers(0, 2**31), st.integers(2, 3), st.integers(1, 6), st.floats(0.0, 2.0))
+def test_linear_plus_norm_beats_a_fine_grid(seed: int, k: int, p: int, c: float) -> None:
+    jac = _jacobian(seed, k, p)
+    gram = jac @ jac.T
+    b = gram.mean(dim=1)
+    rho = c * float(gram.mean().clamp_min(0).sqrt())
+    result = linear_plus_norm(gram, b, rho)
+    grid = _simplex_grid(k, 2000 if k == 2 else 150)
+    scale = float(b.abs().max()) + rho * float(gram.diagonal().max().sqrt())
+    best = float(_objective(grid, gram, b, rho).min())
+    assert float(_objective(result.x, gram, b, rho)) <= best + 1e-9 * scale
+    assert (result.x >= 0).all()
+    torch.testing.assert_close(result.x.sum(), torch.tensor(1.0, dtype=F64))
+
+
+def test_linear_plus_norm_special_cases() -> None:
+    jac = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=F64)
+    gram = jac @ jac.T
+    # ρ = 0: a linear program, solved at the smallest b (ties split evenly)
+    result = linear_plus_norm(gram, torch.tensor([1.0, 0.5, 0.5], dtype=F64), 0.0)
+    torch.testing.assert_close(result.x, torch.tensor([0.0, 0.5, 0.5], dtype=F64))
+    # large ρ: the min-norm point
+    result = linear_plus_norm(gram, gram.mean(1), 1e6)
+    torch.testing.assert_close(result.x, min_norm_point(gram).x, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="rho"):
+        linear_plus_norm(gram, gram.mean(1), -1.0)
+
+
+def test_linear_plus_norm_reports_pareto_stationarity() -> None:
+    # g₁ = −g₂ and g₃ ⟂ both: the optimum is g_w = 0, where f is not differentiable
+    jac = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]], dtype=F64)
+    gram = jac @ jac.T
+    result = linear_plus_norm(gram, gram.mean(1), 0.4 * float(gram.mean().sqrt()))
+    assert not result.converged
+    assert float(result.x @ gram @ result.x) <= 1e-9
+    assert torch.isfinite(result.x).all()
+
+
+@given(st.integers(0, 2**31), st.integers(2, 8))
+def test_linear_plus_norm_converges_from_any_warm_start(seed: int, k: int) -> None:
+    jac = _jacobian(seed, k, 10, 0.5)
+    gram = jac @ jac.T
+    rho = 0.4 * float(gram.mean().sqrt())
+    cold = linear_plus_norm(gram, gram.mean(1), rho)
+    init = torch.rand(k, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    warm = linear_plus_norm(gram, gram.mean(1), rho, init=init)
+    assert cold.converged and warm.converged
+    scale = float(gram.mean(1).abs().max()) + rho * float(gram.diagonal().max().sqrt())
+    gap = abs(float(_objective(cold.x, gram, gram.mean(1), rho) - _objective(warm.x, gram, gram.mean(1), rho)))
+    assert gap <= 1e-10 * scale
