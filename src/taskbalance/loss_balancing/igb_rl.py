@@ -210,7 +210,7 @@ class IGBv2(LossBalancer):
                 self._prev_state = self._prev_state.to(losses.device)
                 self._prev_action = self._prev_action.to(losses.device)
         state = losses.detach().to(dtype=agent.dtype, copy=True)
-        self._baseline.observe(state)
+        self._baseline.observe(losses)
 
         baseline = self._baseline.value
         if baseline is not None and self._prev_state is not None and self._prev_action is not None:

@@ -11,6 +11,7 @@ correction depends on f, so each map computes its own :meth:`Squash.log_prob`.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Literal
 
@@ -32,15 +33,16 @@ def log_tanh_derivative(u: Tensor) -> Tensor:
     return 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
 
 
-class Squash(nn.Module):
-    """A map u ↦ a with the log-density of a. Subclasses implement :meth:`forward` and :meth:`log_prob`."""
+class Squash(nn.Module, ABC):
+    """A map u ↦ a (:meth:`forward`) with the log-density of a (:meth:`log_prob`)."""
 
-    def forward(self, u: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def forward(self, u: Tensor) -> Tensor:
+        """The action a = f(u), elementwise over leading dimensions."""
 
-    def log_prob(self, u: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:  # pragma: no cover - abstract
+    @abstractmethod
+    def log_prob(self, u: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
         """log π(a) for a = f(u), u ~ N(mean, diag exp(log_std)²); shape = u's without the last dimension."""
-        raise NotImplementedError
 
 
 class TanhSquash(Squash):
