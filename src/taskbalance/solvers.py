@@ -13,10 +13,11 @@ its answer is the solution of the equality-constrained problem on the final acti
 the number of iterations, not the result. Active-set decisions depend on the data, so each iteration reads one
 boolean from the device; nothing else leaves it.
 
-Every problem is made strictly convex by a relative ridge G + δ·(diag G + δ·max diag G), δ = 1e-12: it
-perturbs each gradient by a private orthogonal component of relative size 1e-6 in norm, which picks, among
-several optimal weight vectors (duplicate or zero gradients), the one spreading weight most evenly, and changes
-the optimal update by a relative 1e-12.
+Every problem is made strictly convex by a relative ridge G + δ·(diag G + δ·max diag G), δ = 1e-8: it
+perturbs each gradient by a private orthogonal component of relative size 1e-4 in norm, which picks, among
+several optimal weight vectors (duplicate or dependent gradients), the one spreading weight most evenly. δ =
+√ε(float64) balances the two errors: the ridge moves the solution by about δ, and rounding in the ridged
+systems (condition up to 1/δ) by about ε/δ; both are 1e-8 relative, far below float32's resolution of G.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 
 #: relative ridge that makes every quadratic strictly convex (see the module docstring)
-RIDGE = 1e-12
+RIDGE = 1e-8
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def _regularised(h: Tensor, base: Tensor | None = None) -> Tensor:
 
 
 def _active_set(
-    h: Tensor, q: Tensor, lower: Tensor, x0: Tensor, simplex: bool, max_iter: int
+    h: Tensor, q: Tensor, lower: Tensor, x0: Tensor, simplex: bool, max_iter: int, exact: Tensor | None = None
 ) -> tuple[Tensor, int, bool]:
     """Primal active-set method for min ½xᵀhx + qᵀx s.t. x ≥ lower (and Σx = 1 when ``simplex``), one problem per
     row of ``q`` / ``lower`` / ``x0`` (B, K); ``h`` (K, K) positive definite, float64; ``x0`` feasible.
@@ -84,11 +85,16 @@ def _active_set(
     Each iteration solves the equality-constrained problem with the variables of the working set fixed at their
     bound (Nocedal & Wright, Numerical Optimization, Alg. 16.3): a feasible solution is taken, then the bound
     with the most negative multiplier is released; an infeasible one is approached until the first bound
-    blocks, which joins the working set. The linear systems are symmetrically scaled to unit diagonal.
+    blocks, which joins the working set. The linear systems are symmetrically scaled to unit diagonal. When
+    ``exact`` (the unridged matrix) is given, ``h`` is its ridged version: each system is factored with ``h``
+    and refined twice against ``exact`` (iterated Tikhonov), which removes the ridge's bias (δ³) while keeping
+    its conditioning and its even split between dependent gradients; multipliers are taken with ``exact``.
     """
     batch, k = q.shape
     scale = h.diagonal().clamp_min(torch.finfo(h.dtype).tiny).rsqrt()
     a = h * scale[:, None] * scale[None, :]
+    a_exact = a if exact is None else exact * scale[:, None] * scale[None, :]
+    h_exact = h if exact is None else exact
     eye = torch.eye(k, dtype=h.dtype, device=h.device)
     n = k + 1 if simplex else k
     top = scale.max()
@@ -108,15 +114,22 @@ def _active_set(
             system[:, :k, k] = torch.where(free, -e, torch.zeros_like(e))
             system[:, k, :k] = e
             rhs[:, k] = 1 / top
-        z = torch.linalg.solve(system, rhs)
+        factors, pivots = torch.linalg.lu_factor(system)
+        z = torch.linalg.lu_solve(factors, pivots, rhs[:, :, None])
+        if exact is not None:
+            system_exact = system.clone()
+            system_exact[:, :k, :k] = torch.where(free[:, :, None], a_exact, eye)
+            for _ in range(2):
+                z = z + torch.linalg.lu_solve(factors, pivots, rhs[:, :, None] - system_exact @ z)
+        z = z[:, :, 0]
         x_hat = scale * z[:, :k]
         mu = (z[:, k] / top)[:, None] if simplex else torch.zeros_like(q[:, :1])
         size = 1 + x_hat.abs().amax(dim=-1, keepdim=True)
         feasible = ((x_hat >= lower - 1e-12 * size) | ~free).all(dim=-1)
         # multipliers of the bounds in the working set: ∂/∂x_k of the Lagrangian
-        multipliers = x_hat @ h + q - mu
+        multipliers = x_hat @ h_exact + q - mu
         # a multiplier counts as negative beyond the rounding error of the terms it sums, coordinate by coordinate
-        terms = x_hat.abs() @ h.abs() + q.abs() + mu.abs()
+        terms = x_hat.abs() @ h_exact.abs() + q.abs() + mu.abs()
         candidates = torch.where(free, torch.full_like(multipliers, torch.inf), multipliers / terms.clamp_min(tiny))
         worst_value, worst = candidates.min(dim=-1)
         optimal = feasible & (worst_value >= -1e-12)
@@ -143,11 +156,13 @@ def _active_set(
     return x, iterations, False
 
 
-def _simplex_qp(h: Tensor, q: Tensor, init: Tensor | None, max_iter: int) -> tuple[Tensor, int, bool]:
-    """min ½wᵀhw + qᵀw over the simplex; h (K, K) positive definite, q (K,), float64."""
+def _simplex_qp(
+    h: Tensor, q: Tensor, init: Tensor | None, max_iter: int, exact: Tensor | None = None
+) -> tuple[Tensor, int, bool]:
+    """min ½wᵀhw + qᵀw over the simplex; h (K, K) positive definite, q (K,), float64 (``exact``: see _active_set)."""
     k = q.shape[0]
     x0 = torch.full((k,), 1.0 / k, dtype=h.dtype, device=h.device) if init is None else project_simplex(init.to(h))
-    x, iterations, converged = _active_set(h, q[None], torch.zeros_like(q)[None], x0[None], True, max_iter)
+    x, iterations, converged = _active_set(h, q[None], torch.zeros_like(q)[None], x0[None], True, max_iter, exact)
     return x[0], iterations, converged
 
 
@@ -167,7 +182,9 @@ def min_norm_point(gramian: Tensor, init: Tensor | None = None, max_iter: int | 
     top = g.diagonal().max().clamp_min(torch.finfo(torch.float64).tiny)
     g = g / top
     limit = _default_iterations(k) if max_iter is None else max_iter
-    w, iterations, converged = _simplex_qp(_regularised(g), torch.zeros(k, dtype=g.dtype, device=g.device), init, limit)
+    w, iterations, converged = _simplex_qp(
+        _regularised(g), torch.zeros(k, dtype=g.dtype, device=g.device), init, limit, exact=g
+    )
     gw = g @ w
     residual = (w @ gw - gw.min()).clamp_min(0)
     return SolverResult(w.to(gramian.dtype), iterations, residual, converged)
@@ -188,7 +205,7 @@ def lower_bounded_qp(gramian: Tensor, lower: Tensor, max_iter: int | None = None
     g = g / top
     limit = _default_iterations(bounds.shape[-1]) if max_iter is None else max_iter
     v, iterations, converged = _active_set(
-        _regularised(g), torch.zeros_like(bounds), bounds, bounds.clone(), False, limit
+        _regularised(g), torch.zeros_like(bounds), bounds, bounds.clone(), False, limit, exact=g
     )
     gv = v @ g
     residual = torch.maximum((-gv).clamp_min(0).amax(), ((v - bounds) * gv).abs().amax())
