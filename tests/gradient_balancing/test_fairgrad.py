@@ -1,0 +1,173 @@
+"""FairGrad: w > 0 with G w = w^(−1/α), by damped Newton on G alone; a clear failure when no solution exists."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import taskbalance as tb
+from taskbalance.gradient_balancing.base import Combination
+from taskbalance.gradient_balancing.fairgrad import FairGrad
+from tests.models import TinyMTL, make_data, task_losses
+
+
+def _combine(gram: torch.Tensor, alpha: float = 1.0) -> Combination:
+    method = FairGrad(alpha=alpha)
+    method.setup(gram.shape[0])
+    return method(gram, torch.ones(gram.shape[0], dtype=gram.dtype))
+
+
+def _weights(jacobian: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    combination = _combine(jacobian @ jacobian.T, alpha)
+    assert combination.weights is not None and combination.weights.dtype == jacobian.dtype
+    return combination.weights
+
+
+def _jacobian(seed: int, k: int, p: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    return torch.randn(k, p, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def test_hand_computed() -> None:
+    orthogonal = torch.tensor([[2.0, 0.0], [0.0, 0.5]], dtype=torch.float64)
+    # G = diag(4, ¼): α = 1 gives w_k = 1/‖g_k‖; α = 2 gives ‖g_k‖² w_k = w_k^(−½), w_k = ‖g_k‖^(−4/3)
+    # (the solver stops at a relative residual of 1e-6)
+    torch.testing.assert_close(_weights(orthogonal), torch.tensor([0.5, 2.0], dtype=torch.float64), rtol=1e-6, atol=0)
+    expected = torch.tensor([2.0, 0.5], dtype=torch.float64).pow(-4 / 3)
+    torch.testing.assert_close(_weights(orthogonal, alpha=2.0), expected, rtol=1e-6, atol=0)
+    # unit gradients with cosine c: by symmetry w₁ = w₂ = w, w (1 + c) = 1/w
+    c = 0.6
+    gram = torch.tensor([[1.0, c], [c, 1.0]], dtype=torch.float64)
+    weights = _combine(gram).weights
+    assert weights is not None
+    torch.testing.assert_close(weights, torch.full((2,), (1 + c) ** -0.5, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+@given(
+    st.integers(0, 2**31),
+    st.integers(1, 6),
+    st.integers(0, 6),
+    st.sampled_from([0.5, 1.0, 2.0, 5.0]),
+    st.sampled_from([torch.float32, torch.float64]),
+)
+def test_solves_the_fairness_condition(seed: int, k: int, extra: int, alpha: float, dtype: torch.dtype) -> None:
+    jacobian = _jacobian(seed, k, k + extra, dtype)  # full row rank: a solution exists
+    gram = jacobian @ jacobian.T
+    combination = _combine(gram, alpha)
+    assert combination.converged and combination.note == ""
+    weights = combination.weights
+    assert weights is not None and (weights > 0).all()
+    lhs, rhs = gram.double() @ weights.double(), weights.double().pow(-1 / alpha)
+    tolerance = 1e-3 if dtype == torch.float32 else 1e-5
+    torch.testing.assert_close(lhs / rhs, torch.ones(k, dtype=torch.float64), atol=tolerance, rtol=0)
+
+
+@given(st.integers(0, 2**31), st.integers(1, 5), st.integers(0, 4))
+def test_alpha_one_update_is_invariant_to_task_scales_and_equivariant(seed: int, k: int, extra: int) -> None:
+    jacobian = _jacobian(seed, k, k + extra)
+    generator = torch.Generator().manual_seed(seed)
+    scales = torch.rand(k, 1, generator=generator, dtype=torch.float64) * 100 + 0.01
+    perm = torch.randperm(k, generator=generator)
+    weights = _weights(jacobian)
+    update = weights @ jacobian
+    torch.testing.assert_close(_weights(scales * jacobian) @ (scales * jacobian), update)
+    torch.testing.assert_close(_weights(jacobian[perm]), weights[perm])
+
+
+def test_equal_gradients_give_sqrt_k_unit_update() -> None:
+    g = torch.randn(6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    jacobian = g.expand(4, 6)
+    torch.testing.assert_close(_weights(jacobian) @ jacobian, 2 * g / g.norm())
+
+
+def test_no_solution_is_reported_and_gives_no_update() -> None:
+    for jacobian in (torch.tensor([[1.0, 2.0], [-1.0, -2.0]]), _jacobian(0, 40, 7, torch.float32)):
+        combination = _combine(jacobian @ jacobian.T)
+        assert not combination.converged and "no w > 0" in combination.note
+        assert combination.weights is not None
+        torch.testing.assert_close(combination.weights, torch.zeros(jacobian.shape[0]))
+
+
+def test_zero_gradient_gets_zero_weight_and_the_others_are_solved() -> None:
+    jacobian = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.5, 0.0]], dtype=torch.float64)
+    combination = _combine(jacobian @ jacobian.T)
+    assert combination.converged
+    assert combination.weights is not None
+    torch.testing.assert_close(combination.weights, torch.tensor([0.5, 0.0, 2.0], dtype=torch.float64))
+
+
+def test_iteration_limit_is_reported() -> None:
+    jacobian = _jacobian(3, 4, 6)
+    method = FairGrad(max_iter=1)
+    method.setup(4)
+    combination = method(jacobian @ jacobian.T, torch.ones(4))
+    assert not combination.converged and "last Newton iterate" in combination.note
+    assert combination.weights is not None and (combination.weights > 0).all()
+
+
+@pytest.mark.parametrize(
+    "jacobian",
+    [
+        torch.zeros(3, 5),
+        torch.tensor([[1.0, 2.0], [0.0, 0.0], [-1.0, 0.5]]),
+        torch.tensor([[1.0, 2.0], [2.0, 4.0]]),
+        torch.tensor([[1.0, 2.0], [-1.0, -2.0]]),
+        torch.tensor([[1e6, 2e6, 0.0], [-1.0, 0.5, 1.0]]),
+        torch.randn(1, 4),
+        torch.randn(40, 7),
+        torch.randn(3, 5, dtype=torch.float64),
+    ],
+    ids=["zero", "one-zero", "parallel", "opposite", "one-1e6-longer", "k1", "k40", "float64"],
+)
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 3.0])
+def test_degenerate_inputs_give_finite_updates(jacobian: torch.Tensor, alpha: float) -> None:
+    weights = _weights(jacobian, alpha)
+    assert torch.isfinite(weights).all() and (weights >= 0).all() and torch.isfinite(weights @ jacobian).all()
+
+
+def test_one_much_longer_gradient_is_solved() -> None:
+    jacobian = torch.tensor([[1e6, 2e6, 0.0], [-1.0, 0.5, 1.0]], dtype=torch.float64)
+    weights = _weights(jacobian)
+    gram = jacobian @ jacobian.T
+    torch.testing.assert_close(gram @ weights * weights, torch.ones(2, dtype=torch.float64))
+
+
+def _flat_grad(output: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(output, params, retain_graph=True)])
+
+
+def test_end_to_end_through_the_balancer_clips_to_the_default_max_norm() -> None:
+    model, (x, y) = TinyMTL(), make_data()
+    _, losses = task_losses(model, x, y)
+    shared = list(model.encoder.parameters())
+    jacobian = torch.stack([_flat_grad(losses[k], shared) for k in range(3)])
+    update = _weights(jacobian) @ jacobian
+    expected = update * min(1.0, 1.0 / float(update.norm()))
+    result = tb.make("fairgrad", n_tasks=3).backward(losses, shared)
+    assert result.converged
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in shared]), expected)  # type: ignore[union-attr]
+
+
+def test_failure_reaches_the_balance_result_with_one_warning() -> None:
+    weight = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    balancer = tb.Balancer(gradient=FairGrad(), n_tasks=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            losses = torch.stack([(weight * torch.tensor([1.0, 1.0])).sum(), -(weight.sum()) + 10])
+            result = balancer.backward(losses, [weight])
+            assert not result.converged and "no w > 0" in result.note
+    assert sum("FairGrad" in str(w.message) for w in caught) == 1
+    torch.testing.assert_close(weight.grad, torch.zeros(2))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"alpha": 0.0}, "alpha"), ({"tol": 0.0}, "tol"), ({"max_iter": 0}, "max_iter"), ({"max_norm": -1.0}, "max_norm")],
+)
+def test_bad_options_are_refused(options: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        FairGrad(**options)  # type: ignore[arg-type]
