@@ -1,0 +1,183 @@
+"""MoCo: tracked gradients, one projected step on λ per iteration, update K · yᵀλ; state y, λ, t."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import taskbalance as tb
+from taskbalance.gradient_balancing.moco import MoCo, project_simplex
+from tests.models import TinyMTL, make_data, task_losses
+
+
+def _method(k: int, **options: object) -> MoCo:
+    method = MoCo(**options)  # type: ignore[arg-type]
+    method.setup(k)
+    return method
+
+
+def _step(method: MoCo, jacobian: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
+    k = jacobian.shape[0]
+    combination = method(jacobian, torch.ones(k, dtype=jacobian.dtype) if losses is None else losses)
+    assert combination.direction is not None and combination.weights is not None
+    torch.testing.assert_close(combination.weights, k * method.lambd)
+    return combination.direction
+
+
+def _simplex2(a: float, b: float) -> tuple[float, float]:
+    """Projection of (a, b) onto {λ ≥ 0, λ₁ + λ₂ = 1}, by hand."""
+    first = min(max((1 + a - b) / 2, 0.0), 1.0)
+    return first, 1 - first
+
+
+def test_hand_computed_two_steps() -> None:
+    j1 = torch.tensor([[1.0, 0.0, 2.0], [0.0, -1.0, 1.0]], dtype=torch.float64)
+    j2 = torch.tensor([[2.0, 1.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    method = _method(2)
+    # step 1: β₁ = 0.5, γ₁ = 0.1, y = ½ J₁
+    y = 0.5 * j1
+    gram = (y @ y.T).tolist()
+    a = 0.5 - 0.1 * (gram[0][0] * 0.5 + gram[0][1] * 0.5)
+    b = 0.5 - 0.1 * (gram[1][0] * 0.5 + gram[1][1] * 0.5)
+    lam = _simplex2(a, b)
+    expected = 2 * (lam[0] * y[0] + lam[1] * y[1])
+    torch.testing.assert_close(_step(method, j1), expected)
+    # step 2: β₂ = 0.5/√2, γ₂ = 0.1/√2
+    beta, gamma = 0.5 / math.sqrt(2), 0.1 / math.sqrt(2)
+    y = y - beta * (y - j2)
+    gram = (y @ y.T).tolist()
+    a = lam[0] - gamma * (gram[0][0] * lam[0] + gram[0][1] * lam[1])
+    b = lam[1] - gamma * (gram[1][0] * lam[0] + gram[1][1] * lam[1])
+    lam = _simplex2(a, b)
+    torch.testing.assert_close(_step(method, j2), 2 * (lam[0] * y[0] + lam[1] * y[1]))
+    torch.testing.assert_close(method.tracked, y)
+    assert method.step == 2
+
+
+def test_libmtl_variant_softmax_and_normalisation() -> None:
+    jacobian = torch.tensor([[3.0, 4.0], [0.0, 2.0]], dtype=torch.float64)
+    losses = torch.tensor([2.0, 0.5], dtype=torch.float64)
+    method = _method(2, lambda_update="softmax", normalize=True, rho=0.1)
+    # g_k/‖g_k‖ · ℓ̃_k, then y = ½ of that, λ = softmax(λ₀ − 0.1 (y yᵀ + ρ I) λ₀)
+    normalised = torch.tensor([[1.2, 1.6], [0.0, 0.5]], dtype=torch.float64)
+    y = 0.5 * normalised
+    lam0 = torch.full((2,), 0.5, dtype=torch.float64)
+    lam = torch.softmax(lam0 - 0.1 * (y @ y.T + 0.1 * torch.eye(2, dtype=torch.float64)) @ lam0, dim=0)
+    torch.testing.assert_close(_step(method, jacobian, losses), 2 * lam @ y, atol=1e-7, rtol=1e-6)
+
+
+@given(st.lists(st.floats(-10, 10), min_size=1, max_size=8))
+def test_simplex_projection_is_the_closest_point(values: list[float]) -> None:
+    v = torch.tensor(values, dtype=torch.float64)
+    p = project_simplex(v)
+    assert (p >= 0).all()
+    torch.testing.assert_close(p.sum(), torch.tensor(1.0, dtype=torch.float64))
+    # optimality: (v − p)·(q − p) ≤ 0 for every point q of the simplex, enough to check at the vertices
+    vertices = torch.eye(len(values), dtype=torch.float64)
+    assert ((vertices - p) @ (v - p) <= 1e-12).all()
+
+
+@given(st.integers(0, 2**31), st.integers(1, 6), st.integers(1, 8))
+def test_task_permutation_equivariance(seed: int, k: int, p: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(k, generator=generator)
+    plain, permuted = _method(k), _method(k)
+    for _ in range(3):
+        jacobian = torch.randn(k, p, generator=generator, dtype=torch.float64)
+        torch.testing.assert_close(_step(permuted, jacobian[perm]), _step(plain, jacobian))
+        torch.testing.assert_close(permuted.lambd, plain.lambd[perm])
+
+
+def test_sum_convention_holds_once_the_tracking_has_caught_up() -> None:
+    g = torch.randn(5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    method = _method(3)
+    first = _step(method, g.expand(3, 5))
+    torch.testing.assert_close(first, 3 * 0.5 * g)  # y₁ = β g: the first update is short
+    for _ in range(60):
+        update = _step(method, g.expand(3, 5))
+    torch.testing.assert_close(update, 3 * g, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "jacobian",
+    [
+        torch.zeros(3, 5),
+        torch.tensor([[1.0, 2.0], [0.0, 0.0], [-1.0, 0.5]]),
+        torch.tensor([[1.0, 2.0], [2.0, 4.0]]),
+        torch.tensor([[1.0, 2.0], [-1.0, -2.0]]),
+        torch.tensor([[1e6, 2e6, 0.0], [-1.0, 0.5, 1.0]]),
+        torch.randn(1, 4),
+        torch.randn(40, 7),
+        torch.randn(3, 5, dtype=torch.float64),
+    ],
+    ids=["zero", "one-zero", "parallel", "opposite", "one-1e6-longer", "k1", "k40", "float64"],
+)
+@pytest.mark.parametrize("options", [{}, {"lambda_update": "softmax", "normalize": True}])
+def test_degenerate_inputs_give_finite_updates(jacobian: torch.Tensor, options: dict[str, object]) -> None:
+    method = _method(jacobian.shape[0], **options)
+    for _ in range(3):
+        update = _step(method, jacobian)
+        assert update.dtype == jacobian.dtype and torch.isfinite(update).all()
+        assert torch.isfinite(method.lambd).all() and (method.lambd >= 0).all()
+
+
+def test_state_round_trip_and_reset() -> None:
+    generator = torch.Generator().manual_seed(5)
+    jacobians = [torch.randn(4, 7, generator=generator) for _ in range(6)]
+    method = _method(4, rho=0.01)
+    first = [_step(method, j) for j in jacobians[:3]]
+    buffer = io.BytesIO()
+    torch.save(method.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = _method(4, rho=0.01)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    for j in jacobians[3:]:
+        assert torch.equal(_step(method, j), _step(fresh, j))
+    method.reset()
+    assert method.step == 0 and method.tracked is None
+    for j, expected in zip(jacobians[:3], first, strict=True):
+        assert torch.equal(_step(method, j), expected)
+
+
+def _flat_grad(output: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(output, params, retain_graph=True)])
+
+
+def test_end_to_end_through_the_balancer() -> None:
+    model, (x, y) = TinyMTL(), make_data()
+    shared = list(model.encoder.parameters())
+    reference = _method(3)
+    balancer = tb.make("moco", n_tasks=3)
+    for _ in range(2):  # the second step depends on the tracked state of the first
+        model.zero_grad(set_to_none=True)
+        _, losses = task_losses(model, x, y)
+        expected = _step(reference, torch.stack([_flat_grad(losses[k], shared) for k in range(3)]))
+        result = balancer.backward(losses, shared)
+        torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in shared]), expected)  # type: ignore[union-attr]
+        assert result.gradient_weights is not None
+        torch.testing.assert_close(result.gradient_weights, 3 * reference.lambd)
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"beta": 0.0}, "beta"),
+        ({"beta": 2.0}, "beta"),
+        ({"gamma": 0.0}, "gamma"),
+        ({"beta_sigma": -1.0}, "beta_sigma"),
+        ({"gamma_sigma": -0.5}, "gamma_sigma"),
+        ({"rho": -1.0}, "rho"),
+        ({"lambda_update": "exp"}, "lambda_update"),
+    ],
+)
+def test_bad_options_are_refused(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MoCo(**options)  # type: ignore[arg-type]
