@@ -234,14 +234,18 @@ def _line_search(w: Tensor, p: Tensor, g: Tensor, b: Tensor, rho: float) -> Tens
 
 #: wᵀGw below this fraction of (Σ_k w_k‖g_k‖)² has lost its digits to cancellation; see resolved_norm_sq
 NORM_FLOOR = 1e-10
+#: ‖Jᵀw‖ below √SCALE_FLOOR = 1e-7 of the longest gradient is within the solvers' accuracy (√ε, the ridge) of 0
+SCALE_FLOOR = 1e-14
 
 
 def resolved_norm_sq(gramian: Tensor, w: Tensor) -> tuple[Tensor, bool]:
-    """(‖Jᵀw‖² = wᵀGw, whether G resolves it). Computing wᵀGw rounds at about ε·(Σ_k |w_k|‖g_k‖)²; below
-    NORM_FLOOR times that (relative accuracy worse than 1e-6), Jᵀw is numerically 0: Pareto-stationary."""
+    """(‖Jᵀw‖² = wᵀGw, whether it is distinguishable from 0). Computing wᵀGw rounds at about
+    ε·(Σ_k |w_k|‖g_k‖)², and the weights themselves are accurate to about 1e-8 (see RIDGE): below NORM_FLOOR
+    times the first or SCALE_FLOOR·max_k ‖g_k‖², Jᵀw is numerically 0 (the gradients are Pareto-stationary)."""
     norm_sq = w @ gramian @ w
-    bound = (w.abs() @ gramian.diagonal().clamp_min(0).sqrt()) ** 2
-    return norm_sq, bool(norm_sq > NORM_FLOOR * bound)
+    diag = gramian.diagonal().clamp_min(0)
+    bound = (w.abs() @ diag.sqrt()) ** 2
+    return norm_sq, bool((norm_sq > NORM_FLOOR * bound) & (norm_sq > SCALE_FLOOR * diag.max()))
 
 
 def linear_plus_norm(

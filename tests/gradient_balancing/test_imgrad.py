@@ -1,0 +1,219 @@
+"""IMGrad: METHODS.md's recipe checked against an independent exact solve, scaling, state, several Balancer steps."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import taskbalance as tb
+from taskbalance.gradient_balancing.imgrad import IMGrad
+from tests.models import TinyMTL, make_data, task_losses
+
+F64 = torch.float64
+
+
+def _method(k: int, **options: Any) -> IMGrad:
+    method = IMGrad(**options)
+    method.setup(k)
+    return method
+
+
+def _jacobian(seed: int, k: int, p: int, shift: float = 0.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(k, p, generator=gen, dtype=F64) + shift * torch.randn(1, p, generator=gen, dtype=F64)
+
+
+def _weights(method: IMGrad, jac: torch.Tensor) -> torch.Tensor:
+    combination = method(jac @ jac.T, torch.ones(jac.shape[0], dtype=jac.dtype))
+    assert combination.weights is not None and combination.converged, combination.note
+    return combination.weights
+
+
+def _supports(k: int) -> list[list[int]]:
+    return [list(s) for size in range(1, k + 1) for s in itertools.combinations(range(k), size)]
+
+
+def _brute_min_norm(gram: torch.Tensor) -> torch.Tensor:
+    """MGDA's w by enumerating supports (the equality-constrained optimum on each face)."""
+    k = gram.shape[0]
+    best, best_w = float("inf"), torch.zeros(k, dtype=F64)
+    for idx in _supports(k):
+        a = torch.linalg.lstsq(gram[idx][:, idx], torch.ones(len(idx), dtype=F64)).solution
+        if (a >= 0).all() and a.sum() > 0:
+            w = torch.zeros(k, dtype=F64)
+            w[idx] = a / a.sum()
+            if float(w @ gram @ w) < best:
+                best, best_w = float(w @ gram @ w), w
+    return best_w
+
+
+def _brute_linear_plus_norm(gram: torch.Tensor, b: torch.Tensor, rho: float) -> torch.Tensor:
+    """argmin_{w∈Δ} bᵀw + ρ√(wᵀGw), exactly: on each support S the stationarity conditions
+    b_S + ρG_SS w_S/n = μ1 give w_S ∝ G_SS⁻¹(μ1 − b_S), with μ the larger root of a quadratic; keep the best."""
+    k = gram.shape[0]
+
+    def f(w: torch.Tensor) -> float:
+        return float(w @ b + rho * (w @ gram @ w).clamp_min(0).sqrt())
+
+    candidates = [torch.eye(k, dtype=F64)[i] for i in range(k)]
+    for idx in _supports(k):
+        if len(idx) < 2:
+            continue
+        sub = gram[idx][:, idx]
+        if torch.linalg.matrix_rank(sub) < len(idx):
+            continue
+        a = torch.linalg.solve(sub, torch.ones(len(idx), dtype=F64))
+        c = torch.linalg.solve(sub, b[idx])
+        disc = float(a.sum() * (rho**2 - b[idx] @ c) + c.sum() ** 2)
+        if rho <= 0 or disc < 0:
+            continue
+        mu = (float(c.sum()) + disc**0.5) / float(a.sum())
+        y = (mu * a - c) / rho
+        if y.sum() <= 0 or (y < 0).any():
+            continue
+        w = torch.zeros(k, dtype=F64)
+        w[idx] = y / y.sum()
+        candidates.append(w)
+    return min(candidates, key=f)
+
+
+def _reference(jac: torch.Tensor, alpha: float = 0.8) -> torch.Tensor:
+    """The update of METHODS.md's IMGrad, computed step by step from J."""
+    k = jac.shape[0]
+    gram = jac @ jac.T
+    g0 = jac.mean(0)
+    gm = _brute_min_norm(gram) @ jac
+    s = float(g0 @ gm / (g0.norm() * gm.norm())) if gm.norm() > 1e-12 else 0.0
+    c = alpha * float(g0.norm())
+    # min (1.5 − s)·g_wᵀg₀ + s·c·‖g_w‖  ⇔  min g_wᵀg₀ + (s·c/(1.5 − s))‖g_w‖
+    w = _brute_linear_plus_norm(gram, gram.mean(1), s * c / (1.5 - s))
+    gw = w @ jac
+    return (g0 + c / gw.norm() * gw) / (1 + alpha**2) * k
+
+
+def test_hand_computed() -> None:
+    # orthogonal unit gradients: g_m = g₀ (s = 1), w = (½, ½), d = 2(1 + α)g₀/(1 + α²)
+    weights = _weights(_method(2), torch.eye(2, dtype=F64))
+    torch.testing.assert_close(weights, torch.full((2,), 1.8 / 1.64, dtype=F64))
+    # imbalance: g_m departs from g₀, s < 1
+    jac = torch.tensor([[4.0, 0.0], [0.0, 1.0]], dtype=F64)
+    s, _, _ = _method(2).imbalance_cosine(jac @ jac.T)
+    gm = torch.tensor([1 / 17, 16 / 17], dtype=F64) @ jac
+    torch.testing.assert_close(s, jac.mean(0) @ gm / (jac.mean(0).norm() * gm.norm()))
+    assert 0 < float(s) < 1
+
+
+@given(st.integers(0, 2**31), st.integers(2, 3), st.integers(1, 8), st.sampled_from([0.0, 1.0]))
+def test_matches_an_independent_exact_computation(seed: int, k: int, p: int, shift: float) -> None:
+    jac = _jacobian(seed, k, p, shift)
+    combination = _method(k)(jac @ jac.T, torch.ones(k, dtype=F64))
+    assert combination.weights is not None
+    if not combination.converged:  # only where 0 is in the hull of the gradients
+        assert "Pareto-stationary" in combination.note
+        return
+    expected = _reference(jac)
+    scale = float(jac.norm(dim=1).max())
+    torch.testing.assert_close(combination.weights @ jac, expected, atol=1e-7 * scale, rtol=1e-6)
+
+
+@given(st.integers(0, 2**31), st.integers(2, 6), st.integers(2, 10))
+def test_task_permutation_equivariance(seed: int, k: int, p: int) -> None:
+    jac = _jacobian(seed, k, p, 1.0)
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+    base = _weights(_method(k), jac)
+    permuted = _weights(_method(k), jac[perm])
+    torch.testing.assert_close(permuted @ jac[perm], base @ jac, atol=1e-8 * float(jac.abs().max()), rtol=1e-7)
+
+
+@given(st.integers(0, 2**31), st.integers(1, 6), st.integers(1, 8), st.sampled_from([0.0, 0.8]))
+def test_scaling_with_equal_gradients(seed: int, k: int, p: int, alpha: float) -> None:
+    g = _jacobian(seed, 1, p)[0]
+    jac = g.repeat(k, 1)
+    for rescale, divisor in ((0, 1.0), (1, 1 + alpha * alpha), (2, 1 + alpha)):
+        weights = _weights(_method(k, alpha=alpha, rescale=rescale), jac)
+        torch.testing.assert_close(weights @ jac, k * (1 + alpha) / divisor * g)
+
+
+def test_invariant_to_scaling_all_gradients() -> None:
+    jac = _jacobian(3, 4, 7, 0.5)
+    torch.testing.assert_close(_weights(_method(4), 1e-3 * jac), _weights(_method(4), jac))
+
+
+def test_degenerate_inputs() -> None:
+    g = _jacobian(0, 1, 6)[0]
+    cases = {
+        "zero": torch.zeros(3, 6, dtype=F64),
+        "opposite": torch.stack([g, -2 * g]),
+        "parallel": torch.stack([g, 3 * g]),
+        "one zero": torch.stack([g, torch.zeros(6, dtype=F64), _jacobian(4, 1, 6)[0]]),
+        "1e6 longer": torch.stack([1e6 * g, _jacobian(1, 1, 6)[0]]),
+        "K=1": g[None],
+        "K=40": _jacobian(2, 40, 30, 0.5),
+        "float32": _jacobian(3, 4, 6).float(),
+    }
+    for name, jac in cases.items():
+        combination = _method(jac.shape[0])(jac @ jac.T, torch.ones(jac.shape[0], dtype=jac.dtype))
+        assert combination.weights is not None, name
+        assert combination.weights.dtype == jac.dtype, name
+        assert torch.isfinite(combination.weights).all(), name
+        assert combination.converged or "Pareto-stationary" in combination.note, (name, combination.note)
+    # a zero gradient makes g_m = 0: s = 0 (as torch's cosine_similarity gives in the reference)
+    jac = cases["one zero"]
+    s, _, _ = _method(3).imbalance_cosine(jac @ jac.T)
+    assert float(s) == 0.0
+
+
+def test_bad_options() -> None:
+    with pytest.raises(ValueError, match="alpha"):
+        IMGrad(alpha=-1.0)
+    with pytest.raises(ValueError, match="rescale"):
+        IMGrad(rescale=5)
+
+
+def test_state_round_trip_keeps_both_warm_starts() -> None:
+    method = _method(5)
+    jac = _jacobian(5, 5, 9, 0.5)
+    method(jac @ jac.T, torch.ones(5, dtype=F64))
+    fresh = _method(5)
+    fresh.load_state_dict(method.state_dict())
+    nxt = _jacobian(6, 5, 9, 0.5)
+    a = method(nxt @ nxt.T, torch.ones(5, dtype=F64)).weights
+    b = fresh(nxt @ nxt.T, torch.ones(5, dtype=F64)).weights
+    assert a is not None and b is not None
+    assert torch.equal(a, b)
+
+
+def test_several_balancer_steps_match_the_step_by_step_reference() -> None:
+    model, reference = TinyMTL(), TinyMTL()
+    x, y = make_data()
+    balancer = tb.make("imgrad", n_tasks=3, engine="loop")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(5):
+        _, losses = task_losses(model, x, y)
+        balancer.backward(losses, model.encoder.parameters())
+        # the reference: J by autograd, METHODS.md's update in float64, heads get ∇Σℓ
+        _, ref_losses = task_losses(reference, x, y)
+        shared = list(reference.encoder.parameters())
+        heads = list(reference.heads.parameters())
+        jac = torch.stack(
+            [
+                torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared, retain_graph=True)])
+                for loss in ref_losses
+            ]
+        )
+        update = _reference(jac.double()).float()
+        head_grads = torch.autograd.grad(ref_losses.sum(), heads)
+        with torch.no_grad():
+            for p, piece in zip(shared, torch.split(update, [p.numel() for p in shared]), strict=True):
+                p -= 0.05 * piece.view_as(p)
+            for p, g in zip(heads, head_grads, strict=True):
+                p -= 0.05 * g
+        optimizer.step()
+        optimizer.zero_grad()
+        for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
