@@ -426,3 +426,48 @@ def test_a_path_is_bitwise_repeatable(path: str) -> None:
     second = run(model, x, y, make_method("weights", 5, torch.float32), path)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
+
+
+class StatefulDirection(GradientBalancer):
+    """Returns its own buffer as the direction (as EMA-based methods may)."""
+
+    needs: ClassVar[Literal["gramian", "jacobian"]] = "jacobian"
+
+    def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
+        self.state = matrix.sum(0)
+        return Combination(direction=self.state)
+
+
+class TwinBias(nn.Module):
+    """Head outputs + c1 + c2 with c1, c2 of the output's shape: autograd hands both the same gradient tensor."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(k))
+        self.c1 = nn.Parameter(torch.zeros(8))
+        self.c2 = nn.Parameter(torch.zeros(8))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        z = self.trunk(x)
+        return z, [head(z).squeeze(-1) + self.c1 + self.c2 for head in self.heads]
+
+
+@pytest.mark.parametrize("path", ["loop", "batched", "features", "gramian", "representation"])
+def test_new_grads_share_memory_with_nothing(path: str) -> None:
+    """In-place work on one .grad (clipping, zero_grad(set_to_none=False)) must not reach another or a method."""
+    torch.manual_seed(0)
+    model = TwinBias(2).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    z, balanced = balanced_losses(model, x, y)
+    method = StatefulDirection() if path != "gramian" else make_method("weights", 2, torch.float64)
+    method.setup(2)
+    others = [*model.heads.parameters(), model.c1, model.c2]
+    apply_gradient_method(balanced, list(model.trunk.parameters()), others, method, z, path)  # type: ignore[arg-type]
+    pointers = [p.grad.untyped_storage().data_ptr() for p in model.parameters()]  # type: ignore[union-attr]
+    assert len(set(pointers)) == len(pointers)
+    if isinstance(method, StatefulDirection) and path != "representation":
+        state = method.state.clone()
+        for p in model.trunk.parameters():
+            p.grad.zero_()  # type: ignore[union-attr]
+        torch.testing.assert_close(method.state, state)

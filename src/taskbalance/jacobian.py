@@ -141,7 +141,8 @@ class Engine:
         path = self.path
         if path == "gramian" and method.needs != "gramian":
             raise ValueError(f"engine 'gramian' needs a method that reads only G; {type(method).__name__} reads J")
-        split = _FeatureCut(balanced, features, shared, task_params)
+        cut_needed = path in ("auto", "features", "gramian", "representation")
+        split = _FeatureCut(balanced, features if cut_needed else None, shared, task_params)
         if path in ("features", "representation") and not split.exact:
             raise ValueError(f"engine {path!r} needs features through which every shared path runs: {split.reason}")
         if path == "auto":
@@ -163,7 +164,7 @@ class Engine:
             task_grads = [None if g is None else g.sum(0) for g in grads[len(shared) :]]
         self.last_path = path
         combination = _apply_jacobian(balanced, shared, blocks, method)
-        _accumulate(task_params, task_grads)
+        _accumulate(task_params, task_grads, owned=path != "features")  # sums over K, unless captured
         return combination
 
     # -- paths -------------------------------------------------------------------------------------------------
@@ -287,7 +288,8 @@ def _apply_jacobian(
             gramian.addmm_(flat, flat.T)
         combination = _combine(method, gramian, balanced.detach())
         weights = _weights_for_gramian(combination, gramian, method)
-        _accumulate(shared, [torch.tensordot(weights.to(b.dtype), b, dims=1) for b in full])
+        updates = [(weights.to(b.dtype) @ b.reshape(n, -1)).view(p.shape) for b, p in zip(full, shared, strict=True)]
+        _accumulate(shared, updates, owned=True)
         return combination
     jacobian = torch.cat([b.reshape(n, -1) for b in full], dim=1)
     combination = _combine(method, jacobian, balanced.detach())
@@ -299,7 +301,9 @@ def _apply_jacobian(
         _check_weights(combination.weights, n)
         update = combination.weights.to(jacobian.dtype) @ jacobian
     update = clip_update(update, method.max_norm)
-    _accumulate(shared, list(torch.split(update, [p.numel() for p in shared])))
+    # a direction may be the method's own state: copied into .grad, never handed over
+    owned = combination.direction is None or method.max_norm is not None
+    _accumulate(shared, list(torch.split(update, [p.numel() for p in shared])), owned=owned)
     return combination
 
 
@@ -336,17 +340,22 @@ def _check_direction(direction: Tensor, size: int, what: str) -> None:
         )
 
 
-def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
-    """Add each gradient into its parameter's ``.grad`` like ``backward()`` does (a fresh tensor when None).
+def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], owned: bool = False) -> None:
+    """Add each gradient into its parameter's ``.grad`` like ``backward()`` does (a new tensor when None).
 
-    A fresh ``.grad`` is a copy in the parameter's own layout: the incoming tensor may be a view of a flat update
-    or of a method's state, which ``optimizer.zero_grad(set_to_none=False)`` must not write into.
+    ``owned`` says the gradients were made by the engine for this purpose and nothing else refers to them (an
+    update computed here, a sum over tasks): a new ``.grad`` then takes the tensor itself when its layout is the
+    parameter's. Otherwise (tensors from autograd, which may hand one tensor to two parameters; a method's
+    direction, which may be its state) a copy in the parameter's layout is made, so that in-place work on one
+    ``.grad`` (``zero_grad(set_to_none=False)``, clipping) cannot reach anything else.
     """
     for p, g in zip(params, grads, strict=True):
         if g is None:
             continue
         g = g.detach().reshape(p.shape)
-        if p.grad is None:
-            p.grad = torch.empty_like(p).copy_(g)
-        else:
+        if p.grad is not None:
             p.grad.add_(g)
+        elif owned and g.stride() == p.stride():
+            p.grad = g
+        else:
+            p.grad = torch.empty_like(p).copy_(g)
