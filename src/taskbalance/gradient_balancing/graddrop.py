@@ -1,0 +1,103 @@
+"""GradDrop: per coordinate, keep only the gradients of one randomly chosen sign.
+
+Where the task gradients disagree in sign, summing them lets them cancel and stalls the shared parameters (or
+features) at a compromise. GradDrop instead picks a sign per coordinate, with probability given by how much of the
+gradient mass has that sign, and drops the gradients of the other sign there. It works coordinate by coordinate,
+so it reads J itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from ..loss_balancing.base import new_generator
+from .base import Combination, GradientBalancer
+
+
+def sign_dropout(jacobian: Tensor, uniform: Tensor, leak: float = 0.0) -> Tensor:
+    """Σ_k g_k ⊙ (ℓ + (1 − ℓ) M_k) for the uniform draws U (P,) (see :class:`GradDrop`)."""
+    total = jacobian.sum(dim=0)
+    mass = jacobian.abs().sum(dim=0)
+    ratio = torch.where(mass > 0, total / torch.where(mass > 0, mass, 1.0), 0.0)
+    purity = 0.5 * (1 + ratio)
+    positive = uniform < purity  # the positive sign wins with probability P, else the negative one
+    keep = (positive & (jacobian > 0)) | (~positive & (jacobian < 0))
+    return (jacobian * (leak + (1 - leak) * keep.to(jacobian.dtype))).sum(dim=0)
+
+
+class GradDrop(GradientBalancer):
+    """Gradient Sign Dropout: per coordinate p of the K task gradients,
+
+        P = ½ (1 + Σ_k g_kp / Σ_k |g_kp|)      (sign purity: 1 if all positive, 0 if all negative)
+        U ~ Uniform[0, 1)
+        M_kp = [U < P]·[g_kp > 0] + [U ≥ P]·[g_kp < 0]
+        update_p = Σ_k g_kp (ℓ + (1 − ℓ) M_kp)   (ℓ = leak)
+
+    Paper: Z. Chen, J. Ngiam, Y. Huang, T. Luong, H. Kretzschmar, Y. Chai, D. Anguelov, "Just Pick a Sign:
+    Optimizing Deep Multitask Models with Gradient Sign Dropout", NeurIPS 2020, arXiv:2010.06808.
+
+    Args:
+        leak: ℓ in [0, 1], the fraction of every gradient that always passes (default 0: pure GradDrop; 1 is
+            the plain sum). The paper allows one leak per task; we use one for all, as LibMTL does.
+        seed: seed of the random draws. None draws one from torch's global RNG once, at construction.
+        max_norm: clip the norm of the update (default None).
+
+    Sum convention: K equal gradients give K·g (then P is 1 or 0 wherever g ≠ 0, and every gradient is kept).
+
+    Where it applies: the paper applies GradDrop to the gradients at the shared *representation* (the layer's
+    activations), summed over the batch after multiplying by the sign of the inputs. Through the engine's
+    representation path this class sees exactly those per-task feature gradients (per sample: we do not
+    marginalise over the batch); through the parameter path it is the per-parameter variant of the Nash-MTL and
+    CAGrad reference code.
+
+    Randomness: U is drawn on J's device from a ``torch.Generator`` owned by the method and re-seeded every step
+    with (seed + step), so the state is two integers that round-trip through ``state_dict()``, nothing of size P
+    crosses to the device, and a resumed run draws the same U. A seed gives different draws on CPU and CUDA.
+
+    Differences from the reference code, and why: the reference keeps the positive sign where P > U and the
+    negative one where P < U, so where U = P exactly (e.g. U = 0 at a coordinate whose gradients are all
+    negative, which ``torch.rand`` draws with probability 2⁻²⁴ per coordinate) it drops every gradient; we keep
+    exactly one sign everywhere. It adds ε = 1e-7 to Σ|g| (scale-dependent); we set P = ½ exactly where all
+    gradients are zero. It averages the masked gradients and multiplies by K; we sum, which is the same.
+    """
+
+    name: ClassVar[str] = "graddrop"
+    needs: ClassVar[Literal["gramian", "jacobian"]] = "jacobian"
+
+    def __init__(self, leak: float = 0.0, seed: int | None = None, max_norm: float | None = None) -> None:
+        super().__init__(max_norm=max_norm)
+        if not 0 <= leak <= 1:
+            raise ValueError(f"leak must be in [0, 1], got {leak}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        self.leak = float(leak)
+        self.seed = new_generator(seed).initial_seed()
+        self.step = 0
+        self._generator: torch.Generator | None = None
+
+    def reset(self) -> None:
+        self.step = 0
+
+    def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
+        if self._generator is None or self._generator.device != matrix.device:
+            self._generator = torch.Generator(device=matrix.device)
+        self._generator.manual_seed((self.seed + self.step) % 2**63)
+        self.step += 1
+        uniform = torch.rand(matrix.shape[1], generator=self._generator, device=matrix.device, dtype=matrix.dtype)
+        return Combination(direction=sign_dropout(matrix, uniform, self.leak))
+
+    def get_extra_state(self) -> dict[str, Any]:
+        state = super().get_extra_state()
+        state.update(seed=self.seed, step=self.step)
+        return state
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self.seed = int(state["seed"])
+        self.step = int(state["step"])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, leak={self.leak}, seed={self.seed}"

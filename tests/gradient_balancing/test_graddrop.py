@@ -1,0 +1,138 @@
+"""GradDrop: per coordinate, keep one sign with probability given by the sign purity P."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import taskbalance as tb
+from taskbalance.gradient_balancing.graddrop import GradDrop, sign_dropout
+from tests.models import TinyMTL, make_data, task_losses
+
+
+def _method(k: int, **options: object) -> GradDrop:
+    method = GradDrop(**options)  # type: ignore[arg-type]
+    method.setup(k)
+    return method
+
+
+def _step(method: GradDrop, jacobian: torch.Tensor) -> torch.Tensor:
+    combination = method(jacobian, torch.ones(jacobian.shape[0], dtype=jacobian.dtype))
+    assert combination.direction is not None and combination.weights is None
+    return combination.direction
+
+
+def test_hand_computed() -> None:
+    jacobian = torch.tensor([[1.0, -2.0, 0.0, 3.0], [-1.0, -1.0, 0.0, 1.0]])
+    # P = (½, 0, ½, 1): coordinate 0 keeps the positive part when U < ½, the negative part otherwise
+    uniform = torch.tensor([0.3, 0.6, 0.2, 0.99])
+    torch.testing.assert_close(sign_dropout(jacobian, uniform), torch.tensor([1.0, -3.0, 0.0, 4.0]))
+    uniform = torch.tensor([0.7, 0.0, 0.9, 0.0])
+    torch.testing.assert_close(sign_dropout(jacobian, uniform), torch.tensor([-1.0, -3.0, 0.0, 4.0]))
+    # a leak ℓ lets ℓ of every dropped gradient through
+    torch.testing.assert_close(sign_dropout(jacobian, uniform, leak=0.5), torch.tensor([-0.5, -3.0, 0.0, 4.0]))
+    torch.testing.assert_close(sign_dropout(jacobian, uniform, leak=1.0), jacobian.sum(dim=0))
+
+
+@given(st.integers(0, 2**31), st.integers(1, 6), st.integers(1, 12))
+def test_each_coordinate_is_one_signed_part(seed: int, k: int, p: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    jacobian = torch.randn(k, p, generator=generator, dtype=torch.float64)
+    jacobian[:, : p // 3] = jacobian[:, : p // 3].abs()  # some coordinates where every task agrees
+    update = sign_dropout(jacobian, torch.rand(p, generator=generator, dtype=torch.float64))
+    positive, negative = jacobian.clamp(min=0).sum(dim=0), jacobian.clamp(max=0).sum(dim=0)
+    assert ((update == positive) | (update == negative)).all()
+    torch.testing.assert_close(update[: p // 3], jacobian[:, : p // 3].sum(dim=0))
+
+
+def test_positive_sign_is_chosen_with_probability_p() -> None:
+    # one coordinate pattern repeated 40 000 times: g = (3, −1) has P = ½ (1 + 2/4) = ¾
+    jacobian = torch.tensor([[3.0], [-1.0]]).expand(2, 40_000).contiguous()
+    update = _step(_method(2, seed=0), jacobian)
+    assert ((update == 3.0) | (update == -1.0)).all()
+    assert abs(float((update == 3.0).double().mean()) - 0.75) < 0.01  # binomial σ ≈ 0.002
+
+
+@given(st.integers(0, 2**31), st.integers(1, 6), st.integers(1, 12))
+def test_task_permutation_invariance_for_the_same_draws(seed: int, k: int, p: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    jacobian = torch.randn(k, p, generator=generator, dtype=torch.float64)
+    uniform = torch.rand(p, generator=generator, dtype=torch.float64)
+    perm = torch.randperm(k, generator=generator)
+    torch.testing.assert_close(sign_dropout(jacobian[perm], uniform), sign_dropout(jacobian, uniform))
+
+
+def test_sum_convention_for_equal_gradients() -> None:
+    g = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_step(_method(4), g.expand(4, 50)), 4 * g)
+
+
+@pytest.mark.parametrize(
+    "jacobian",
+    [
+        torch.zeros(3, 5),
+        torch.tensor([[1.0, 2.0], [0.0, 0.0], [-1.0, 0.5]]),
+        torch.tensor([[1.0, 2.0], [2.0, 4.0]]),
+        torch.tensor([[1.0, 2.0], [-1.0, -2.0]]),
+        torch.tensor([[1e6, 2e6, 0.0], [-1.0, 0.5, 1.0]]),
+        torch.randn(1, 4),
+        torch.randn(40, 7),
+        torch.randn(3, 5, dtype=torch.float64),
+    ],
+    ids=["zero", "one-zero", "parallel", "opposite", "one-1e6-longer", "k1", "k40", "float64"],
+)
+def test_degenerate_inputs_give_finite_updates(jacobian: torch.Tensor) -> None:
+    update = _step(_method(jacobian.shape[0], leak=0.1), jacobian)
+    assert update.dtype == jacobian.dtype and torch.isfinite(update).all()
+
+
+def test_single_task_passes_through() -> None:
+    g = torch.randn(1, 30, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(_step(_method(1), g), g[0])
+
+
+def test_state_round_trip_and_reset() -> None:
+    generator = torch.Generator().manual_seed(5)
+    jacobians = [torch.randn(4, 300, generator=generator) for _ in range(6)]
+    method = _method(4, seed=11)
+    first = [_step(method, j) for j in jacobians[:3]]
+    buffer = io.BytesIO()
+    torch.save(method.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = _method(4, seed=99)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    outputs = []
+    for j in jacobians[3:]:
+        a, b = _step(method, j), _step(fresh, j)
+        assert torch.equal(a, b)
+        outputs.append(a)
+    assert not torch.equal(outputs[0], _step(_method(4, seed=11), jacobians[3]))  # draws depend on the step
+    method.reset()
+    for j, expected in zip(jacobians[:3], first, strict=True):
+        assert torch.equal(_step(method, j), expected)
+
+
+def _flat_grad(output: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(output, params, retain_graph=True)])
+
+
+def test_end_to_end_through_the_balancer() -> None:
+    model, (x, y) = TinyMTL(), make_data()
+    _, losses = task_losses(model, x, y)
+    shared = list(model.encoder.parameters())
+    expected = _step(_method(3, seed=7), torch.stack([_flat_grad(losses[k], shared) for k in range(3)]))
+    result = tb.make("graddrop", n_tasks=3, seed=7).backward(losses, shared)
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in shared]), expected)  # type: ignore[union-attr]
+    assert result.gradient_weights is None
+
+
+@pytest.mark.parametrize(
+    ("options", "message"), [({"leak": -0.1}, "leak"), ({"leak": 1.5}, "leak"), ({"seed": 2.0}, "seed")]
+)
+def test_bad_options_are_refused(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GradDrop(**options)  # type: ignore[arg-type]
