@@ -1,0 +1,190 @@
+"""Nash-MTL: Gα = 1/α by Newton, scale invariance, weight reuse, failures reported, state and resume."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import taskbalance as tb
+from taskbalance.gradient_balancing.nash_mtl import NashMTL
+from tests.models import TinyMTL, make_data, task_losses
+
+F64 = torch.float64
+
+
+def _method(k: int, **options: Any) -> NashMTL:
+    method = NashMTL(**options)
+    method.setup(k)
+    return method
+
+
+def _jacobian(seed: int, k: int, p: int, shift: float = 0.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(k, p, generator=gen, dtype=F64) + shift * torch.randn(1, p, generator=gen, dtype=F64)
+
+
+def _alpha(method: NashMTL, jac: torch.Tensor) -> torch.Tensor:
+    combination = method(jac @ jac.T, torch.ones(jac.shape[0], dtype=jac.dtype))
+    assert combination.weights is not None and combination.converged, combination.note
+    return combination.weights
+
+
+def test_hand_computed() -> None:
+    # orthogonal gradients: Gα = 1/α gives α_k = 1/‖g_k‖, d = Σ_k g_k/‖g_k‖
+    jac = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=F64)
+    torch.testing.assert_close(_alpha(_method(2), jac), torch.tensor([0.5, 1.0], dtype=F64))
+    # torchjd's documented example (its NashMTL, max_norm=1): the clipped update is (0.0542, 0.7061, 0.7061)
+    jac = torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=F64)
+    update = _alpha(_method(2), jac) @ jac
+    torch.testing.assert_close(update.norm(), torch.tensor(2.0, dtype=F64).sqrt())
+    torch.testing.assert_close(
+        update / update.norm(), torch.tensor([0.0542, 0.7061, 0.7061], dtype=F64), atol=1e-4, rtol=0
+    )
+
+
+@given(st.integers(0, 2**31), st.integers(1, 6), st.integers(0, 6), st.sampled_from([0.0, 1.0, 5.0]))
+def test_solves_the_bargaining_system(seed: int, k: int, extra: int, shift: float) -> None:
+    jac = _jacobian(seed, k, k + extra, shift)  # independent rows: 0 is not in their hull
+    gram = jac @ jac.T
+    alpha = _alpha(_method(k), jac)
+    assert (alpha > 0).all()
+    torch.testing.assert_close(alpha * (gram @ alpha), torch.ones(k, dtype=F64), atol=1e-8, rtol=0)
+    # hence every task gets the same "utility" α_k g_kᵀd = 1 and ‖d‖² = K
+    torch.testing.assert_close((alpha @ jac).norm() ** 2, torch.tensor(float(k), dtype=F64))
+
+
+@given(st.integers(0, 2**31), st.integers(2, 6))
+def test_per_task_scaling_leaves_the_update_unchanged(seed: int, k: int) -> None:
+    jac = _jacobian(seed, k, k + 3, 1.0)
+    scales = torch.rand(k, generator=torch.Generator().manual_seed(seed), dtype=F64) * 100 + 0.01
+    base = _alpha(_method(k), jac)
+    scaled = _alpha(_method(k), scales[:, None] * jac)
+    torch.testing.assert_close(scaled, base / scales)
+    torch.testing.assert_close(scaled @ (scales[:, None] * jac), base @ jac)
+
+
+@given(st.integers(0, 2**31), st.integers(2, 6))
+def test_task_permutation_equivariance(seed: int, k: int) -> None:
+    jac = _jacobian(seed, k, k + 2, 0.5)
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(_alpha(_method(k), jac[perm]), _alpha(_method(k), jac)[perm])
+
+
+@given(st.integers(0, 2**31), st.integers(1, 6), st.integers(1, 8))
+def test_equal_gradients_give_the_normalised_sum(seed: int, k: int, p: int) -> None:
+    # scale-free: not K·g (the sum convention) but √K·g/‖g‖, whatever ‖g‖
+    g = _jacobian(seed, 1, p)[0]
+    update = _alpha(_method(k), g.repeat(k, 1)) @ g.repeat(k, 1)
+    torch.testing.assert_close(update, k**0.5 * g / g.norm())
+
+
+def test_weights_are_reused_between_updates() -> None:
+    method = _method(3, update_weights_every=3)
+    jacs = [_jacobian(seed, 3, 5) for seed in range(5)]
+    weights = [_alpha(method, jac) for jac in jacs]
+    assert torch.equal(weights[1], weights[0]) and torch.equal(weights[2], weights[0])
+    torch.testing.assert_close(weights[3], _alpha(_method(3), jacs[3]))
+    assert torch.equal(weights[4], weights[3])
+
+
+def test_degenerate_inputs_are_finite_and_reported() -> None:
+    g = _jacobian(0, 1, 6)[0]
+    h = _jacobian(1, 1, 6)[0]
+    # a zero gradient: no solution (α_k → ∞ on a zero vector); it gets 0, the others are solved exactly
+    jac = torch.stack([g, torch.zeros(6, dtype=F64), h])
+    combination = _method(3)(jac @ jac.T, torch.ones(3, dtype=F64))
+    assert not combination.converged and "zero gradient for task(s) [1]" in combination.note
+    assert combination.weights is not None
+    assert combination.weights[1] == 0
+    torch.testing.assert_close(combination.weights[[0, 2]], _alpha(_method(2), jac[[0, 2]]))
+    # all zero, and exactly opposite gradients (0 in the hull: F is unbounded below)
+    for jac, message in ((torch.zeros(2, 6, dtype=F64), "all gradients"), (torch.stack([g, -2 * g]), "Newton")):
+        combination = _method(2)(jac @ jac.T, torch.ones(2, dtype=F64))
+        assert not combination.converged and message in combination.note
+        assert combination.weights is not None and torch.isfinite(combination.weights).all()
+    # well-posed but extreme: one gradient 1e6 times longer, K = 1, K = 40, float32
+    for jac in (torch.stack([1e6 * g, h]), g[None], _jacobian(2, 40, 50, 0.5), _jacobian(3, 4, 6).float()):
+        alpha = _alpha(_method(jac.shape[0]), jac)
+        assert alpha.dtype == jac.dtype
+        product = alpha.double() * ((jac @ jac.T).double() @ alpha.double())
+        tol = 1e-8 if jac.dtype == F64 else 1e-4
+        torch.testing.assert_close(product, torch.ones(jac.shape[0], dtype=F64), atol=tol, rtol=0)
+
+
+def test_failure_drops_the_warm_start_and_recovers() -> None:
+    method = _method(2)
+    g = _jacobian(0, 1, 6)[0]
+    bad = torch.stack([g, -g])
+    method(bad @ bad.T, torch.ones(2, dtype=F64))
+    assert method.state_dict()["_extra_state"]["beta"] is None
+    good = _jacobian(1, 2, 6)
+    torch.testing.assert_close(_alpha(method, good), _alpha(_method(2), good))
+
+
+def test_bad_options() -> None:
+    with pytest.raises(ValueError, match="update_weights_every"):
+        NashMTL(update_weights_every=0)
+    with pytest.raises(ValueError, match="optim_niter"):
+        NashMTL(optim_niter=0)
+    with pytest.raises(ValueError, match="max_norm"):
+        NashMTL(max_norm=-1.0)
+    assert NashMTL().max_norm == 1.0
+
+
+def test_state_round_trip() -> None:
+    method = _method(4, update_weights_every=2)
+    for seed in range(3):
+        _alpha(method, _jacobian(seed, 4, 7))
+    fresh = _method(4, update_weights_every=2)
+    fresh.load_state_dict(method.state_dict())
+    for seed in range(3, 6):
+        jac = _jacobian(seed, 4, 7)
+        assert torch.equal(_alpha(method, jac), _alpha(fresh, jac))
+
+
+def _train(steps: int, state: bytes | None = None, stop: int | None = None) -> tuple[TinyMTL, bytes | None]:
+    model = TinyMTL()
+    x, y = make_data()
+    balancer = tb.make("nashmtl", n_tasks=3, engine="loop", update_weights_every=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    start = 0
+    if state is not None:
+        saved = torch.load(io.BytesIO(state), weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        balancer.load_state_dict(saved["balancer"])
+        start = saved["step"]
+    for step in range(start, steps):
+        if step == stop:
+            buffer = io.BytesIO()
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "balancer": balancer.state_dict(),
+                    "step": step,
+                },
+                buffer,
+            )
+            return model, buffer.getvalue()
+        _, losses = task_losses(model, x, y)
+        result = balancer.backward(losses, model.encoder.parameters())
+        assert result.converged
+        update = torch.cat([p.grad.reshape(-1) for p in model.encoder.parameters()])  # type: ignore[union-attr]
+        assert float(update.norm()) <= 1.0 + 1e-5  # max_norm = 1 by default
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, None
+
+
+def test_resumed_run_is_bit_identical() -> None:
+    uninterrupted, _ = _train(7)
+    _, state = _train(7, stop=3)
+    resumed, _ = _train(7, state=state)
+    for a, b in zip(uninterrupted.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
