@@ -1,0 +1,186 @@
+"""GradNorm: task weights learnt by Adam on Σ|w_k‖g_k‖ − Ḡ r_k^α|, renormalised to sum K."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import taskbalance as tb
+from taskbalance.gradient_balancing.gradnorm import GradNorm
+from tests.models import TinyMTL, make_data, task_losses
+
+
+def _method(k: int, **options: float) -> GradNorm:
+    method = GradNorm(**options)
+    method.setup(k)
+    return method
+
+
+def _step(method: GradNorm, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    weights = method(gram, losses).weights
+    assert weights is not None and weights.dtype == gram.dtype
+    return weights
+
+
+def test_hand_computed_two_steps() -> None:
+    method = _method(2, alpha=1.5, lr=0.025)
+    gram = torch.diag(torch.tensor([4.0, 1.0], dtype=torch.float64))  # ‖g‖ = (2, 1)
+    # step 1: w = 1, Ḡ = 1.5, r = 1: ∂L/∂w = (+2, −1); Adam's first step is lr · sign
+    torch.testing.assert_close(_step(method, gram, torch.tensor([1.0, 1.0])), torch.ones(2, dtype=torch.float64))
+    w = [1 - 0.025, 1 + 0.025]
+    torch.testing.assert_close(method.weights, torch.tensor(w, dtype=torch.float64))
+    # step 2: losses (0.5, 1): ratios (0.5, 1), r = (2/3, 4/3); G_k = w_k ‖g_k‖
+    weighted = [w[0] * 2, w[1] * 1]
+    mean = sum(weighted) / 2
+    grads = [
+        math.copysign(2.0, weighted[0] - mean * (2 / 3) ** 1.5),
+        math.copysign(1.0, weighted[1] - mean * (4 / 3) ** 1.5),
+    ]
+    expected = []
+    for wk, first, second in zip(w, (2.0, -1.0), grads, strict=True):
+        m = 0.9 * (0.1 * first) + 0.1 * second
+        v = 0.999 * (0.001 * first**2) + 0.001 * second**2
+        expected.append(wk - 0.025 / (1 - 0.9**2) * m / (math.sqrt(v) / math.sqrt(1 - 0.999**2) + 1e-8))
+    expected_t = torch.tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(_step(method, gram, torch.tensor([0.5, 1.0])), torch.tensor(w, dtype=torch.float64))
+    torch.testing.assert_close(method.weights, 2 * expected_t / expected_t.sum())
+
+
+@given(st.integers(0, 2**31), st.integers(2, 6), st.integers(1, 8), st.floats(0.0, 3.0))
+def test_weights_move_against_the_mismatch(seed: int, k: int, p: int, alpha: float) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    jacobian = torch.randn(k, p, generator=generator, dtype=torch.float64)
+    gram = jacobian @ jacobian.T
+    first = torch.rand(k, generator=generator, dtype=torch.float64) + 0.1
+    second = first * (torch.rand(k, generator=generator, dtype=torch.float64) + 0.1)
+    method = _method(k, alpha=alpha)
+    _step(method, gram, first)
+    before = method.weights.clone()
+    _step(method, gram, second)
+    norms = gram.diagonal().sqrt()
+    weighted = before * norms
+    ratios = second / first
+    mismatch = weighted - weighted.mean() * (ratios / ratios.mean()) ** alpha
+    after = method.weights
+    torch.testing.assert_close(after.sum(), torch.tensor(float(k), dtype=torch.float64))
+    assert (after >= 0).all()
+    # relative to each other, too-long tasks lose weight and too-short ones gain (renormalisation is common)
+    change = after / before
+    too_long, too_short = change[mismatch > 1e-9], change[mismatch < -1e-9]
+    if len(too_long) and len(too_short):
+        assert too_long.max() < too_short.min()
+
+
+def test_weighted_norms_are_equalised_with_alpha_zero() -> None:
+    gram = torch.diag(torch.tensor([1.0, 16.0, 4.0]))  # ‖g‖ = (1, 4, 2)
+    method = _method(3, alpha=0.0)
+    for _ in range(400):
+        _step(method, gram, torch.ones(3))
+    weighted = method.weights * torch.tensor([1.0, 4.0, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(weighted, weighted.mean().expand(3), atol=0.05, rtol=0)
+
+
+@given(st.integers(0, 2**31), st.integers(1, 6), st.integers(1, 8))
+def test_task_permutation_equivariance(seed: int, k: int, p: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(k, generator=generator)
+    plain, permuted = _method(k), _method(k)
+    for _ in range(3):
+        jacobian = torch.randn(k, p, generator=generator, dtype=torch.float64)
+        losses = torch.rand(k, generator=generator, dtype=torch.float64) + 0.1
+        gram, gram_p = jacobian @ jacobian.T, jacobian[perm] @ jacobian[perm].T
+        torch.testing.assert_close(_step(permuted, gram_p, losses[perm]), _step(plain, gram, losses)[perm])
+
+
+def test_sum_convention_at_the_first_step() -> None:
+    g = torch.randn(5, generator=torch.Generator().manual_seed(0))
+    jacobian = g.expand(3, 5)
+    torch.testing.assert_close(_step(_method(3), jacobian @ jacobian.T, torch.ones(3)) @ jacobian, 3 * g)
+
+
+def test_first_losses_must_be_positive_later_ones_count_as_trained() -> None:
+    method = _method(2)
+    with pytest.raises(ValueError, match="positive losses"):
+        method(torch.eye(2), torch.tensor([1.0, 0.0]))
+    method(torch.eye(2), torch.tensor([1.0, 2.0]))
+    weights = method(torch.eye(2), torch.tensor([-1.0, 0.0])).weights
+    assert weights is not None and torch.isfinite(weights).all() and torch.isfinite(method.weights).all()
+
+
+@pytest.mark.parametrize(
+    "jacobian",
+    [
+        torch.zeros(3, 5),
+        torch.tensor([[1.0, 2.0], [0.0, 0.0], [-1.0, 0.5]]),
+        torch.tensor([[1.0, 2.0], [2.0, 4.0]]),
+        torch.tensor([[1.0, 2.0], [-1.0, -2.0]]),
+        torch.tensor([[1e6, 2e6, 0.0], [-1.0, 0.5, 1.0]]),
+        torch.randn(1, 4),
+        torch.randn(40, 7),
+        torch.randn(3, 5, dtype=torch.float64),
+    ],
+    ids=["zero", "one-zero", "parallel", "opposite", "one-1e6-longer", "k1", "k40", "float64"],
+)
+def test_degenerate_inputs_give_finite_updates(jacobian: torch.Tensor) -> None:
+    k = jacobian.shape[0]
+    method = _method(k)
+    for step in range(5):
+        weights = _step(method, jacobian @ jacobian.T, torch.full((k,), 1.0 / (step + 1), dtype=jacobian.dtype))
+        assert torch.isfinite(weights @ jacobian).all() and (weights >= 0).all()
+        torch.testing.assert_close(method.weights.sum(), torch.tensor(float(k), dtype=torch.float64))
+
+
+def test_state_round_trip_and_reset() -> None:
+    generator = torch.Generator().manual_seed(5)
+    grams = [j @ j.T for j in (torch.randn(4, 7, generator=generator) for _ in range(6))]
+    losses = [torch.rand(4, generator=generator) + 0.1 for _ in range(6)]
+    method = _method(4, alpha=1.0, lr=0.1)
+    first = [_step(method, g, ell) for g, ell in zip(grams[:3], losses[:3], strict=True)]
+    buffer = io.BytesIO()
+    torch.save(method.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = _method(4, alpha=1.0, lr=0.1)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    for g, ell in zip(grams[3:], losses[3:], strict=True):
+        assert torch.equal(_step(method, g, ell), _step(fresh, g, ell))
+    assert torch.equal(method.weights, fresh.weights)
+    method.reset()
+    assert method.initial_losses is None and method.adam_step == 0
+    for g, ell, expected in zip(grams[:3], losses[:3], first, strict=True):
+        assert torch.equal(_step(method, g, ell), expected)
+
+
+def _flat_grad(output: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(output, params, retain_graph=True)])
+
+
+def test_end_to_end_through_the_balancer() -> None:
+    model, (x, y) = TinyMTL(), make_data()
+    shared = list(model.encoder.parameters())
+    reference = _method(3, lr=0.1)
+    balancer = tb.make("gradnorm", n_tasks=3, lr=0.1)
+    for _ in range(3):  # weights change after the first step
+        model.zero_grad(set_to_none=True)
+        _, losses = task_losses(model, x, y)
+        jacobian = torch.stack([_flat_grad(losses[k], shared) for k in range(3)])
+        weights = _step(reference, jacobian @ jacobian.T, losses.detach())
+        result = balancer.backward(losses, shared)
+        torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in shared]), weights @ jacobian)  # type: ignore[union-attr]
+        assert result.gradient_weights is not None
+        torch.testing.assert_close(result.gradient_weights, weights)
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.05 * p.grad  # type: ignore[operator]
+    assert not torch.equal(reference.weights, torch.ones(3, dtype=torch.float64))
+    assert list(balancer.parameters()) == []  # the weights are not stepped by the model's optimiser
+
+
+@pytest.mark.parametrize(("options", "message"), [({"alpha": -1.0}, "alpha"), ({"lr": 0.0}, "lr")])
+def test_bad_options_are_refused(options: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GradNorm(**options)
