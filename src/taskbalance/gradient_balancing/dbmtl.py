@@ -1,0 +1,83 @@
+"""DB-MTL's gradient half: EMA task gradients rescaled to the largest norm (Lin et al., arXiv 2308.12029)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from .base import Combination, GradientBalancer
+
+
+class DBMTL(GradientBalancer):
+    """Gradient-magnitude balancing: d = Σ_k α_k ĝ_k with α_k = max_j ‖ĝ_j‖ / (‖ĝ_k‖ + 1e-8).
+
+    Lin, Jiang, Ye, Zhang, Chen, Chen, Liu, Kwok, "Dual-Balancing for Multi-Task Learning", arXiv 2308.12029
+    (reference code: LibMTL's ``DB_MTL``). ĝ_k is an exponential moving average of the task gradient, per task,
+    from a zero buffer, without bias correction, with t the step counter from 1:
+
+        ĝ_k ← β_t·ĝ_k + (1 − β_t)·g_k,      β_t = β / t^{β_σ}.
+
+    Every rescaled EMA gradient α_kĝ_k has the norm of the largest, so no task's gradient dominates by its
+    magnitude; the sum (not a mean) keeps the sum convention in the steady state (K equal constant gradients g
+    give K·g once the EMA has converged; at step t it is K·(1 − β^t)·g for β_σ = 0). The update is not Jᵀw for
+    the current J, so it is returned as an explicit ``direction`` and ``needs = "jacobian"``; the EMA (K × P,
+    same dtype and device as J) and the step counter are the method's state.
+
+    DB-MTL proper is the scale-invariant loss level (ℓ̃_k = log L_k; the reference's log(L_k + 1e-8) is
+    ``ScaleInvariant(eps=1e-8)``) composed with this: ``tb.make("dbmtl")``; this class alone is
+    ``tb.make("ew+dbmtl")``. Defaults: β = 0.9, β_σ = 0 (LibMTL's). The reference computes the EMA on
+    the gradients of the shared parameters, as here.
+
+    Args:
+        beta: EMA coefficient β in [0, 1) (0: no averaging).
+        beta_sigma: decay exponent β_σ ≥ 0 of β_t.
+        max_norm: optional bound on the norm of the shared update (None: no clipping, as the reference).
+    """
+
+    name: ClassVar[str] = "dbmtl"
+    needs: ClassVar[Literal["gramian", "jacobian"]] = "jacobian"
+
+    def __init__(self, beta: float = 0.9, beta_sigma: float = 0.0, max_norm: float | None = None) -> None:
+        super().__init__(max_norm=max_norm)
+        if not 0 <= beta < 1:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        if not beta_sigma >= 0:
+            raise ValueError(f"beta_sigma must be >= 0, got {beta_sigma}")
+        self.beta = float(beta)
+        self.beta_sigma = float(beta_sigma)
+        self.reset()
+
+    def reset(self) -> None:
+        self._step = 0
+        self._ema: Tensor | None = None
+
+    def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
+        if self._ema is not None and self._ema.shape != matrix.shape:
+            raise ValueError(
+                f"DB-MTL's gradient EMA has shape {tuple(self._ema.shape)} but the Jacobian has {tuple(matrix.shape)}: "
+                "the shared parameters changed; call reset()"
+            )
+        self._step += 1
+        beta_t = self.beta / self._step**self.beta_sigma
+        if self._ema is None:
+            self._ema = torch.zeros_like(matrix)
+        elif self._ema.device != matrix.device or self._ema.dtype != matrix.dtype:
+            self._ema = self._ema.to(device=matrix.device, dtype=matrix.dtype)
+        self._ema.lerp_(matrix, 1 - beta_t)
+        norms = torch.linalg.vector_norm(self._ema, dim=1)
+        scales = norms.max() / (norms + 1e-8)
+        return Combination(direction=scales @ self._ema)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        ema = None if self._ema is None else self._ema.clone()
+        return {**super().get_extra_state(), "step": self._step, "ema": ema}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self._step = int(state["step"])
+        self._ema = None if state["ema"] is None else state["ema"].clone()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, beta={self.beta}, beta_sigma={self.beta_sigma}"
