@@ -144,6 +144,13 @@ def test_state_round_trip_and_reset() -> None:
         assert torch.equal(_step(method, j), expected)
 
 
+def test_changed_gradient_size_is_refused() -> None:
+    method = _method(2)
+    _step(method, torch.ones(2, 3))
+    with pytest.raises(ValueError, match="must not change"):
+        _step(method, torch.ones(2, 4))
+
+
 def _flat_grad(output: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(output, params, retain_graph=True)])
 

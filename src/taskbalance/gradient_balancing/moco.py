@@ -105,6 +105,11 @@ class MoCo(GradientBalancer):
         if self.normalize:
             norms = torch.linalg.vector_norm(jacobian, dim=1, keepdim=True)
             jacobian = jacobian / (norms + 1e-8) * losses.to(jacobian.dtype)[:, None]
+        if self.tracked is not None and self.tracked.shape != jacobian.shape:
+            raise ValueError(
+                f"MoCo tracks gradients of shape {tuple(self.tracked.shape)} but got {tuple(jacobian.shape)}: the "
+                "shared parameters (or, on the representation path, the batch size) must not change between steps"
+            )
         self.step += 1
         beta_t = self.beta / self.step**self.beta_sigma
         gamma_t = self.gamma / self.step**self.gamma_sigma
