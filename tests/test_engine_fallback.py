@@ -70,7 +70,7 @@ def step(model: Unbatchable, x: Tensor, y: Tensor, engine: Engine, kind: str = "
 
 
 @pytest.mark.parametrize("where", ["trunk", "head"])
-@pytest.mark.parametrize("path", ["batched", "features", "gramian", "auto"])
+@pytest.mark.parametrize("path", ["batched", "features", "gramian"])
 def test_fallback_gives_the_loop_result_and_warns_once(path: str, where: str) -> None:
     model, x, y = setup(where)
     expected = step(model, x, y, Engine("loop"))
@@ -86,6 +86,21 @@ def test_fallback_gives_the_loop_result_and_warns_once(path: str, where: str) ->
         assert torch.equal(a, b)
     engine.reset()
     assert not engine.fell_back
+
+
+def test_auto_on_cpu_takes_the_trunk_one_task_at_a_time() -> None:
+    """No vmap through the trunk on the CPU (so nothing to fall back from there); the heads still use it."""
+    for where, warns in (("trunk", False), ("head", True)):
+        model, x, y = setup(where)
+        expected = step(model, x, y, Engine("loop"))
+        engine = Engine("auto")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = step(model, x, y, engine)
+        assert engine.last_path == "features"
+        assert any(issubclass(w.category, EngineFallbackWarning) for w in caught) == warns
+        for a, want in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, want, **tolerances(torch.float64))
 
 
 def test_graph_is_kept_until_vmap_is_known_to_work_then_freed() -> None:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 import taskbalance as tb
 from taskbalance.gradient_balancing.base import Combination, GradientBalancer
-from taskbalance.jacobian import ENGINE_PATHS, Engine, apply_gradient_method, clip_update
+from taskbalance.jacobian import ENGINE_PATHS, Engine, apply_gradient_method, clip_update, resolve_auto
 
 
 # -- test-local methods ------------------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def test_exact_paths_agree(name: str, kind: str, dtype: torch.dtype, k: int) -> 
         method.seen = None
         engine = Engine(path)  # type: ignore[arg-type]
         grads = run(model, x, y, method, path, engine)
-        assert engine.last_path == ("batched" if name == "direct" else "features") or path != "auto"
+        assert engine.last_path == ("loop" if name == "direct" else "features") or path != "auto"  # CPU
         assert not engine.fell_back
         for got, want in zip(grads, expected, strict=True):
             torch.testing.assert_close(got, want, **tolerances(dtype), msg=f"{path}: gradient differs")
@@ -236,6 +236,14 @@ def test_clipping_bounds_the_shared_update_only(path: str, kind: str) -> None:
         torch.testing.assert_close(a, b)
     for a, b in zip(loose, free, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_auto_resolution() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_auto(True, cpu) == ("features", False)
+    assert resolve_auto(True, cuda) == ("features", True)
+    assert resolve_auto(False, cpu) == ("loop", False)
+    assert resolve_auto(False, cuda) == ("batched", True)
 
 
 def test_clip_update() -> None:
