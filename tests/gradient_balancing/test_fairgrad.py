@@ -63,6 +63,9 @@ def test_solves_the_fairness_condition(seed: int, k: int, extra: int, alpha: flo
     lhs, rhs = gram.double() @ weights.double(), weights.double().pow(-1 / alpha)
     tolerance = 1e-3 if dtype == torch.float32 else 1e-5
     torch.testing.assert_close(lhs / rhs, torch.ones(k, dtype=torch.float64), atol=tolerance, rtol=0)
+    # hence ‖Jᵀw‖² = Σ_k w_k (Gw)_k = Σ_k w_k^(1−1/α), which is K for α = 1
+    sq_norm = weights.double() @ lhs
+    torch.testing.assert_close(sq_norm, weights.double().pow(1 - 1 / alpha).sum(), atol=0, rtol=tolerance)
 
 
 @given(st.integers(0, 2**31), st.integers(1, 5), st.integers(0, 4))
