@@ -31,7 +31,8 @@ class GradNorm(GradientBalancer):
     Loss Balancing in Deep Multitask Networks", ICML 2018, arXiv:1711.02257.
 
     Args:
-        alpha: asymmetry α ≥ 0 (default 1.5, the paper's NYUv2 value and LibMTL's default; 0 equalises norms).
+        alpha: asymmetry α ≥ 0 (default 1.5, LibMTL's default; the paper tunes α per dataset; 0 equalises the
+            weighted norms).
         lr: learning rate of the weights' own Adam (β = (0.9, 0.999), ε = 1e-8; default 0.025, the learning rate
             the Nash-MTL/FAMO code gives loss-weight parameters). Adam makes the step independent of the scale of
             the gradient norms.
@@ -44,8 +45,9 @@ class GradNorm(GradientBalancer):
 
     Differences from the reference code, and why:
     - The paper computes the norms on the last shared layer only, to save a backward pass; we use all shared
-      parameters (whatever the engine's G covers), which is what the Gramian gives at no extra cost. Pass a
-      narrower set of shared parameters to the Balancer to get the paper's choice.
+      parameters (whatever the engine's G covers), which the Gramian gives at no extra cost and which measures
+      the gradients that are actually applied. Narrowing ``shared_params`` is not a substitute: parameters left
+      out would get the plain ∇ Σ_k ℓ̃_k instead of Jᵀw.
     - The weights have their own optimiser and are not ``nn.Parameter``s, so the model's optimiser (which may be
       built over ``balancer.parameters()``) never steps them twice. LibMTL instead parametrises them as
       K·softmax(s) updated by the model's optimiser, and takes ℓ̃(0) as the mean loss of the first epoch, starting

@@ -91,8 +91,8 @@ class GradVac(GradientBalancer):
     Differences from the reference code, and why:
     - Whole-model granularity only (LibMTL's ``group_type=0``). The per-layer / per-matrix variants need one
       Gramian per parameter block, which the engine does not provide; they are left out rather than emulated.
-    - Zero-norm gradients are skipped exactly; the reference's absolute ε = 1e-8 in the cosine makes the method
-      depend on the scale of the losses (tiny gradients then look orthogonal).
+    - Gradients of zero norm (up to G's rounding) are skipped; the reference's absolute ε = 1e-8 in the cosine
+      makes the method depend on the scale of the losses (tiny gradients then look orthogonal).
     - A target of exactly ±1 cannot be reached by a finite step (√(1−φ̂²) = 0); such a pair is left unadjusted
       where the reference divides by 1e-8.
     """
