@@ -10,8 +10,9 @@ problems are K × K (K = number of tasks), so every solver works in float64 inte
 which keeps its decisions reliable when gradient norms differ by many orders of magnitude; results come back in
 the input's dtype. The quadratic programs are solved exactly (up to rounding) by a primal active-set method:
 its answer is the solution of the equality-constrained problem on the final active set, so a warm start changes
-the number of iterations, not the result. Active-set decisions depend on the data, so each iteration reads one
-boolean from the device; nothing else leaves it.
+the number of iterations, not the result. The loops stop on data-dependent tests, so each iteration reads a
+boolean or two from the device (a synchronisation on CUDA, microseconds against the K backward passes that
+produced G); the problem data never leave it.
 
 Every problem is made strictly convex by a relative ridge G + δ·(diag G + δ·max diag G), δ = 1e-8: it
 perturbs each gradient by a private orthogonal component of relative size 1e-4 in norm, which picks, among
@@ -268,7 +269,7 @@ def linear_plus_norm(
     dtype, device = gramian.dtype, gramian.device
     g = _checked(gramian, "linear_plus_norm")
     lin = _checked(b, "linear_plus_norm")
-    weight = float(rho)
+    weight = float(rho)  # a Python number: the case analysis below depends on it
     if not weight >= 0:
         raise ValueError(f"rho must be >= 0, got {weight}")
     zero = torch.zeros((), dtype=torch.float64, device=device)

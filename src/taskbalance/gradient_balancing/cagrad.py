@@ -36,16 +36,16 @@ class CAGrad(GradientBalancer):
     dual is w = argmin_{w∈Δ} g_wᵀg₀ + c‖g₀‖‖g_w‖, a function of G alone (g_wᵀg₀ = wᵀG1/K, ‖g_w‖² = wᵀGw), so
     ``needs = "gramian"`` and the update is Jᵀ(1 + K·c‖g₀‖·w/‖g_w‖)/(1 + c²).
 
-    Defaults: c = 0.4 and rescale = 1 (divide by 1 + c²), as in the paper's NYUv2 runs and the Nash-MTL
-    benchmark; rescale 0 (no division) and 2 (1 + c) are the reference's other options. The factor K is the
-    reference's "to match the sum loss" (LibMTL omits it): c = 0 gives exactly ∇Σ_k ℓ̃_k, while K equal gradients
-    g give K·g·(1 + c)/(1 + c²) (K·g with rescale=2): CAGrad's own scaling, not a sum.
+    Defaults: c = 0.4 and rescale = 1 (divide by 1 + c²), as in the Nash-MTL repository's CAGrad and the IMGrad
+    repository's CAGrad runs; rescale 0 (no division) and 2 (1 + c) are the reference's other options. The
+    factor K is the reference's "to match the sum loss" (LibMTL omits it): c = 0 gives exactly ∇Σ_k ℓ̃_k, while K
+    equal gradients g give K·g·(1 + c)/(1 + c²) (K·g with rescale=2): CAGrad's own scaling, not a sum.
 
     Differences from the reference code, on purpose: the dual is solved exactly by our own solver
-    (:func:`taskbalance.solvers.linear_plus_norm`, SQP to a 1e-10 relative KKT gap, warm-started from the previous
+    (:func:`taskbalance.solvers.linear_plus_norm`, SQP to a 1e-9 relative KKT gap, warm-started from the previous
     step's w) instead of SciPy's SLSQP from the uniform start on the CPU; the reference's 1e-8 guards inside
     the square roots are dropped. Where 0 lies in the hull of the gradients and the optimum is g_w = 0 (then d
-    is not unique) we return d = K·g₀/(1 + c²) with ``converged=False`` and a note.
+    is not unique) we return d = K·g₀ (divided as ``rescale`` says) with ``converged=False`` and a note.
 
     Args:
         c: radius of the ball around g₀, relative to ‖g₀‖ (c ≥ 0; c = 0 is gradient descent on Σℓ̃).
@@ -79,7 +79,7 @@ class CAGrad(GradientBalancer):
         converged, note = result.converged, ""
         if not resolved and bool(radius > 0):
             converged = False
-            note = "0 is in the hull of the gradients (Pareto-stationary): d is not unique; returned K·g₀/(1+c²)"
+            note = "0 is in the hull of the gradients (Pareto-stationary): d is not unique; returned K·g₀ (rescaled)"
         elif not converged:
             note = f"CAGrad's dual not solved to tolerance (relative KKT gap {float(result.residual):.1e})"
         return Combination(weights=weights.to(matrix.dtype), converged=converged, note=note)

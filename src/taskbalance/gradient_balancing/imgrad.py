@@ -34,8 +34,8 @@ class IMGrad(GradientBalancer):
     (:func:`taskbalance.solvers.linear_plus_norm`, after dividing it by 1.5 − s > 0) instead of SLSQP from the
     uniform start, both warm-started from the previous step; the 1e-8 guards are dropped. When g_m = 0
     (Pareto-stationary) s = 0, as torch's ``cosine_similarity`` gives in the reference; when the solved g_w is
-    0 too, d = K·g₀/(1 + α²) with ``converged=False`` and a note. The paper's Nash-MTL variant is not public in
-    code and not implemented.
+    0 too, d = K·g₀ (divided as ``rescale`` says) with ``converged=False`` and a note. The paper's Nash-MTL
+    variant is not public in code and not implemented.
 
     Args:
         alpha: c = α‖g₀‖ (α ≥ 0).

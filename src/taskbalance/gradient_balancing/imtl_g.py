@@ -45,7 +45,7 @@ class IMTLG(GradientBalancer):
     needs: ClassVar[Literal["gramian", "jacobian"]] = "gramian"
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
-        if not bool(torch.isfinite(matrix).all()):
+        if not bool(torch.isfinite(matrix).all()):  # a read from the device: refuse NaN/Inf early
             raise ValueError("IMTL-G got a non-finite Gramian (NaN or Inf gradients)")
         gramian = matrix.to(torch.float64)
         k = gramian.shape[0]
@@ -70,6 +70,7 @@ class IMTLG(GradientBalancer):
         alpha = torch.where(active, beta / safe, torch.zeros_like(beta))
         total = alpha.sum()
         scale = alpha.abs().sum()
+        # a read from the device: the Combination reports, as a bool, whether the weights exist
         if not bool(torch.isfinite(total) & (total.abs() > 1e-12 * scale)):
             note = "no finite equal-projection weights (1ᵀD⁻¹C⁻¹1 = 0); fell back to weights 1"
             return Combination(weights=ones.to(matrix.dtype), converged=False, note=note)

@@ -9,6 +9,9 @@ from torch import Tensor
 
 from .base import Combination, GradientBalancer
 
+#: the Newton solve stops when max_k |α_k(Gα)_k − 1| is below this
+TOLERANCE = 1e-10
+
 
 def nash_newton(cosines: Tensor, start: Tensor, max_iter: int, tol: float) -> tuple[Tensor, int, Tensor, bool]:
     """β > 0 with Cβ = 1/β, by damped Newton on F(β) = ½βᵀCβ − Σ_k log β_k (float64, on the device).
@@ -55,7 +58,7 @@ class NashMTL(GradientBalancer):
     Defaults, as the reference (``methods/weight_methods.py``): ``max_norm=1.0`` (the shared update is clipped to
     norm 1, like its ``clip_grad_norm_``), ``update_weights_every=1`` (between updates the last α is reused and
     the new G ignored), ``optim_niter=20`` (here: the maximum number of Newton steps; 3–8 are typical from a
-    warm start, the previous step's solution, or from β = 1 on the first step as the reference starts).
+    warm start, the previous step's solution, or from β ∝ 1 on the first step, as the reference starts from 1).
 
     Differences from the reference code, on purpose:
 
@@ -63,7 +66,7 @@ class NashMTL(GradientBalancer):
       for G̃ = G/‖G‖_F or α moved < 1e-6, and silently keeps the previous α when ECOS fails or is missing
       (cvxpy ≥ 1.6 no longer installs it). Its G is divided by ‖G‖_F for conditioning, but its constraint
       multiplies that factor back, so its fixed point is α⊙Gα = 1 for the raw G, as here (checked against the
-      reference with cvxpy + ECOS: ‖Jᵀα‖ = √K); our Newton solve reaches max_k|α_k(Gα)_k − 1| ≤ 1e-10.
+      reference with cvxpy + ECOS: ‖Jᵀα‖ = √K); our Newton solve reaches max_k|α_k(Gα)_k − 1| ≤ 1e-10 (TOLERANCE).
     - No solution exists when 0 is in the convex hull of the gradients (F is unbounded: some α_k → ∞). For a
       zero gradient (norm below 1e-12 of the longest) that α_k would multiply 0: such tasks get α_k = 0 and the
       others are solved among themselves. Otherwise (Pareto-stationary gradients, e.g. exactly opposite ones) or
@@ -71,8 +74,8 @@ class NashMTL(GradientBalancer):
       because α grows only along J's null space. Either way ``converged=False`` with a note, and the warm start
       is dropped.
 
-    As in the reference, steps that reuse α still receive G (the engine computes it); heads get ∇ℓ̃_k from the
-    Balancer, while the reference's ``Σ α_k ℓ_k`` backward gives them α_k∇ℓ_k.
+    Unlike the reference, steps that reuse α still pay for G (the engine computes it before calling the method),
+    and heads get ∇ℓ̃_k from the Balancer, while the reference's backward of Σ_k α_kℓ_k gives them α_k∇ℓ_k.
 
     Args:
         max_norm: bound on the norm of the shared update (default 1.0; None disables clipping).
@@ -91,7 +94,6 @@ class NashMTL(GradientBalancer):
             raise ValueError(f"optim_niter must be an int >= 1, got {optim_niter!r}")
         self.update_weights_every = update_weights_every
         self.optim_niter = optim_niter
-        self.tol = 1e-10
         self.reset()
 
     def reset(self) -> None:
@@ -104,7 +106,7 @@ class NashMTL(GradientBalancer):
         self._step += 1
         if self._alpha is not None and step % self.update_weights_every != 0:
             return Combination(weights=self._alpha.to(device=matrix.device, dtype=matrix.dtype))
-        if not bool(torch.isfinite(matrix).all()):
+        if not bool(torch.isfinite(matrix).all()):  # a read from the device: refuse NaN/Inf early
             raise ValueError("Nash-MTL got a non-finite Gramian (NaN or Inf gradients)")
         gramian = matrix.to(torch.float64)
         k = gramian.shape[0]
@@ -122,7 +124,7 @@ class NashMTL(GradientBalancer):
         if self._beta is not None and self._beta.shape == (k,):
             previous = self._beta.to(kept)[index]
             start = torch.where(previous > 0, previous, start)
-        beta, _, residual, converged = nash_newton(cosines, start, self.optim_niter, self.tol)
+        beta, _, residual, converged = nash_newton(cosines, start, self.optim_niter, TOLERANCE)
         alpha[index] = beta / kept
         full_beta = torch.zeros(k, dtype=torch.float64, device=gramian.device)
         full_beta[index] = beta

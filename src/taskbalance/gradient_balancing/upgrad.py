@@ -51,7 +51,7 @@ class UPGrad(GradientBalancer):
         self.reg_eps = float(reg_eps)
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
-        if not bool(torch.isfinite(matrix).all()):
+        if not bool(torch.isfinite(matrix).all()):  # a read from the device: refuse NaN/Inf early
             raise ValueError("UPGrad got a non-finite Gramian (NaN or Inf gradients)")
         gramian = matrix.to(torch.float64)
         k = gramian.shape[0]
