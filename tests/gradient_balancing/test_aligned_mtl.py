@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 import torch
 from hypothesis import given
@@ -15,7 +17,9 @@ from tests.models import TinyMTL, make_data, task_losses
 def _weights(jacobian: torch.Tensor, **options: object) -> torch.Tensor:
     method = AlignedMTL(**options)  # type: ignore[arg-type]
     method.setup(jacobian.shape[0])
-    weights = method(jacobian @ jacobian.T, torch.ones(jacobian.shape[0], dtype=jacobian.dtype)).weights
+    weights: torch.Tensor | None = method(
+        jacobian @ jacobian.T, torch.ones(jacobian.shape[0], dtype=jacobian.dtype)
+    ).weights
     assert weights is not None
     return weights
 
@@ -103,7 +107,7 @@ def test_zero_gradients_give_unit_weights() -> None:
     torch.testing.assert_close(_weights(torch.zeros(3, 4)), torch.ones(3))
 
 
-def _flat_grad(output: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+def _flat_grad(output: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(output, params, retain_graph=True)])
 
 

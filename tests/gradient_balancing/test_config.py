@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -17,9 +18,11 @@ from tests.models import TinyMTL, make_data, task_losses
 def _update(jacobian: torch.Tensor) -> torch.Tensor:
     method = ConFIG()
     method.setup(jacobian.shape[0])
-    weights = method(jacobian @ jacobian.T, torch.ones(jacobian.shape[0], dtype=jacobian.dtype)).weights
+    weights: torch.Tensor | None = method(
+        jacobian @ jacobian.T, torch.ones(jacobian.shape[0], dtype=jacobian.dtype)
+    ).weights
     assert weights is not None and weights.dtype == jacobian.dtype
-    return weights @ jacobian
+    return torch.mv(jacobian.T, weights)
 
 
 def _jacobian(seed: int, k: int, p: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -29,11 +32,12 @@ def _jacobian(seed: int, k: int, p: int, dtype: torch.dtype = torch.float64) -> 
 def _reference(jacobian: torch.Tensor) -> torch.Tensor:
     """The paper's recipe on J itself: d = pinv(U) 1, then the summed projections as length."""
     units = jacobian / jacobian.norm(dim=1, keepdim=True)
-    direction = torch.linalg.pinv(units) @ torch.ones(jacobian.shape[0], dtype=jacobian.dtype)
+    direction = torch.mv(torch.linalg.pinv(units), torch.ones(jacobian.shape[0], dtype=jacobian.dtype))
     if direction.norm() < 1e-10:  # U⁺1 = 0 up to rounding (e.g. opposite gradients): no direction
         return torch.zeros_like(direction)
     unit = direction / direction.norm()
-    return (jacobian @ unit).sum() * unit
+    update: torch.Tensor = torch.mv(jacobian, unit).sum() * unit
+    return update
 
 
 def test_hand_computed() -> None:
@@ -121,7 +125,7 @@ def test_one_much_longer_gradient_keeps_equal_cosines() -> None:
     torch.testing.assert_close(cosines[0], cosines[1], atol=1e-4, rtol=1e-4)
 
 
-def _flat_grad(output: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+def _flat_grad(output: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(output, params, retain_graph=True)])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ from tests.models import TinyMTL, make_data, task_losses
 def _combine(gram: torch.Tensor, alpha: float = 1.0) -> Combination:
     method = FairGrad(alpha=alpha)
     method.setup(gram.shape[0])
-    return method(gram, torch.ones(gram.shape[0], dtype=gram.dtype))
+    combination: Combination = method(gram, torch.ones(gram.shape[0], dtype=gram.dtype))
+    return combination
 
 
 def _weights(jacobian: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
@@ -138,7 +140,7 @@ def test_one_much_longer_gradient_is_solved() -> None:
     torch.testing.assert_close(gram @ weights * weights, torch.ones(2, dtype=torch.float64))
 
 
-def _flat_grad(output: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+def _flat_grad(output: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(output, params, retain_graph=True)])
 
 

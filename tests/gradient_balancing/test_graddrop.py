@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import taskbalance as tb
+from taskbalance.gradient_balancing.base import Combination
 from taskbalance.gradient_balancing.graddrop import GradDrop, sign_dropout
 from tests.models import TinyMTL, make_data, task_losses
 
@@ -22,7 +24,7 @@ def _method(k: int, **options: object) -> GradDrop:
 
 
 def _step(method: GradDrop, jacobian: torch.Tensor) -> torch.Tensor:
-    combination = method(jacobian, torch.ones(jacobian.shape[0], dtype=jacobian.dtype))
+    combination: Combination = method(jacobian, torch.ones(jacobian.shape[0], dtype=jacobian.dtype))
     assert combination.direction is not None and combination.weights is None
     return combination.direction
 
@@ -117,7 +119,7 @@ def test_state_round_trip_and_reset() -> None:
         assert torch.equal(_step(method, j), expected)
 
 
-def _flat_grad(output: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+def _flat_grad(output: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(output, params, retain_graph=True)])
 
 
@@ -133,7 +135,7 @@ def test_end_to_end_through_the_balancer() -> None:
 
 def _train(steps: int, state: dict[str, Any] | None = None) -> tuple[TinyMTL, dict[str, Any]]:
     """Adam on TinyMTL through the Balancer; returns the model and the saved state (weights_only round trip)."""
-    balancer = tb.make("graddrop", n_tasks=3, **{"seed": 3})
+    balancer = tb.make("graddrop", n_tasks=3, seed=3)
     model, (x, y) = TinyMTL(), make_data()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     if state is not None:

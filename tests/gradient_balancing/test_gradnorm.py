@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ def _method(k: int, **options: float) -> GradNorm:
 
 
 def _step(method: GradNorm, gram: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-    weights = method(gram, losses).weights
+    weights: torch.Tensor | None = method(gram, losses).weights
     assert weights is not None and weights.dtype == gram.dtype
     return weights
 
@@ -156,7 +157,7 @@ def test_state_round_trip_and_reset() -> None:
         assert torch.equal(_step(method, g, ell), expected)
 
 
-def _flat_grad(output: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+def _flat_grad(output: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(output, params, retain_graph=True)])
 
 
@@ -176,14 +177,15 @@ def test_end_to_end_through_the_balancer() -> None:
         torch.testing.assert_close(result.gradient_weights, weights)
         with torch.no_grad():
             for p in model.parameters():
-                p -= 0.05 * p.grad  # type: ignore[operator]
+                assert p.grad is not None
+                p.sub_(0.05 * p.grad)
     assert not torch.equal(reference.weights, torch.ones(3, dtype=torch.float64))
     assert list(balancer.parameters()) == []  # the weights are not stepped by the model's optimiser
 
 
 def _train(steps: int, state: dict[str, Any] | None = None) -> tuple[TinyMTL, dict[str, Any]]:
     """Adam on TinyMTL through the Balancer; returns the model and the saved state (weights_only round trip)."""
-    balancer = tb.make("gradnorm", n_tasks=3, **{"lr": 0.1})
+    balancer = tb.make("gradnorm", n_tasks=3, lr=0.1)
     model, (x, y) = TinyMTL(), make_data()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     if state is not None:

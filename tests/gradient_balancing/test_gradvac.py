@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -182,7 +183,7 @@ def test_state_round_trip_and_reset() -> None:
         assert a is not None and b is not None and torch.equal(a, b)
 
 
-def _flat_grad(output: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+def _flat_grad(output: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(output, params, retain_graph=True)])
 
 
@@ -202,12 +203,13 @@ def test_end_to_end_through_the_balancer() -> None:
         torch.testing.assert_close(grads, weights @ jacobian)
         with torch.no_grad():
             for p in model.parameters():
-                p -= 0.1 * p.grad  # type: ignore[operator]
+                assert p.grad is not None
+                p.sub_(0.1 * p.grad)
 
 
 def _train(steps: int, state: dict[str, Any] | None = None) -> tuple[TinyMTL, dict[str, Any]]:
     """Adam on TinyMTL through the Balancer; returns the model and the saved state (weights_only round trip)."""
-    balancer = tb.make("gradvac", n_tasks=3, **{"seed": 3, "beta": 0.5})
+    balancer = tb.make("gradvac", n_tasks=3, seed=3, beta=0.5)
     model, (x, y) = TinyMTL(), make_data()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     if state is not None:

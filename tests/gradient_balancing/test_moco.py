@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import taskbalance as tb
+from taskbalance.gradient_balancing.base import Combination
 from taskbalance.gradient_balancing.moco import MoCo, project_simplex
 from tests.models import TinyMTL, make_data, task_losses
 
@@ -24,7 +26,7 @@ def _method(k: int, **options: object) -> MoCo:
 
 def _step(method: MoCo, jacobian: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
     k = jacobian.shape[0]
-    combination = method(jacobian, torch.ones(k, dtype=jacobian.dtype) if losses is None else losses)
+    combination: Combination = method(jacobian, torch.ones(k, dtype=jacobian.dtype) if losses is None else losses)
     assert combination.direction is not None and combination.weights is not None
     torch.testing.assert_close(combination.weights, k * method.lambd)
     return combination.direction
@@ -152,7 +154,7 @@ def test_changed_gradient_size_is_refused() -> None:
         _step(method, torch.ones(2, 4))
 
 
-def _flat_grad(output: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+def _flat_grad(output: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in torch.autograd.grad(output, params, retain_graph=True)])
 
 
@@ -171,12 +173,13 @@ def test_end_to_end_through_the_balancer() -> None:
         torch.testing.assert_close(result.gradient_weights, 3 * reference.lambd)
         with torch.no_grad():
             for p in model.parameters():
-                p -= 0.1 * p.grad  # type: ignore[operator]
+                assert p.grad is not None
+                p.sub_(0.1 * p.grad)
 
 
 def _train(steps: int, state: dict[str, Any] | None = None) -> tuple[TinyMTL, dict[str, Any]]:
     """Adam on TinyMTL through the Balancer; returns the model and the saved state (weights_only round trip)."""
-    balancer = tb.make("moco", n_tasks=3, **{})
+    balancer = tb.make("moco", n_tasks=3)
     model, (x, y) = TinyMTL(), make_data()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     if state is not None:
