@@ -10,10 +10,10 @@ failed attempt again, and warns once.
 
 ``streaming_gramian`` is the memory-lean variant for methods that read only G = J Jᵀ: a hook on each parameter
 turns its (K, *shape) block into its contribution J_p J_pᵀ as soon as the backward produces it and hands autograd
-back a zero-sized stand-in, so the K × P Jacobian never exists at once (peak: the largest block).
+back a one-element stand-in, so the K × P Jacobian never exists at once (peak: the largest block).
 
 Graph retention: a batched attempt keeps the graph (``retain_graph=True``) until vmap is known to work on this
-model, because a failure half-way would otherwise leave a half-freed graph and no way to fall back. Once it worked,
+part of the graph, because a failure half-way would leave a half-freed graph and no way to fall back. Once it worked,
 the last pass of a step frees the graph like an ordinary ``backward()`` does.
 """
 

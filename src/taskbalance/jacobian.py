@@ -14,9 +14,10 @@ gradient leaves the device. Paths (``Balancer(engine=...)``):
 ``"batched"``         one backward under vmap with the K one-hot cotangents (``is_grads_batched``); K calls when
                       vmap cannot run the graph (warned once, remembered). Cost ≈ one K-batched backward, and each
                       head is run K times (the one-hot of task k still sends zeros through the other heads).
-``"features"``        features-first, exact: J_z = ∂ℓ̃/∂z through the heads (about two head passes when the graph
-                      separates the tasks, see :mod:`taskbalance._engine_heads`), then one K-batched product
-                      J = J_z · ∂z/∂θ through the trunk. Needs ``features`` and every path from θ to ℓ̃ through it.
+``"features"``        features-first, exact: J_z = ∂ℓ̃/∂z through the heads, then one K-batched product
+                      J = J_z · ∂z/∂θ through the trunk. When the graph separates the tasks the heads run once
+                      (an EW backward through them) instead of K times (:mod:`taskbalance._engine_heads`).
+                      Needs ``features`` and every path from θ to ℓ̃ running through it.
 ``"gramian"``         for methods that read only G (``needs == "gramian"``): G accumulated parameter by parameter
                       during the backward, never holding J (:func:`~taskbalance._engine_vjp.streaming_gramian`),
                       then the update by one backward of Σ_k w_k ℓ̃_k restricted to θ. One more backward than the
@@ -25,11 +26,11 @@ gradient leaves the device. Paths (``Balancer(engine=...)``):
 ``"representation"``  MGDA-UB (Sener & Koltun, NeurIPS 2018, arXiv 1810.04650): an approximation, only on request.
                       The method reads J_z (or G_z = J_z J_zᵀ) instead of J; the update of θ is the trunk product of
                       the combined feature gradient Σ_k w_k ∂ℓ̃_k/∂z, or of the method's direction read as a
-                      direction in feature space (flattened z). Cost ≈ one backward plus J_z.
+                      direction in feature space (flattened z). Cost ≈ one backward, plus J_z and G_z.
 ``"auto"``            (default) the cheapest exact path that is safe: ``"features"`` when ``features`` is given and
-                      every path from θ to ℓ̃ goes through it (checked on the autograd graph), else ``"batched"``
-                      (which falls back to the loop). On the CPU the K products go one task at a time instead of
-                      through vmap, which is slower there (:func:`resolve_auto`).
+                      every path from θ to ℓ̃ goes through it (checked on the autograd graph), else ``"batched"``.
+                      On the CPU the K products go one task at a time rather than through vmap, which is slower
+                      there (:func:`resolve_auto`); the heads are still run once.
 
 Clipping: the shared update u is scaled by min(1, max_norm / ‖u‖). On the Gramian path ‖Jᵀw‖ = √(wᵀGw), so w
 is scaled before the update backward.
