@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 import taskbalance as tb
 from taskbalance.gradient_balancing.base import Combination
-from taskbalance.gradient_balancing.moco import MoCo, project_simplex
+from taskbalance.gradient_balancing.moco import MoCo
+from taskbalance.solvers import project_simplex
 from tests.models import TinyMTL, make_data, task_losses
 
 

@@ -23,8 +23,9 @@ from torch import Tensor, nn
 class Combination:
     """What a gradient method returns for one step.
 
-    Exactly one of ``weights`` / ``direction`` is usually set; both may be (a weight-based method that also
-    reports its explicit direction).
+    A weight-based method sets ``weights`` and the engine applies Jᵀw. A method whose update is not Jᵀw for the
+    current J sets ``direction``, which is then the update; any ``weights`` it also sets are for reporting only
+    (e.g. MoCo's weights on its tracked gradients).
 
     Attributes:
         weights: w of shape (K,) with update = Jᵀ w (weight-based methods), detached.

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from ..loss_balancing.base import new_generator
+from .._random import new_generator
 from .base import Combination, GradientBalancer
 from .pcgrad import random_orders
 

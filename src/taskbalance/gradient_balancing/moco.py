@@ -12,21 +12,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
+from ..solvers import project_simplex
 from .base import Combination, GradientBalancer
 
 LambdaUpdate = Literal["projection", "softmax"]
-
-
-def project_simplex(v: Tensor) -> Tensor:
-    """Euclidean projection of v (K,) onto the probability simplex {λ ≥ 0, Σλ = 1} (sort-based, on v's device)."""
-    n = v.shape[0]
-    ordered = v.sort(descending=True).values
-    cumulative = ordered.cumsum(0) - 1
-    index = torch.arange(1, n + 1, dtype=v.dtype, device=v.device)
-    support = ordered - cumulative / index > 0  # true on a prefix; its length ρ ≥ 1
-    rho = support.sum()
-    theta = cumulative.gather(0, (rho - 1).reshape(1)) / rho
-    return (v - theta).clamp(min=0)
 
 
 class MoCo(GradientBalancer):

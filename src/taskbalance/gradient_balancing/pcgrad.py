@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from ..loss_balancing.base import new_generator
+from .._random import new_generator
 from .base import Combination, GradientBalancer
 
 

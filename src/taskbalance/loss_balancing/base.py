@@ -100,12 +100,3 @@ def random_softmax_weights(n_tasks: int, generator: torch.Generator, like: Tenso
     """K · softmax(u) with u ~ N(0, I) drawn from ``generator`` on the CPU, returned on ``like``'s device."""
     u = torch.randn(n_tasks, generator=generator, dtype=torch.float64)
     return (n_tasks * torch.softmax(u, dim=0)).to(device=like.device, dtype=like.dtype)
-
-
-def new_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator seeded with ``seed``, or from torch's global RNG when ``seed`` is None."""
-    generator = torch.Generator()
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    generator.manual_seed(seed)
-    return generator

@@ -10,7 +10,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from .base import Balanced, LossBalancer, log_losses, new_generator, random_softmax_weights
+from .._random import new_generator
+from .base import Balanced, LossBalancer, log_losses, random_softmax_weights
 
 
 class RLW(LossBalancer):
