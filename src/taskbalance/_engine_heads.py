@@ -1,8 +1,8 @@
 """The first half of the features-first path: J_z, the per-task gradients of ℓ̃ w.r.t. the features z.
 
 With z the shared representation (the trunk's output) and every path from the shared parameters to ℓ̃ running
-through z, the chain rule splits the per-task Jacobian into J = J_z · ∂z/∂θ: J_z through the heads here, then one
-K-batched product through the trunk (see :mod:`taskbalance.jacobian`).
+through z, the chain rule splits the per-task Jacobian into J = J_z · ∂z/∂θ: J_z through the heads here, then the
+K products J_z[k] · ∂z/∂θ through the trunk (see :mod:`taskbalance.jacobian`).
 
 Cost of J_z. A K-batched backward from ℓ̃ runs every head K times (K² head passes: the one-hot cotangent of task k
 still sends zeros through the other heads). When the graph separates the tasks (:func:`taskbalance._graph.task_split`:
