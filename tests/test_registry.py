@@ -18,8 +18,8 @@ def test_every_name_builds_and_backpropagates(name: str) -> None:
     assert repr(balancer)
     model = TinyMTL()
     x, y = make_data()
-    _, losses = task_losses(model, x, y)
-    result = balancer.backward(losses, model.encoder.parameters())
+    features, losses = task_losses(model, x, y)
+    result = balancer.backward(losses, model.encoder.parameters(), features=features)
     assert result.weights.shape == (3,)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.encoder.parameters())
 
@@ -102,3 +102,19 @@ def test_dbmtl_preset_uses_libmtl_epsilon() -> None:
     """DB-MTL's loss half is log(L + 1e-8) (Lin et al.; LibMTL), not the exact log of plain SI."""
     balanced = tb.make("dbmtl", n_tasks=2).loss(torch.tensor([1e-8, 1.0]))
     torch.testing.assert_close(balanced.losses, torch.log(torch.tensor([2e-8, 1.0 + 1e-8])))
+
+
+def test_upper_bound_presets_run_on_the_representation() -> None:
+    balancer = tb.make("mgda_ub", n_tasks=3)
+    assert type(balancer.gradient).__name__ == "MGDA"
+    assert balancer.engine == "representation"
+    model = TinyMTL()
+    x, y = make_data()
+    _, losses = task_losses(model, x, y)
+    with pytest.raises(ValueError, match="features"):
+        balancer.backward(losses, model.encoder.parameters())
+
+
+def test_gramian_engine_refuses_jacobian_methods_at_construction() -> None:
+    with pytest.raises(ValueError, match="reads J"):
+        tb.make("dbmtl", n_tasks=2, engine="gramian")

@@ -15,6 +15,7 @@ from typing import Any
 from .balancer import Balancer, BalanceResult
 from .gradient_balancing.base import Combination, GradientBalancer
 from .gradient_balancing.sum import Sum
+from .jacobian import Engine, EngineFallbackWarning
 from .loss_balancing.base import Balanced, LossBalancer
 from .loss_balancing.equal import Equal
 from .registry import GRADIENT_METHODS, LOSS_METHODS, available, gradient_class, loss_class, make
@@ -43,6 +44,8 @@ __all__ = [
     "Balanced",
     "Balancer",
     "Combination",
+    "Engine",
+    "EngineFallbackWarning",
     "Equal",
     "GradientBalancer",
     "LossBalancer",

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ._graph import reachable_leaves
 from .gradient_balancing.base import GradientBalancer
 from .gradient_balancing.sum import Sum
-from .jacobian import ENGINE_PATHS, EnginePath, apply_gradient_method
+from .jacobian import ENGINE_PATHS, Engine, EnginePath
 from .loss_balancing.base import LossBalancer
 from .loss_balancing.equal import Equal
 
@@ -34,9 +34,11 @@ class BalanceResult:
         weights: effective per-task weights (K,): the loss method's weights times the gradient method's
             (when the gradient method is weight-based; otherwise the loss method's alone).
         losses: the raw losses L (K,).
-        balanced_losses: ℓ̃ (K,), what the gradient level differentiated.
+        balanced_losses: ℓ̃ (K,), what the gradient level differentiated. For methods that take a log these are
+            negative once L_k < 1: monitor ``losses`` (raw), never ℓ̃, for schedulers and early stopping.
         loss_weights: the loss method's weights (K,).
-        gradient_weights: the gradient method's w (K,), or None for methods without weights.
+        gradient_weights: the gradient method's w (K,), or None for methods that return a direction without
+            weights (DB-MTL, GradDrop): ``weights`` then holds the loss method's weights alone.
         overhead_s: wall time spent in balancing beyond an ordinary backward of Σ ℓ̃ (loss method, per-task
             gradients, solver). On CUDA this is host time (no synchronisation is forced).
         converged: False when the gradient method's solver did not converge this step (see ``note``).
@@ -90,8 +92,11 @@ class Balancer(nn.Module):
         self.n_tasks = n_tasks
         self.engine = engine
         self.check_finite = check_finite
+        if engine == "gramian" and gradient.needs != "gramian":
+            raise ValueError(f"engine 'gramian' needs a method that reads only G; {type(gradient).__name__} reads J")
         self.loss = loss
         self.gradient = gradient
+        self._engine = Engine(engine)
         loss.setup(n_tasks)
         gradient.setup(n_tasks)
         self._warned_solver = False
@@ -145,7 +150,7 @@ class Balancer(nn.Module):
         shared_ids = {id(p) for p in shared}
         # heads and the methods' own parameters (UW's log-variances) all get ∇ Σ ℓ̃
         task_params = [t for t in reachable_leaves(balanced.losses) if id(t) not in shared_ids]
-        combination = apply_gradient_method(balanced.losses, shared, task_params, self.gradient, features, self.engine)
+        combination = self._engine(balanced.losses, shared, task_params, self.gradient, features)
         if not combination.converged and not self._warned_solver:
             self._warned_solver = True
             warnings.warn(
@@ -182,6 +187,7 @@ class Balancer(nn.Module):
         """Forget all history of both methods (and re-initialise their parameters)."""
         self.loss.reset()
         self.gradient.reset()
+        self._engine.reset()
         self._warned_solver = False
 
     # -- validation ------------------------------------------------------------------------------------------

@@ -75,6 +75,9 @@ LOSS_PRESETS: dict[str, Preset] = {
 GRADIENT_PRESETS: dict[str, Preset] = {
     # DB-MTL = log(L + 1e-8) losses + max-norm EMA gradient balancing (Lin et al.; ε as in LibMTL)
     "dbmtl": Preset("dbmtl", loss="si", loss_options={"eps": 1e-8}),
+    # the "upper bound" variants: the same method on the gradients of the shared representation (an approximation)
+    "mgda_ub": Preset("mgda", balancer={"engine": "representation"}),
+    "aligned_mtl_ub": Preset("aligned_mtl", balancer={"engine": "representation"}),
 }
 
 
