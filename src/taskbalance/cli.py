@@ -1,6 +1,6 @@
 """The ``taskbalance`` command (also ``python -m taskbalance``).
 
-    taskbalance methods        list every registered method: level, name, paper line
+Subcommands: ``methods`` lists every registered method with its level and paper line.
 """
 
 from __future__ import annotations
