@@ -33,7 +33,7 @@ from taskbalance.benchmarks import MultiLeNet, load_multimnist
 from taskbalance.loss_balancing.base import LossBalancer
 
 #: the default comparison: loss-level methods, then gradient-level ones (skipped while not yet importable)
-DEFAULT_METHODS = "ew,igbv1,igbv2,si,uw,dwa,rlw,dbmtl,imgrad,nashmtl,igbv1+nashmtl,cagrad"
+DEFAULT_METHODS = "ew,igbv1,igbv2,si,uw,dwa,rlw,dbmtl,imgrad,nashmtl,igbv1+nashmtl,cagrad,igbv2+cagrad"
 TASKS = ("left", "right")
 #: IGBv2's policy picks the weights from epoch 5 (0-based) on
 IGBV2_POLICY_EPOCH = 5
