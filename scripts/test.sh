@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[dev,rl]"
+python -m pip install -q -e ".[dev,rl,bench]"
 set +e
 python -m pytest tests "$@"
 status=$?
