@@ -57,7 +57,7 @@ def server() -> Iterator[Server]:
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     state = Server(base=f"http://127.0.0.1:{httpd.server_address[1]}")
     httpd.state = state  # type: ignore[attr-defined]
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     yield state
     httpd.shutdown()
