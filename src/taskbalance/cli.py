@@ -1,6 +1,8 @@
 """The ``taskbalance`` command (also ``python -m taskbalance``).
 
-Subcommands: ``methods`` lists every registered method with its level and paper line.
+Subcommands: ``methods`` lists every registered method with its level and paper line; ``run`` trains and compares
+methods on a benchmark (:mod:`taskbalance.benchmarks.runner`); ``report`` turns a run folder into a markdown
+table and plots (:mod:`taskbalance.benchmarks.report`).
 """
 
 from __future__ import annotations
@@ -8,8 +10,21 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import registry
+
+_RUN_EPILOG = """\
+examples:
+  taskbalance run multimnist                                  # the README's default comparison (reduced protocol)
+  taskbalance run multimnist --methods ew,igbv1+nashmtl --seeds 3 --epochs 20
+  taskbalance run multifashion_mnist --protocol paper --seeds 0,1,2 --device cuda --out runs/fm-paper
+  taskbalance run multimnist --out runs/multimnist --resume     # continue an interrupted run
+
+Each run of a seed starts from the same initialisation and sees the same batches. Single-task baselines are
+trained first (cached in $TASKBALANCE_CACHE, default ~/.cache/taskbalance, and reused). The test metrics are
+taken at the epoch with the lowest validation Δm% against the single-task baselines.
+"""
 
 
 def _summary(cls: type) -> str:
@@ -34,13 +49,143 @@ def _methods(_: argparse.Namespace) -> int:
     return 0
 
 
+def _seeds(text: str) -> int | list[int]:
+    """``N`` → N seeds (0..N−1); ``a,b,...`` → those seeds (``7,`` is the single seed 7)."""
+    try:
+        if "," in text:
+            return [int(part) for part in text.split(",") if part.strip()]
+        return int(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a count (3) or a list of seeds (0,1,2), got {text!r}") from error
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from error
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .benchmarks.checkpoint import CheckpointError
+    from .benchmarks.mnist import DataSourceError
+    from .benchmarks.runner import command_line, run
+
+    out = Path(args.out) if args.out is not None else Path("runs") / args.benchmark
+    try:
+        result = run(
+            args.benchmark,
+            args.methods.split(","),
+            seeds=args.seeds,
+            out_dir=out,
+            epochs=args.epochs,
+            protocol=args.protocol,
+            device=args.device,
+            resume=args.resume,
+            data_dir=args.data_dir,
+            threads=args.threads,
+            progress=not args.no_progress,
+            command=command_line(),
+        )
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with the same command and --out {out} --resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileExistsError, FileNotFoundError, DataSourceError, CheckpointError, ImportError) as error:
+        print(f"taskbalance run: error: {error}", file=sys.stderr)
+        return 2
+    print(result.table)
+    print(
+        f"\nrun folder: {result.out_dir} (results.json, results.csv; `taskbalance report {result.out_dir}` for plots)"
+    )
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    run_dir = Path(args.dir)
+    if not (run_dir / "config.json").is_file():
+        print(
+            f"taskbalance report: error: {run_dir} has no config.json: pass a folder written by `taskbalance run`",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        from .benchmarks.report import write_report
+    except ImportError as error:
+        print(f"taskbalance report: error: the report module cannot be imported ({error})", file=sys.stderr)
+        return 2
+    out = None if args.out is None else Path(args.out)
+    try:
+        path = write_report(run_dir, out)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"taskbalance report: error: {error}", file=sys.stderr)
+        return 2
+    print(path.read_text())
+    written = sorted(p for p in path.parent.iterdir() if p.is_file())
+    print("written:\n" + "\n".join(f"  {p}" for p in written))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="taskbalance", description="Task balancing for multi-task learning (loss level × gradient level)."
+        prog="taskbalance",
+        description="Task balancing for multi-task learning (loss level × gradient level): list the methods, "
+        "compare them on benchmarks, and report the comparison.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    methods = commands.add_parser("methods", help="list the registered balancing methods")
+    methods = commands.add_parser(
+        "methods", help="list the registered balancing methods", description="List every registered method."
+    )
     methods.set_defaults(handler=_methods)
+
+    from .benchmarks.catalog import BENCHMARKS
+    from .benchmarks.runner import DEFAULT_METHODS
+
+    run = commands.add_parser(
+        "run",
+        help="train single-task baselines and methods on a benchmark; print the comparison table",
+        description="Train the single-task baselines (cached) and every method × seed on a benchmark, then write "
+        "the run folder (config, per-epoch metrics, task weights, checkpoints, results.json/csv) and print a "
+        "markdown table: mean ± std over seeds per metric, Δm%% against the single-task baselines, mean rank.",
+        epilog=_RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("benchmark", metavar="BENCHMARK", help=f"one of: {', '.join(BENCHMARKS)}")
+    run.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help="comma-separated method specs, '+' composes a loss and a gradient method "
+        f"(default: {','.join(DEFAULT_METHODS)}; `taskbalance methods` lists the names)",
+    )
+    run.add_argument(
+        "--seeds", type=_seeds, default=1, help="a count N (seeds 0..N-1) or a comma-separated list (default 1)"
+    )
+    run.add_argument("--epochs", type=_positive, help="override the protocol's epoch count (fewer = reduced)")
+    run.add_argument("--protocol", help="the benchmark's protocol, e.g. quick (default) or paper for the MNIST family")
+    run.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, mps")
+    run.add_argument("--out", help="run folder (default runs/<benchmark>); must be new unless --resume")
+    run.add_argument("--data-dir", help="user-provided data (IDX files for the MNIST family; required for nyuv2, ...)")
+    run.add_argument(
+        "--resume", action="store_true", help="continue the run folder: skip finished runs, resume the others"
+    )
+    run.add_argument(
+        "--threads", type=_positive, help="CPU threads for torch (default: torch's; results depend on it on the CPU)"
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(handler=_run)
+
+    report = commands.add_parser(
+        "report",
+        help="write a markdown table and PNG plots from a run folder",
+        description="Read a run folder written by `taskbalance run` and write report.md (mean ± std per metric, "
+        "Δm%%, mean rank, best per column marked) and PNG plots (validation curves, task weights, Δm%% per "
+        "method, Δm%% against time per epoch). Prints the report and the files written.",
+    )
+    report.add_argument("dir", metavar="DIR", help="the run folder")
+    report.add_argument("--out", help="where to write the report (default DIR/report)")
+    report.set_defaults(handler=_report)
     return parser
 
 

@@ -1,0 +1,162 @@
+"""A run folder's summary: per method × seed test metrics (at the selected epoch), Δm% against the single-task
+baselines, the mean rank, and the markdown table the runner prints.
+
+- STL reference: for each metric, the mean over seeds of its task's single-task baseline (test, at that run's
+  selected epoch).
+- Δm% of a method and seed: against that reference (see :mod:`.delta_m`); the method's Δm% is its mean over
+  seeds, which equals the Δm% of its mean metrics because Δm% is linear in the metrics.
+- Mean rank: per metric, methods ranked by their mean over seeds (1 = best; the STL row is not ranked), averaged
+  over the metrics.
+- Spread: the sample standard deviation over seeds (none with one seed).
+
+``results.json``: {"benchmark", "protocol", "reduced", "description", "selection_rule", "seeds", "metrics":
+[{"name", "task", "higher_is_better"}], "stl": {"mean": {metric: v}, "per_seed": {seed: {metric: v}}},
+"methods": {spec: {"metrics": {metric: {"mean", "std", "values"}}, "delta_m": {"mean", "std", "values"},
+"mean_rank", "time_per_epoch_s", "balancing_overhead_s_per_step"}}}. ``results.csv``: one row per method × seed
+(STL rows first, method ``stl``): method, seed, every metric, delta_m_percent, mean_rank, time_per_epoch_s.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .base import Metric
+from .cache import atomic_open
+from .delta_m import delta_m, mean_ranks
+
+
+def _spread(values: Sequence[float]) -> dict[str, Any]:
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return {"mean": statistics.fmean(values), "std": std, "values": list(values)}
+
+
+def summarize(
+    header: Mapping[str, Any],
+    metrics: Sequence[Metric],
+    stl: Mapping[int, Mapping[str, float]],
+    finals: Mapping[str, Mapping[int, Mapping[str, Any]]],
+) -> dict[str, Any]:
+    """results.json's dict.
+
+    Args:
+        header: benchmark, protocol, reduced, description, selection_rule, seeds.
+        metrics: the benchmark's metrics.
+        stl: seed → metric → the single-task baselines' test value.
+        finals: method spec → seed → that run's final.json.
+    """
+    directions = {m.name: m.higher_is_better for m in metrics}
+    names = list(directions)
+    reference = {name: statistics.fmean(stl[seed][name] for seed in stl) for name in names}
+    methods: dict[str, dict[str, Any]] = {}
+    for spec, by_seed in finals.items():
+        seeds = sorted(by_seed)
+        tests = [by_seed[s]["test"] for s in seeds]
+        methods[spec] = {
+            "seeds": seeds,
+            "metrics": {name: _spread([float(t[name]) for t in tests]) for name in names},
+            "delta_m": _spread([delta_m(t, reference, directions) for t in tests]),
+            "time_per_epoch_s": statistics.fmean(float(by_seed[s]["time_per_epoch_s"]) for s in seeds),
+            "balancing_overhead_s_per_step": statistics.fmean(
+                float(by_seed[s]["balancing_overhead_s_per_step"]) for s in seeds
+            ),
+        }
+    if methods:
+        table = {spec: {n: entry["metrics"][n]["mean"] for n in names} for spec, entry in methods.items()}
+        for spec, rank in mean_ranks(table, directions).items():
+            methods[spec]["mean_rank"] = rank
+    return {
+        **dict(header),
+        "metrics": [{"name": m.name, "task": m.task, "higher_is_better": m.higher_is_better} for m in metrics],
+        "stl": {"mean": reference, "per_seed": {str(s): dict(stl[s]) for s in sorted(stl)}},
+        "methods": methods,
+    }
+
+
+def write_results(out_dir: Path, results: Mapping[str, Any], stl_times: Mapping[int, float]) -> None:
+    """results.json and results.csv in ``out_dir`` (atomically)."""
+    with atomic_open(out_dir / "results.json") as handle:
+        handle.write((json.dumps(results, indent=2) + "\n").encode())
+    names = [m["name"] for m in results["metrics"]]
+    directions = {m["name"]: m["higher_is_better"] for m in results["metrics"]}
+    reference = results["stl"]["mean"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["method", "seed", *names, "delta_m_percent", "mean_rank", "time_per_epoch_s"])
+    for seed, values in results["stl"]["per_seed"].items():
+        dm = delta_m(values, reference, directions)
+        writer.writerow(["stl", seed, *(repr(values[n]) for n in names), repr(dm), "", repr(stl_times[int(seed)])])
+    for spec, entry in results["methods"].items():
+        for i, seed in enumerate(entry["seeds"]):
+            values = [repr(entry["metrics"][n]["values"][i]) for n in names]
+            writer.writerow(
+                [
+                    spec,
+                    seed,
+                    *values,
+                    repr(entry["delta_m"]["values"][i]),
+                    repr(entry.get("mean_rank", math.nan)),
+                    repr(entry["time_per_epoch_s"]),
+                ]
+            )
+    with atomic_open(out_dir / "results.csv") as handle:
+        handle.write(buffer.getvalue().encode())
+
+
+def _cell(spread: Mapping[str, Any], digits: int) -> str:
+    mean = spread["mean"]
+    text = f"{mean:.{digits}f}"
+    if text.lstrip("-").strip("0.") == "":
+        text = f"{0.0:.{digits}f}"  # no "-0.00"
+    return text if spread["std"] is None else f"{text} ± {spread['std']:.{digits}f}"
+
+
+def markdown_table(results: Mapping[str, Any]) -> str:
+    """The comparison table (mean ± std over seeds, Δm%, rank, time), headed by the protocol and the rule."""
+    metrics = results["metrics"]
+    methods = results["methods"]
+    n_seeds = len(results["seeds"])
+    label = " — REDUCED protocol" if results["reduced"] else ""
+    spread = "mean ± sample std over" if n_seeds > 1 else "one seed:"
+    lines = [
+        f"**{results['benchmark']}**, protocol `{results['protocol']}`{label}: {results['description']}",
+        "",
+        f"Test metrics, {spread} {n_seeds} seed{'s' * (n_seeds != 1)} ({', '.join(map(str, results['seeds']))}); "
+        f"{results['selection_rule']}. Δm% against the single-task baselines (lower is better).",
+        "",
+    ]
+    arrows = ["↑" if m["higher_is_better"] else "↓" for m in metrics]
+    lines.append(
+        "| method | "
+        + " | ".join(f"{m['name']} {a}" for m, a in zip(metrics, arrows, strict=True))
+        + " | Δm% ↓ | mean rank ↓ | s / epoch |"
+    )
+    lines.append("|---|" + "---:|" * (len(metrics) + 3))
+    stl_cells = [f"{results['stl']['mean'][m['name']]:.2f}" for m in metrics]
+    lines.append("| STL | " + " | ".join(stl_cells) + " | 0.00 | – | – |")
+    best: dict[str, float] = {}
+    for m in metrics:
+        values = [entry["metrics"][m["name"]]["mean"] for entry in methods.values()]
+        if values:
+            best[m["name"]] = max(values) if m["higher_is_better"] else min(values)
+    best_dm = min((e["delta_m"]["mean"] for e in methods.values()), default=math.nan)
+    best_rank = min((e["mean_rank"] for e in methods.values()), default=math.nan)
+    for spec, entry in methods.items():
+        cells = []
+        for m in metrics:
+            cell = _cell(entry["metrics"][m["name"]], 2)
+            cells.append(f"**{cell}**" if entry["metrics"][m["name"]]["mean"] == best[m["name"]] else cell)
+        dm = _cell(entry["delta_m"], 2)
+        dm = f"**{dm}**" if entry["delta_m"]["mean"] == best_dm else dm
+        rank = f"{entry['mean_rank']:.2f}"
+        rank = f"**{rank}**" if entry["mean_rank"] == best_rank else rank
+        lines.append(f"| {spec} | " + " | ".join(cells) + f" | {dm} | {rank} | {entry['time_per_epoch_s']:.1f} |")
+    lines.append("")
+    lines.append("Bold: the best method per column.")
+    return "\n".join(lines)
