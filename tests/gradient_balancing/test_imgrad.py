@@ -118,7 +118,10 @@ def test_matches_an_independent_exact_computation(seed: int, k: int, extra: int,
         return
     expected = _reference(jac)
     scale = float(jac.norm(dim=1).max())
-    torch.testing.assert_close(combination.weights @ jac, expected, atol=1e-7 * scale, rtol=1e-6)
+    # The solver stops at a relative objective gap of 1e-9; where the optimum sits next to a face of the simplex,
+    # w (and through c/‖g_w‖ the update) is only determined to ~√gap, e.g. seed 15985: objective equal to 6e-13,
+    # update off by 1e-6 relative to the gradients' scale. Hence 1e-5 on the update.
+    torch.testing.assert_close(combination.weights @ jac, expected, atol=1e-5 * scale, rtol=1e-4)
 
 
 @given(st.integers(0, 2**31), st.integers(2, 6), st.integers(2, 10))

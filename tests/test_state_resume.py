@@ -1,4 +1,4 @@
-"""Every loss method: a run saved mid-way and resumed in fresh objects ends bit-identical; reset() = fresh."""
+"""Every method, both levels: a run saved mid-way and resumed in fresh objects ends bit-identical; reset() = fresh."""
 
 from __future__ import annotations
 
@@ -26,6 +26,19 @@ METHODS: dict[str, dict[str, Any]] = {
     "famo": {"min_losses": [0.0, 0.01, 0.0]},
     "stch": {"warmup_epochs": 2},
     "igbv1": {},
+    # gradient level (and compositions): warm starts, EMAs, generators, step counters
+    **{f"ew+{name}": {} for name in ("mgda", "cagrad", "imtl_g", "aligned_mtl", "upgrad", "fairgrad", "config")},
+    "ew+pcgrad": {"seed": 0},
+    "ew+gradvac": {"seed": 0},
+    "ew+graddrop": {"seed": 0},
+    "ew+moco": {},
+    "ew+gradnorm": {},
+    "ew+nashmtl": {"update_weights_every": 2},
+    "dbmtl": {},
+    "imgrad": {},
+    "igbv1+nashmtl": {},
+    "famo+dbmtl": {},
+    "rlw+pcgrad": {"loss_options": {"seed": 1}, "gradient_options": {"seed": 2}},
 }
 EPOCHS, BATCHES, BATCH = 5, 3, 16
 X, Y = make_data(n=BATCHES * BATCH)
@@ -52,6 +65,10 @@ def _train(model: TinyMTL, balancer: tb.Balancer, optimizer: torch.optim.Optimiz
         balancer.after_step(after)
         if batch == BATCHES - 1:
             balancer.end_epoch()
+
+
+def _unseeded(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: _unseeded(v) if isinstance(v, dict) else v for k, v in options.items() if k != "seed"}
 
 
 def _roundtrip(objects: dict[str, Any]) -> dict[str, Any]:
@@ -89,8 +106,8 @@ def test_interrupted_run_resumes_bit_identically(spec: str, stop_at: int) -> Non
     saved = _roundtrip(
         {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "balancer": balancer.state_dict()}
     )
-    # fresh objects; an unseeded RLW must get its generator back from the state
-    model, balancer, optimizer = _fresh(spec, {k: v for k, v in options.items() if k != "seed"})
+    # fresh objects, differently seeded: generators must come back from the state
+    model, balancer, optimizer = _fresh(spec, _unseeded(options))
     model.load_state_dict(saved["model"])
     balancer.load_state_dict(saved["balancer"])
     optimizer.load_state_dict(saved["optimizer"])
