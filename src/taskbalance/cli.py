@@ -8,6 +8,7 @@ table and plots (:mod:`taskbalance.benchmarks.report`).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,7 +73,7 @@ def _positive(text: str) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .benchmarks.checkpoint import CheckpointError
     from .benchmarks.mnist import DataSourceError
-    from .benchmarks.runner import command_line, run
+    from .benchmarks.runner import run
 
     out = Path(args.out) if args.out is not None else Path("runs") / args.benchmark
     try:
@@ -88,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             threads=args.threads,
             progress=not args.no_progress,
-            command=command_line(),
+            command=args.command_line,
         )
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with the same command and --out {out} --resume", file=sys.stderr)
@@ -190,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.command_line = "taskbalance " + shlex.join(argv)
     handler = args.handler
     status: int = handler(args)
     return status

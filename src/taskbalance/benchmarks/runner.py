@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,8 +287,3 @@ def run(
     results = summarize(summary_header, bench.metrics, stl_test, finals)
     write_results(out, results, stl_time)
     return RunResults(results, markdown_table(results), out)
-
-
-def command_line() -> str:
-    """The current process's command line, for config.json."""
-    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
