@@ -43,7 +43,7 @@ def test_zero_reference_and_bad_input() -> None:
     assert math.isnan(delta_m({"a": 1.0}, {"a": 0.0}, {"a": True}, skip_zero_reference=True))
     with pytest.raises(ValueError, match="at least one metric"):
         delta_m({}, {}, {})
-    with pytest.raises(ValueError, match="missing.*b"):
+    with pytest.raises(ValueError, match=r"missing.*b"):
         delta_m({"a": 1.0}, {"a": 1.0, "b": 1.0}, {"a": True, "b": True})
     with pytest.raises(ValueError, match="not finite"):
         delta_m({"a": 1.0}, {"a": math.nan}, {"a": True})
