@@ -166,7 +166,7 @@ def test_metrics_and_protocols_declared() -> None:
     assert all(m.higher_is_better and m.task == m.name[4:] for m in bench.metrics)
     paper, quick = bench.protocols["paper"], bench.protocols["quick"]
     assert (paper.epochs, paper.batch_size, paper.lr, paper.reduced) == (15, 256, 3e-4, False)
-    assert quick.reduced and quick.train_size == 2048
+    assert quick.reduced and quick.train_size == 1024
     assert set(bench.settings) == set(bench.protocols)
 
 
