@@ -21,7 +21,7 @@ from taskbalance.benchmarks.base import Benchmark, Metric, MultiTaskModel, Split
 from taskbalance.benchmarks.checkpoint import CheckpointError
 from taskbalance.benchmarks.delta_m import delta_m
 from taskbalance.benchmarks.multimnist_bench import TensorBatches
-from taskbalance.benchmarks.runner import RunResults, parse_seeds, run
+from taskbalance.benchmarks.runner import RunResults, parse_seeds, run, schedule_notes
 from taskbalance.benchmarks.training import Job, best_epoch
 
 EPOCHS = 3
@@ -307,3 +307,11 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     checkpoint.unlink()  # the fix the message gives: the run restarts from its first epoch
     run(TinyBenchmark(), ["ew"], out_dir=out, resume=True, progress=False)
     assert json.loads((checkpoint.parent / "final.json").read_text())["epochs"] == EPOCHS
+
+
+def test_schedule_notes_flag_methods_that_cannot_act_in_the_epochs_given() -> None:
+    assert schedule_notes(["ew", "igbv1", "igbv2"], 2, 6) == []
+    notes = schedule_notes(["ew", "igbv1", "igbv2+cagrad"], 2, 5)
+    assert len(notes) == 1 and notes[0].startswith("igbv2+cagrad: its policy picks the weights from epoch 6")
+    assert schedule_notes(["igbv1+nashmtl"], 2, 2)[0].startswith("igbv1+nashmtl: its gap weights start at epoch 3")
+    assert schedule_notes(["igbv1"], 2, 3) == []

@@ -9,7 +9,7 @@ baselines, the mean rank, and the markdown table the runner prints.
   over the metrics.
 - Spread: the sample standard deviation over seeds (none with one seed).
 
-``results.json``: {"benchmark", "protocol", "reduced", "description", "selection_rule", "seeds", "metrics":
+``results.json``: {"benchmark", "protocol", "reduced", "description", "selection_rule", "seeds", "notes", "metrics":
 [{"name", "task", "higher_is_better"}], "stl": {"mean": {metric: v}, "per_seed": {seed: {metric: v}}},
 "methods": {spec: {"metrics": {metric: {"mean", "std", "values"}}, "delta_m": {"mean", "std", "values"},
 "mean_rank", "time_per_epoch_s", "balancing_overhead_s_per_step"}}}. ``results.csv``: one row per method × seed
@@ -123,12 +123,13 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     methods = results["methods"]
     n_seeds = len(results["seeds"])
     label = " — REDUCED protocol" if results["reduced"] else ""
-    spread = "mean ± sample std over" if n_seeds > 1 else "one seed:"
+    seeds = ", ".join(map(str, results["seeds"]))
+    spread = f"mean ± sample std over {n_seeds} seeds ({seeds})" if n_seeds > 1 else f"one seed ({seeds})"
     lines = [
         f"**{results['benchmark']}**, protocol `{results['protocol']}`{label}: {results['description']}",
         "",
-        f"Test metrics, {spread} {n_seeds} seed{'s' * (n_seeds != 1)} ({', '.join(map(str, results['seeds']))}); "
-        f"{results['selection_rule']}. Δm% against the single-task baselines (lower is better).",
+        f"Test metrics, {spread}; {results['selection_rule']}. Δm% against the single-task baselines (lower is "
+        "better).",
         "",
     ]
     arrows = ["↑" if m["higher_is_better"] else "↓" for m in metrics]
@@ -159,4 +160,5 @@ def markdown_table(results: Mapping[str, Any]) -> str:
         lines.append(f"| {spec} | " + " | ".join(cells) + f" | {dm} | {rank} | {entry['time_per_epoch_s']:.1f} |")
     lines.append("")
     lines.append("Bold: the best method per column.")
+    lines.extend(f"Note: {note}." for note in results.get("notes", []))
     return "\n".join(lines)

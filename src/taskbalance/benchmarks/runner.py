@@ -89,6 +89,25 @@ def check_methods(methods: Sequence[str], n_tasks: int) -> list[str]:
     return specs
 
 
+def schedule_notes(specs: Sequence[str], n_tasks: int, epochs: int) -> list[str]:
+    """Warnings for methods whose schedule does not fit in ``epochs`` (IGBv1's baseline, IGBv2's policy)."""
+    notes = []
+    for spec in specs:
+        loss = make(spec, n_tasks=n_tasks).loss
+        policy_epoch = getattr(loss, "policy_epoch", None)
+        base_epoch = getattr(loss, "base_epoch", None)
+        if isinstance(policy_epoch, int) and epochs <= policy_epoch:
+            notes.append(
+                f"{spec}: its policy picks the weights from epoch {policy_epoch + 1}; in {epochs} epochs it used "
+                "random weights only"
+            )
+        elif isinstance(base_epoch, int) and epochs <= base_epoch + 1:
+            notes.append(
+                f"{spec}: its gap weights start at epoch {base_epoch + 2}; in {epochs} epochs it never used them"
+            )
+    return notes
+
+
 def _device(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(device)
@@ -284,6 +303,7 @@ def run(
         "seeds": seed_list,
     }
     del summary_header["protocol_description"]
+    summary_header["notes"] = schedule_notes(specs, bench.n_tasks, settings.epochs)
     results = summarize(summary_header, bench.metrics, stl_test, finals)
     write_results(out, results, stl_time)
     return RunResults(results, markdown_table(results), out)
