@@ -306,7 +306,17 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
         run(TinyBenchmark(), ["ew"], out_dir=out, resume=True, progress=False)
     checkpoint.unlink()  # the fix the message gives: the run restarts from its first epoch
     run(TinyBenchmark(), ["ew"], out_dir=out, resume=True, progress=False)
-    assert json.loads((checkpoint.parent / "final.json").read_text())["epochs"] == EPOCHS
+    final_path = checkpoint.parent / "final.json"
+    final = json.loads(final_path.read_text())
+    assert final["epochs"] == EPOCHS
+    # a truncated final.json is rebuilt from the finished checkpoint, without training again
+    final_path.write_text(final_path.read_text()[:20])
+
+    def fail(job: Job, epoch: int, step: int) -> None:
+        raise AssertionError("trained again")
+
+    run(TinyBenchmark(), ["ew"], out_dir=out, resume=True, progress=False, on_step=fail)
+    assert _strip_times(json.loads(final_path.read_text())) == _strip_times(final)
 
 
 def test_schedule_notes_flag_methods_that_cannot_act_in_the_epochs_given() -> None:

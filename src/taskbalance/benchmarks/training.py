@@ -163,10 +163,12 @@ class RunTrainer:
         return self.run_dir / "checkpoint.pt"
 
     def finished(self) -> dict[str, Any] | None:
-        """The run's final.json when it completed, else None."""
-        if not self.final_path.exists():
+        """The run's final.json when it completed, else None (also when unreadable: training then picks up from
+        the checkpoint, which after the last epoch only rewrites final.json)."""
+        try:
+            final: dict[str, Any] = json.loads(self.final_path.read_text())
+        except (OSError, json.JSONDecodeError):
             return None
-        final: dict[str, Any] = json.loads(self.final_path.read_text())
         return final
 
     # -- training ------------------------------------------------------------------------------------------------
