@@ -59,7 +59,7 @@ class CityscapesBenchmark(DenseBenchmark):
         8,
         "random scale crop + flip",
         {
-            "description": "REDUCED: 6 epochs, batch 16, Adam 1e-3, StepLR(3, 0.5), every 4th pixel (32×64), "
+            "description": "6 epochs, batch 16, Adam 1e-3, StepLR(3, 0.5), every 4th pixel (32×64), "
             "128 train / 64 val / 64 test images",
             "epochs": 6,
             "batch_size": 16,

@@ -420,7 +420,7 @@ class NYUv2Benchmark(DenseBenchmark):
         2,
         "random scale crop + flip",
         {
-            "description": "REDUCED: 6 epochs, batch 8, Adam 1e-3, StepLR(3, 0.5), every 3rd pixel (96×128), "
+            "description": "6 epochs, batch 8, Adam 1e-3, StepLR(3, 0.5), every 3rd pixel (96×128), "
             "64 train / 32 val / 32 test images",
             "epochs": 6,
             "batch_size": 8,
