@@ -44,14 +44,22 @@ class TrainingProtocol:
 
 class MultiTaskModel(Protocol):
     """What the runner needs of a model: ``encoder`` (shared), ``heads`` (one per task), and
-    ``forward(inputs) -> (features, [output_1, ..., output_K])``."""
+    ``forward(inputs) -> (features, [output_1, ..., output_K])``; ``features`` is None when the heads read more
+    than one shared tensor (MTAN), so the engine must not take the features-first path."""
 
-    encoder: nn.Module
-    heads: nn.ModuleList
+    @property
+    def encoder(self) -> nn.Module: ...
 
-    def __call__(self, inputs: Any) -> tuple[Tensor, list[Tensor]]: ...
+    @property
+    def heads(self) -> nn.ModuleList: ...
+
+    def __call__(self, inputs: Any) -> tuple[Tensor | None, list[Tensor]]: ...
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
 
 
 class Evaluator(Protocol):
