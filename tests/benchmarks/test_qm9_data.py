@@ -20,11 +20,12 @@ from taskbalance.benchmarks import qm9_data as qd
 from taskbalance.benchmarks.base import TrainingProtocol
 from taskbalance.benchmarks.qm9 import QM9Benchmark, QM9Evaluator, QM9Protocol
 
-HEADER = (
-    "XYZ_file,Index,SMILES,InChi,N_atoms,Stoichiometry,Elements,XYZ_Ang,Mulliken_pop,Harmonic_Freq_cmi,RotA_GHz,"
-    "RotB_GHz,RotC_GHz,Dipole_debye,Polarizability_bohr3,HOMO_au,LUMO_au,HOMO_LUMO_gap_au,R2_bohr2,ZPVE_au,"
-    "InternalEnergy_0K_au,InternalEnergy_298K_au,Enthalphy_298K_au,GibbsFreeEnergy_298K_au,Heatcapacity_Cv_cal_mol_K"
-).split(",")
+HEADER = [
+    *("XYZ_file", "Index", "SMILES", "InChi", "N_atoms", "Stoichiometry", "Elements", "XYZ_Ang", "Mulliken_pop"),
+    *("Harmonic_Freq_cmi", "RotA_GHz", "RotB_GHz", "RotC_GHz", "Dipole_debye", "Polarizability_bohr3", "HOMO_au"),
+    *("LUMO_au", "HOMO_LUMO_gap_au", "R2_bohr2", "ZPVE_au", "InternalEnergy_0K_au", "InternalEnergy_298K_au"),
+    *("Enthalphy_298K_au", "GibbsFreeEnergy_298K_au", "Heatcapacity_Cv_cal_mol_K"),
+]
 #: (index, smiles, elements, coordinates Å, (μ, α, HOMO, LUMO, gap, R², ZPVE, U0, U, H, G, Cv)) from QM9
 REAL = [
     (
@@ -50,7 +51,20 @@ REAL = [
             [0.9157893661, 1.3587451948, -0.0287577581],
             [-0.5202777357, 1.3435321258, -0.7755426124],
         ],
-        (1.6256, 9.46, -0.257, 0.0829, 0.3399, 26.1563, 0.034358, -56.525887, -56.523026, -56.522082, -56.544961, 6.316),
+        (
+            1.6256,
+            9.46,
+            -0.257,
+            0.0829,
+            0.3399,
+            26.1563,
+            0.034358,
+            -56.525887,
+            -56.523026,
+            -56.522082,
+            -56.544961,
+            6.316,
+        ),
     ),
     (
         3,
@@ -61,7 +75,20 @@ REAL = [
             [0.0647664923, 0.0205721989, 0.0015346341],
             [0.8717903737, 1.3007924048, 0.0006931336],
         ],
-        (1.8511, 6.31, -0.2928, 0.0687, 0.3615, 19.0002, 0.021375, -76.404702, -76.401867, -76.400922, -76.422349, 6.002),
+        (
+            1.8511,
+            6.31,
+            -0.2928,
+            0.0687,
+            0.3615,
+            19.0002,
+            0.021375,
+            -76.404702,
+            -76.401867,
+            -76.400922,
+            -76.422349,
+            6.002,
+        ),
     ),
 ]
 N_MOLECULES = 36
@@ -237,7 +264,7 @@ def test_rdkit_features_methane_and_benzene() -> None:
 def test_rdkit_failure_falls_back() -> None:
     pytest.importorskip("rdkit")
     # a lone carbon with one hydrogen (CH radical) cannot be given a neutral closed-shell bond assignment
-    x, bonds, types, source = qd.featurize(["C", "H"], np.array([[0.0, 0, 0], [1.1, 0, 0]]), use_rdkit=True)
+    x, bonds, _, source = qd.featurize(["C", "H"], np.array([[0.0, 0, 0], [1.1, 0, 0]]), use_rdkit=True)
     assert source == qd.BONDS_FALLBACK and bonds.tolist() == [[0, 1]] and x[0, 10] == 1
 
 
