@@ -147,9 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="train single-task baselines and methods on a benchmark; print the comparison table",
-        description="Train the single-task baselines (cached) and every method × seed on a benchmark, then write "
-        "the run folder (config, per-epoch metrics, task weights, checkpoints, results.json/csv) and print a "
-        "markdown table: mean ± std over seeds per metric, Δm%% against the single-task baselines, mean rank.",
+        description="Train the single-task baselines (cached) and every method × seed on a benchmark, then\n"
+        "write the run folder (config, per-epoch metrics, task weights, checkpoints, results.json/csv)\n"
+        "and print a markdown table: mean ± std over seeds per metric, Δm% against the single-task\n"
+        "baselines, mean rank.",
         epilog=_RUN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -164,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds", type=_seeds, default=1, help="a count N (seeds 0..N-1) or a comma-separated list (default 1)"
     )
     run.add_argument("--epochs", type=_positive, help="override the protocol's epoch count (fewer = reduced)")
-    run.add_argument("--protocol", help="the benchmark's protocol, e.g. quick (default) or paper for the MNIST family")
+    run.add_argument(
+        "--protocol", help="the benchmark's protocol (default: its reduced one; the MNIST family has quick and paper)"
+    )
     run.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, mps")
     run.add_argument("--out", help="run folder (default runs/<benchmark>); must be new unless --resume")
     run.add_argument("--data-dir", help="user-provided data (IDX files for the MNIST family; required for nyuv2, ...)")
@@ -185,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="write a markdown table and PNG plots from a run folder",
         description="Read a run folder written by `taskbalance run` and write report.md (mean ± std per metric, "
-        "Δm%%, mean rank, best per column marked) and PNG plots (validation curves, task weights, Δm%% per "
-        "method, Δm%% against time per epoch). Prints the report and the files written.",
+        "Δm%, mean rank, best per column marked) and PNG plots (validation curves, task weights, Δm% per "
+        "method, Δm% against time per epoch). Prints the report and the files written.",
     )
     report.add_argument("dir", metavar="DIR", help="the run folder")
     report.add_argument("--out", help="where to write the report (default DIR/report)")

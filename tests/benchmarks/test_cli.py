@@ -48,10 +48,10 @@ def test_help_texts_are_complete(capsys: pytest.CaptureFixture[str]) -> None:
         assert command in top
     run_help = _help(["run", "--help"], capsys)
     for option in ("--methods", "--seeds", "--epochs", "--protocol", "--device", "--out", "--data-dir", "--resume",
-                   "--threads", "--no-progress", "multimnist", "qm9", "igbv1+nashmtl", "Δm%"):  # fmt: skip
+                   "--threads", "--no-progress", "multimnist", "qm9", "igbv1+nashmtl", "Δm% against"):  # fmt: skip
         assert option in run_help, option
     report_help = _help(["report", "--help"], capsys)
-    assert "DIR" in report_help and "--out" in report_help
+    assert "DIR" in report_help and "--out" in report_help and "%%" not in report_help + run_help
     assert "methods" in _help(["methods", "--help"], capsys)
 
 
