@@ -23,8 +23,9 @@ examples:
   taskbalance run multimnist --out runs/multimnist --resume     # continue an interrupted run
 
 Each run of a seed starts from the same initialisation and sees the same batches. Single-task baselines are
-trained first (cached in $TASKBALANCE_CACHE, default ~/.cache/taskbalance, and reused). The test metrics are
-taken at the epoch with the lowest validation Δm% against the single-task baselines.
+trained first (cached in $TASKBALANCE_CACHE/stl, default ~/.cache/taskbalance/stl, and reused; delete it to
+retrain them). The test metrics are taken at the epoch with the lowest validation Δm% against the single-task
+baselines.
 """
 
 

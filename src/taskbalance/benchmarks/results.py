@@ -124,12 +124,12 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     n_seeds = len(results["seeds"])
     label = " — REDUCED protocol" if results["reduced"] else ""
     seeds = ", ".join(map(str, results["seeds"]))
-    spread = f"mean ± sample std over {n_seeds} seeds ({seeds})" if n_seeds > 1 else f"one seed ({seeds})"
+    spread = f"Mean ± sample std over {n_seeds} seeds ({seeds})" if n_seeds > 1 else f"One seed ({seeds})"
     lines = [
         f"**{results['benchmark']}**, protocol `{results['protocol']}`{label}: {results['description']}",
         "",
-        f"Test metrics, {spread}; {results['selection_rule']}. Δm% against the single-task baselines (lower is "
-        "better).",
+        f"{spread}; {results['selection_rule']}. Δm% against the single-task baselines (lower is better); "
+        "s / epoch: training seconds per epoch.",
         "",
     ]
     arrows = ["↑" if m["higher_is_better"] else "↓" for m in metrics]
@@ -139,7 +139,8 @@ def markdown_table(results: Mapping[str, Any]) -> str:
         + " | Δm% ↓ | mean rank ↓ | s / epoch |"
     )
     lines.append("|---|" + "---:|" * (len(metrics) + 3))
-    stl_cells = [f"{results['stl']['mean'][m['name']]:.2f}" for m in metrics]
+    per_seed = results["stl"]["per_seed"].values()
+    stl_cells = [_cell(_spread([float(v[m["name"]]) for v in per_seed]), 2) for m in metrics]
     lines.append("| STL | " + " | ".join(stl_cells) + " | 0.00 | – | – |")
     best: dict[str, float] = {}
     for m in metrics:

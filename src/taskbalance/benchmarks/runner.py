@@ -6,9 +6,10 @@
 Order: the single-task (STL) baseline of every seed and task, then every seed × method. STL baselines are trained
 in the cache (``<cache>/stl/<benchmark>/<protocol, epochs, batch, lr, train size, data, device>/<task>/seed<s>``)
 and linked (or copied) into ``<out>/stl/<task>/seed<s>``, so another comparison with the same protocol reuses
-them. Every run writes the files of :mod:`.training`; the run folder also gets ``config.json``,
-``results.json`` / ``results.csv`` (:mod:`.results`) and the printed markdown table. ``resume=True`` skips the
-finished runs and continues the others from their last checkpoint.
+them (delete ``<cache>/stl`` to retrain them, e.g. after changing a benchmark's code). Every run writes the
+files of :mod:`.training`; the run folder also gets ``config.json``, ``results.json`` / ``results.csv``
+(:mod:`.results`) and the printed markdown table. ``resume=True`` skips the finished runs and continues the
+others from their last checkpoint.
 """
 
 from __future__ import annotations

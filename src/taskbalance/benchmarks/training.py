@@ -7,8 +7,10 @@ after the balancer is built. At the end of every epoch the run validates, tests,
 a checkpoint; a run continued from its checkpoint (``resume=True``) ends bit for bit where an uninterrupted one
 would (on the CPU, with the same thread count).
 
-Files in the run folder: ``metrics.jsonl`` (one line per finished epoch), ``weights.csv`` (effective task weights
-at sampled steps), ``checkpoint.pt`` and, once the last epoch is done, ``final.json``.
+Files in the run folder: ``metrics.jsonl`` (one line per finished epoch: training seconds, learning rate, the
+mean over the epoch's batches of each raw training loss, validation and test metrics), ``weights.csv`` (effective
+task weights at up to 50 evenly spaced steps per epoch), ``checkpoint.pt`` and, once the last epoch is done,
+``final.json``.
 """
 
 from __future__ import annotations
