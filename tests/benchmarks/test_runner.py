@@ -304,7 +304,12 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     checkpoint.write_bytes(checkpoint.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=re.escape(f"delete {checkpoint}")):
         run(TinyBenchmark(), ["ew"], out_dir=out, resume=True, progress=False)
-    checkpoint.unlink()  # the fix the message gives: the run restarts from its first epoch
+    # a checkpoint of another run (copied by hand) is refused rather than silently continued
+    other = torch.load(out / "stl" / "a" / "seed0" / "checkpoint.pt", weights_only=True)
+    torch.save(other, checkpoint)
+    with pytest.raises(CheckpointError, match="belongs to"):
+        run(TinyBenchmark(), ["ew"], out_dir=out, resume=True, progress=False)
+    checkpoint.unlink()  # the fix the messages give: the run restarts from its first epoch
     run(TinyBenchmark(), ["ew"], out_dir=out, resume=True, progress=False)
     final_path = checkpoint.parent / "final.json"
     final = json.loads(final_path.read_text())

@@ -33,7 +33,7 @@ from ..loss_balancing.base import LossBalancer
 from ..registry import make
 from .base import Benchmark, Split
 from .cache import atomic_open
-from .checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from .delta_m import delta_m
 
 #: offset of the dropout stream's seed from the run seed (any constant: it only has to differ from the init's)
@@ -195,14 +195,21 @@ class RunTrainer:
 
         if resume and self.checkpoint_path.exists():
             saved = load_checkpoint(self.checkpoint_path, device)
-            model_module.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            if scheduler is not None and saved.get("scheduler") is not None:
-                scheduler.load_state_dict(saved["scheduler"])
-            if balancer is not None:
-                balancer.load_state_dict(saved["balancer"])
-            restore_rng(saved["rng"], device)
-            order.set_state(saved["order"].cpu())
+            fix = f"delete {self.checkpoint_path} (the run then restarts from its first epoch)"
+            expected = {"spec": job.spec, "seed": job.seed, "task": job.task}
+            if saved.get("job") != expected:
+                raise CheckpointError(f"{self.checkpoint_path} belongs to {saved.get('job')}, not {expected}; {fix}")
+            try:
+                model_module.load_state_dict(saved["model"])
+                optimizer.load_state_dict(saved["optimizer"])
+                if scheduler is not None and saved.get("scheduler") is not None:
+                    scheduler.load_state_dict(saved["scheduler"])
+                if balancer is not None:
+                    balancer.load_state_dict(saved["balancer"])
+                restore_rng(saved["rng"], device)
+                order.set_state(saved["order"].cpu())
+            except (RuntimeError, ValueError, KeyError, TypeError) as error:
+                raise CheckpointError(f"{self.checkpoint_path} does not fit this run ({error}); {fix}") from error
             state = {"epoch": int(saved["epoch"]), "step": int(saved["step"]), "history": list(saved["history"])}
         self._rewrite_metrics(state["history"])
         _truncate_weights(self.run_dir / "weights.csv", state["epoch"])
