@@ -288,6 +288,9 @@ def test_errors_are_clear(tmp_path: Path) -> None:
         with pytest.raises(ValueError):
             parse_seeds(bad)  # type: ignore[arg-type]
 
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileExistsError, match="is a file"):
+        run(bench, ["ew"], out_dir=tmp_path / "file")
     out = tmp_path / "done"
     run(bench, ["ew"], out_dir=out, progress=False)
     with pytest.raises(FileExistsError, match="--resume"):

@@ -161,6 +161,8 @@ def _write_json(path: Path, data: Any) -> None:
 
 def _prepare_out_dir(out_dir: Path, config: dict[str, Any], resume: bool) -> None:
     config_path = out_dir / "config.json"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file, not a folder: choose another --out")
     if config_path.exists():
         if not resume:
             raise FileExistsError(
