@@ -95,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with the same command and --out {out} --resume", file=sys.stderr)
         return 130
-    except (ValueError, FileExistsError, FileNotFoundError, DataSourceError, CheckpointError, ImportError) as error:
+    except (ValueError, OSError, DataSourceError, CheckpointError, ImportError) as error:
         print(f"taskbalance run: error: {error}", file=sys.stderr)
         return 2
     print(result.table)
