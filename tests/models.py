@@ -33,3 +33,18 @@ def task_losses(model: TinyMTL, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 def make_data(n_tasks: int = 3, n: int = 32, d_in: int = 5, seed: int = 1) -> tuple[Tensor, Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, d_in, generator=gen), torch.randn(n, n_tasks, generator=gen)
+
+
+_GEN = torch.Generator().manual_seed(0)
+#: the issue's degenerate Jacobians (K × P), shared by every gradient method's test: zero gradients, one zero
+#: gradient, parallel, opposite, one gradient 1e6 times longer, K = 1, K = 40 (> P), float64
+DEGENERATE_JACOBIANS: dict[str, Tensor] = {
+    "zero": torch.zeros(3, 5),
+    "one-zero": torch.tensor([[1.0, 2.0], [0.0, 0.0], [-1.0, 0.5]]),
+    "parallel": torch.tensor([[1.0, 2.0], [2.0, 4.0]]),
+    "opposite": torch.tensor([[1.0, 2.0], [-1.0, -2.0]]),
+    "one-1e6-longer": torch.tensor([[1e6, 2e6, 0.0], [-1.0, 0.5, 1.0]]),
+    "k1": torch.randn(1, 4, generator=_GEN),
+    "k40": torch.randn(40, 7, generator=_GEN),
+    "float64": torch.randn(3, 5, generator=_GEN, dtype=torch.float64),
+}

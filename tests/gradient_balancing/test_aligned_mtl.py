@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import taskbalance as tb
 from taskbalance.gradient_balancing.aligned_mtl import AlignedMTL, balance_transformation
-from tests.models import TinyMTL, make_data, task_losses
+from tests.models import DEGENERATE_JACOBIANS, TinyMTL, make_data, task_losses
 
 
 def _weights(jacobian: torch.Tensor, **options: object) -> torch.Tensor:
@@ -82,20 +82,7 @@ def test_rank_tolerance_follows_the_dtype() -> None:
     torch.testing.assert_close(_weights(jacobian32), torch.tensor([1.0, 0.0]))
 
 
-@pytest.mark.parametrize(
-    "jacobian",
-    [
-        torch.zeros(3, 5),
-        torch.tensor([[1.0, 2.0], [0.0, 0.0], [-1.0, 0.5]]),
-        torch.tensor([[1.0, 2.0], [2.0, 4.0]]),
-        torch.tensor([[1.0, 2.0], [-1.0, -2.0]]),
-        torch.tensor([[1e6, 2e6, 0.0], [-1.0, 0.5, 1.0]]),
-        torch.randn(1, 4),
-        torch.randn(40, 7),
-        torch.randn(3, 5, dtype=torch.float64),
-    ],
-    ids=["zero", "one-zero", "parallel", "opposite", "one-1e6-longer", "k1", "k40", "float64"],
-)
+@pytest.mark.parametrize("jacobian", list(DEGENERATE_JACOBIANS.values()), ids=list(DEGENERATE_JACOBIANS))
 @pytest.mark.parametrize("scale", ["min", "median", "rmse"])
 def test_degenerate_inputs_give_finite_updates(jacobian: torch.Tensor, scale: str) -> None:
     weights = _weights(jacobian, scale=scale)

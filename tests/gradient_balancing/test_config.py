@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import taskbalance as tb
 from taskbalance.gradient_balancing.config import ConFIG
-from tests.models import TinyMTL, make_data, task_losses
+from tests.models import DEGENERATE_JACOBIANS, TinyMTL, make_data, task_losses
 
 
 def _update(jacobian: torch.Tensor) -> torch.Tensor:
@@ -101,20 +101,7 @@ def test_opposite_gradients_give_zero_and_zero_gradients_zero_weight() -> None:
     torch.testing.assert_close(weights @ jacobian, _reference(jacobian[[0, 2]]))
 
 
-@pytest.mark.parametrize(
-    "jacobian",
-    [
-        torch.zeros(3, 5),
-        torch.tensor([[1.0, 2.0], [0.0, 0.0], [-1.0, 0.5]]),
-        torch.tensor([[1.0, 2.0], [2.0, 4.0]]),
-        torch.tensor([[1.0, 2.0], [-1.0, -2.0]]),
-        torch.tensor([[1e6, 2e6, 0.0], [-1.0, 0.5, 1.0]]),
-        torch.randn(1, 4),
-        torch.randn(40, 7),
-        torch.randn(3, 5, dtype=torch.float64),
-    ],
-    ids=["zero", "one-zero", "parallel", "opposite", "one-1e6-longer", "k1", "k40", "float64"],
-)
+@pytest.mark.parametrize("jacobian", list(DEGENERATE_JACOBIANS.values()), ids=list(DEGENERATE_JACOBIANS))
 def test_degenerate_inputs_give_finite_updates(jacobian: torch.Tensor) -> None:
     assert torch.isfinite(_update(jacobian)).all()
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import taskbalance as tb
 from taskbalance.gradient_balancing.base import Combination
 from taskbalance.gradient_balancing.fairgrad import FairGrad
-from tests.models import TinyMTL, make_data, task_losses
+from tests.models import DEGENERATE_JACOBIANS, TinyMTL, make_data, task_losses
 
 
 def _combine(gram: torch.Tensor, alpha: float = 1.0) -> Combination:
@@ -113,20 +113,7 @@ def test_iteration_limit_is_reported() -> None:
     assert combination.weights is not None and (combination.weights > 0).all()
 
 
-@pytest.mark.parametrize(
-    "jacobian",
-    [
-        torch.zeros(3, 5),
-        torch.tensor([[1.0, 2.0], [0.0, 0.0], [-1.0, 0.5]]),
-        torch.tensor([[1.0, 2.0], [2.0, 4.0]]),
-        torch.tensor([[1.0, 2.0], [-1.0, -2.0]]),
-        torch.tensor([[1e6, 2e6, 0.0], [-1.0, 0.5, 1.0]]),
-        torch.randn(1, 4),
-        torch.randn(40, 7),
-        torch.randn(3, 5, dtype=torch.float64),
-    ],
-    ids=["zero", "one-zero", "parallel", "opposite", "one-1e6-longer", "k1", "k40", "float64"],
-)
+@pytest.mark.parametrize("jacobian", list(DEGENERATE_JACOBIANS.values()), ids=list(DEGENERATE_JACOBIANS))
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 3.0])
 def test_degenerate_inputs_give_finite_updates(jacobian: torch.Tensor, alpha: float) -> None:
     weights = _weights(jacobian, alpha)

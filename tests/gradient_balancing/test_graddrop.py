@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import taskbalance as tb
 from taskbalance.gradient_balancing.base import Combination
 from taskbalance.gradient_balancing.graddrop import GradDrop, sign_dropout
-from tests.models import TinyMTL, make_data, task_losses
+from tests.models import DEGENERATE_JACOBIANS, TinyMTL, make_data, task_losses
 
 
 def _method(k: int, **options: object) -> GradDrop:
@@ -73,20 +73,7 @@ def test_sum_convention_for_equal_gradients() -> None:
     torch.testing.assert_close(_step(_method(4), g.expand(4, 50)), 4 * g)
 
 
-@pytest.mark.parametrize(
-    "jacobian",
-    [
-        torch.zeros(3, 5),
-        torch.tensor([[1.0, 2.0], [0.0, 0.0], [-1.0, 0.5]]),
-        torch.tensor([[1.0, 2.0], [2.0, 4.0]]),
-        torch.tensor([[1.0, 2.0], [-1.0, -2.0]]),
-        torch.tensor([[1e6, 2e6, 0.0], [-1.0, 0.5, 1.0]]),
-        torch.randn(1, 4),
-        torch.randn(40, 7),
-        torch.randn(3, 5, dtype=torch.float64),
-    ],
-    ids=["zero", "one-zero", "parallel", "opposite", "one-1e6-longer", "k1", "k40", "float64"],
-)
+@pytest.mark.parametrize("jacobian", list(DEGENERATE_JACOBIANS.values()), ids=list(DEGENERATE_JACOBIANS))
 def test_degenerate_inputs_give_finite_updates(jacobian: torch.Tensor) -> None:
     update = _step(_method(jacobian.shape[0], leak=0.1), jacobian)
     assert update.dtype == jacobian.dtype and torch.isfinite(update).all()

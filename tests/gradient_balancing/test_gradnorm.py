@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import taskbalance as tb
 from taskbalance.gradient_balancing.gradnorm import GradNorm
-from tests.models import TinyMTL, make_data, task_losses
+from tests.models import DEGENERATE_JACOBIANS, TinyMTL, make_data, task_losses
 
 
 def _method(k: int, **options: float) -> GradNorm:
@@ -113,20 +113,7 @@ def test_first_losses_must_be_positive_later_ones_count_as_trained() -> None:
     assert weights is not None and torch.isfinite(weights).all() and torch.isfinite(method.weights).all()
 
 
-@pytest.mark.parametrize(
-    "jacobian",
-    [
-        torch.zeros(3, 5),
-        torch.tensor([[1.0, 2.0], [0.0, 0.0], [-1.0, 0.5]]),
-        torch.tensor([[1.0, 2.0], [2.0, 4.0]]),
-        torch.tensor([[1.0, 2.0], [-1.0, -2.0]]),
-        torch.tensor([[1e6, 2e6, 0.0], [-1.0, 0.5, 1.0]]),
-        torch.randn(1, 4),
-        torch.randn(40, 7),
-        torch.randn(3, 5, dtype=torch.float64),
-    ],
-    ids=["zero", "one-zero", "parallel", "opposite", "one-1e6-longer", "k1", "k40", "float64"],
-)
+@pytest.mark.parametrize("jacobian", list(DEGENERATE_JACOBIANS.values()), ids=list(DEGENERATE_JACOBIANS))
 def test_degenerate_inputs_give_finite_updates(jacobian: torch.Tensor) -> None:
     k = jacobian.shape[0]
     method = _method(k)

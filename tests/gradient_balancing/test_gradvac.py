@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import taskbalance as tb
 from taskbalance.gradient_balancing.gradvac import GradVac, vaccinate
 from taskbalance.gradient_balancing.pcgrad import project_conflicting, random_orders
-from tests.models import TinyMTL, make_data, task_losses
+from tests.models import DEGENERATE_JACOBIANS, TinyMTL, make_data, task_losses
 
 
 def _method(k: int, **options: object) -> GradVac:
@@ -137,20 +137,7 @@ def test_sum_convention_for_equal_gradients() -> None:
         torch.testing.assert_close(weights @ jacobian, 4 * g)
 
 
-@pytest.mark.parametrize(
-    "jacobian",
-    [
-        torch.zeros(3, 5),
-        torch.tensor([[1.0, 2.0], [0.0, 0.0], [-1.0, 0.5]]),
-        torch.tensor([[1.0, 2.0], [2.0, 4.0]]),
-        torch.tensor([[1.0, 2.0], [-1.0, -2.0]]),
-        torch.tensor([[1e6, 2e6, 0.0], [-1.0, 0.5, 1.0]]),
-        torch.randn(1, 4),
-        torch.randn(40, 7),
-        torch.randn(3, 5, dtype=torch.float64),
-    ],
-    ids=["zero", "one-zero", "parallel", "opposite", "one-1e6-longer", "k1", "k40", "float64"],
-)
+@pytest.mark.parametrize("jacobian", list(DEGENERATE_JACOBIANS.values()), ids=list(DEGENERATE_JACOBIANS))
 def test_degenerate_inputs_give_finite_updates(jacobian: torch.Tensor) -> None:
     k = jacobian.shape[0]
     method = _method(k, beta=0.5)

@@ -15,7 +15,7 @@ import taskbalance as tb
 from taskbalance.gradient_balancing.base import Combination
 from taskbalance.gradient_balancing.moco import MoCo
 from taskbalance.solvers import project_simplex
-from tests.models import TinyMTL, make_data, task_losses
+from tests.models import DEGENERATE_JACOBIANS, TinyMTL, make_data, task_losses
 
 
 def _method(k: int, **options: object) -> MoCo:
@@ -106,20 +106,7 @@ def test_sum_convention_holds_once_the_tracking_has_caught_up() -> None:
     torch.testing.assert_close(update, 3 * g, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize(
-    "jacobian",
-    [
-        torch.zeros(3, 5),
-        torch.tensor([[1.0, 2.0], [0.0, 0.0], [-1.0, 0.5]]),
-        torch.tensor([[1.0, 2.0], [2.0, 4.0]]),
-        torch.tensor([[1.0, 2.0], [-1.0, -2.0]]),
-        torch.tensor([[1e6, 2e6, 0.0], [-1.0, 0.5, 1.0]]),
-        torch.randn(1, 4),
-        torch.randn(40, 7),
-        torch.randn(3, 5, dtype=torch.float64),
-    ],
-    ids=["zero", "one-zero", "parallel", "opposite", "one-1e6-longer", "k1", "k40", "float64"],
-)
+@pytest.mark.parametrize("jacobian", list(DEGENERATE_JACOBIANS.values()), ids=list(DEGENERATE_JACOBIANS))
 @pytest.mark.parametrize("options", [{}, {"lambda_update": "softmax", "normalize": True}])
 def test_degenerate_inputs_give_finite_updates(jacobian: torch.Tensor, options: dict[str, object]) -> None:
     method = _method(jacobian.shape[0], **options)
