@@ -37,6 +37,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "dbmtl": {},
     "imgrad": {},
     "igbv1+nashmtl": {},
+    "igbv1+upgrad": {"update_weights_every": 3},
     "famo+dbmtl": {},
     "rlw+pcgrad": {"loss_options": {"seed": 1}, "gradient_options": {"seed": 2}},
 }

@@ -64,6 +64,14 @@ class Balancer(nn.Module):
         n_tasks: K, the number of tasks (losses per step).
         engine: how per-task gradients are obtained for gradient methods (see :mod:`taskbalance.jacobian`).
         check_finite: raise on NaN/Inf losses (one device synchronisation per step on CUDA).
+        update_weights_every: amortisation for weight-based gradient methods (``needs == "gramian"``): the
+            method solves for its weights w on every N-th call of :meth:`backward` (the first included) and the
+            calls in between reuse that w with one ordinary backward of Σ_k w_k ℓ̃_k into θ: no per-task
+            gradients, no G, no solver. The loss method still runs on every call. N = 1 (default) is the exact
+            method; the option is the Nash-MTL reference code's (Navon et al., 2022), offered here for every
+            weight-based method. Its effect on results is staleness: w is up to N-1 steps old, and methods with
+            state (GradVac's EMA, GradNorm's learnt weights, warm starts) advance it on solve steps only.
+            Measured effects: docs/cost-model.md.
 
     The Balancer is an ``nn.Module``: ``parameters()`` are the methods' learnable parameters (UW, IMTL-L),
     ``state_dict()`` holds all their state, ``to(device)`` moves them.
@@ -77,10 +85,15 @@ class Balancer(nn.Module):
         n_tasks: int,
         engine: EnginePath = "auto",
         check_finite: bool = True,
+        update_weights_every: int = 1,
     ) -> None:
         super().__init__()
         if not isinstance(n_tasks, int) or isinstance(n_tasks, bool) or n_tasks < 1:
             raise ValueError(f"n_tasks must be a positive int, got {n_tasks!r}")
+        if not isinstance(update_weights_every, int) or isinstance(update_weights_every, bool):
+            raise TypeError(f"update_weights_every must be an int, got {update_weights_every!r}")
+        if update_weights_every < 1:
+            raise ValueError(f"update_weights_every must be >= 1, got {update_weights_every}")
         if engine not in ENGINE_PATHS:
             raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINE_PATHS)}")
         loss = Equal() if loss is None else loss
@@ -94,12 +107,20 @@ class Balancer(nn.Module):
         self.check_finite = check_finite
         if engine == "gramian" and gradient.needs != "gramian":
             raise ValueError(f"engine 'gramian' needs a method that reads only G; {type(gradient).__name__} reads J")
+        if update_weights_every > 1 and gradient.needs != "gramian":
+            raise ValueError(
+                f"update_weights_every needs a weight-based gradient method; {type(gradient).__name__} returns an "
+                "update that is not Jᵀw (it reads J), so there are no weights to reuse"
+            )
+        self.update_weights_every = update_weights_every
         self.loss = loss
         self.gradient = gradient
         self._engine = Engine(engine)
         loss.setup(n_tasks)
         gradient.setup(n_tasks)
         self._warned_solver = False
+        self._calls = 0
+        self._reused_weights: Tensor | None = None
 
     # -- the training step -----------------------------------------------------------------------------------
     def backward(
@@ -150,7 +171,23 @@ class Balancer(nn.Module):
         shared_ids = {id(p) for p in shared}
         # heads and the methods' own parameters (UW's log-variances) all get ∇ Σ ℓ̃
         task_params = [t for t in reachable_leaves(balanced.losses) if id(t) not in shared_ids]
+        call = self._calls
+        self._calls += 1
+        if self._reused_weights is not None and call % self.update_weights_every != 0:
+            weights = self._reused_weights.to(device=raw.device, dtype=raw.dtype)
+            self._engine.apply_weights(balanced.losses, shared, task_params, weights, self.gradient.max_norm)
+            return BalanceResult(
+                weights=balanced.weights * weights,
+                losses=raw,
+                balanced_losses=balanced.losses.detach(),
+                loss_weights=balanced.weights,
+                gradient_weights=weights,
+                overhead_s=time.perf_counter() - start,
+            )
         combination = self._engine(balanced.losses, shared, task_params, self.gradient, features)
+        if self.update_weights_every > 1:
+            assert combination.weights is not None  # checked in __init__: the method is weight-based
+            self._reused_weights = combination.weights.detach().clone()
         if not combination.converged and not self._warned_solver:
             self._warned_solver = True
             warnings.warn(
@@ -189,6 +226,8 @@ class Balancer(nn.Module):
         self.gradient.reset()
         self._engine.reset()
         self._warned_solver = False
+        self._calls = 0
+        self._reused_weights = None
 
     # -- validation ------------------------------------------------------------------------------------------
     def _check_losses(self, losses: Tensor | Iterable[Tensor], need_grad: bool = True) -> Tensor:
@@ -230,11 +269,14 @@ class Balancer(nn.Module):
 
     # -- state -----------------------------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
-        return {"n_tasks": self.n_tasks}
+        return {"n_tasks": self.n_tasks, "calls": self._calls, "reused_weights": self._reused_weights}
 
     def set_extra_state(self, state: Any) -> None:
         if state["n_tasks"] != self.n_tasks:
             raise ValueError(f"state is for {state['n_tasks']} tasks, this Balancer has {self.n_tasks}")
+        self._calls = int(state.get("calls", 0))
+        self._reused_weights = state.get("reused_weights")
 
     def extra_repr(self) -> str:
-        return f"n_tasks={self.n_tasks}, engine={self.engine!r}"
+        every = f", update_weights_every={self.update_weights_every}" if self.update_weights_every > 1 else ""
+        return f"n_tasks={self.n_tasks}, engine={self.engine!r}{every}"

@@ -74,6 +74,13 @@ def _clip_factor(norm: Tensor, max_norm: float) -> Tensor:
     return torch.clamp(max_norm / (norm + 1e-12), max=1.0)
 
 
+def _clip_blocks(blocks: Sequence[Tensor | None], max_norm: float) -> list[Tensor | None]:
+    """The blocks of one update, scaled together so that their joint norm is at most ``max_norm``."""
+    norms = [torch.linalg.vector_norm(g) for g in blocks if g is not None]
+    factor = _clip_factor(torch.linalg.vector_norm(torch.stack(norms)), max_norm)
+    return [None if g is None else g * factor for g in blocks]
+
+
 class _FeatureCut:
     """θ, the other leaves, and how they sit around ``features`` z (which leaves ℓ̃ reaches without z)."""
 
@@ -171,6 +178,33 @@ class Engine:
         _accumulate(task_params, task_grads, owned=path != "features")  # sums over K, unless captured
         return combination
 
+    def apply_weights(
+        self,
+        balanced: Tensor,
+        shared: Sequence[Tensor],
+        task_params: Sequence[Tensor],
+        weights: Tensor,
+        max_norm: float | None,
+    ) -> None:
+        """Accumulate Jᵀw (clipped to ``max_norm``) into ``θ.grad`` and ∇ Σ ℓ̃ into the task parameters.
+
+        The reuse step of amortised weights: no J, no G. The task parameters' backward runs first and only
+        through the part of the graph between them and ℓ̃ (the heads); the backward of Σ_k w_k ℓ̃_k into θ then
+        frees the graph, like an ordinary ``backward()``. Cost: one backward plus one more through the heads.
+        """
+        _check_weights(weights, balanced.shape[0])
+        if task_params:
+            ones = torch.ones_like(balanced)
+            _accumulate(
+                task_params, torch.autograd.grad(balanced, task_params, ones, retain_graph=True, allow_unused=True)
+            )
+        self.last_path = "reuse"
+        if max_norm is None:  # straight into .grad, exactly like backward()
+            torch.autograd.backward(balanced, weights.to(balanced.dtype), inputs=list(shared))
+            return
+        update = torch.autograd.grad(balanced, shared, weights.to(balanced.dtype), allow_unused=True)
+        _accumulate(shared, _clip_blocks(update, max_norm), owned=True)
+
     # -- paths -------------------------------------------------------------------------------------------------
     def _features(
         self, balanced: Tensor, shared: Sequence[Tensor], features: Tensor, split: _FeatureCut, trunk_vmap: bool
@@ -251,9 +285,7 @@ class Engine:
             update = list(torch.autograd.grad(features, inputs, cotangent, allow_unused=True))
             trunk_grads = []
         if method.max_norm is not None:
-            norms = [torch.linalg.vector_norm(g) for g in update if g is not None]
-            factor = _clip_factor(torch.linalg.vector_norm(torch.stack(norms)), method.max_norm)
-            update = [None if g is None else g * factor for g in update]
+            update = _clip_blocks(update, method.max_norm)
         _accumulate(shared, update)
         _accumulate([*split.head_side, *split.trunk_side], [*head_grads, *trunk_grads])
         return combination

@@ -167,7 +167,7 @@ def make(
     targets = {
         "loss": _accepts(loss_cls),
         "gradient": _accepts(grad_cls),
-        "balancer": {"engine", "check_finite"},
+        "balancer": {"engine", "check_finite", "update_weights_every"},
     }
     for key, value in options.items():
         owners = [level for level, accepted in targets.items() if key in accepted]

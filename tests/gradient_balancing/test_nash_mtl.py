@@ -80,15 +80,6 @@ def test_equal_gradients_give_the_normalised_sum(seed: int, k: int, p: int) -> N
     torch.testing.assert_close(update, k**0.5 * g / g.norm())
 
 
-def test_weights_are_reused_between_updates() -> None:
-    method = _method(3, update_weights_every=3)
-    jacs = [_jacobian(seed, 3, 5) for seed in range(5)]
-    weights = [_alpha(method, jac) for jac in jacs]
-    assert torch.equal(weights[1], weights[0]) and torch.equal(weights[2], weights[0])
-    torch.testing.assert_close(weights[3], _alpha(_method(3), jacs[3]))
-    assert torch.equal(weights[4], weights[3])
-
-
 def test_degenerate_inputs_are_finite_and_reported() -> None:
     g = _jacobian(0, 1, 6)[0]
     h = _jacobian(1, 1, 6)[0]
@@ -124,8 +115,6 @@ def test_failure_drops_the_warm_start_and_recovers() -> None:
 
 
 def test_bad_options() -> None:
-    with pytest.raises(ValueError, match="update_weights_every"):
-        NashMTL(update_weights_every=0)
     with pytest.raises(ValueError, match="optim_niter"):
         NashMTL(optim_niter=0)
     with pytest.raises(ValueError, match="max_norm"):
@@ -134,10 +123,10 @@ def test_bad_options() -> None:
 
 
 def test_state_round_trip() -> None:
-    method = _method(4, update_weights_every=2)
+    method = _method(4)
     for seed in range(3):
         _alpha(method, _jacobian(seed, 4, 7))
-    fresh = _method(4, update_weights_every=2)
+    fresh = _method(4)
     fresh.load_state_dict(method.state_dict())
     for seed in range(3, 6):
         jac = _jacobian(seed, 4, 7)

@@ -56,9 +56,9 @@ class NashMTL(GradientBalancer):
     d = √K·g/‖g‖), and with the default ``max_norm=1`` the shared update always has norm 1 (K ≥ 2).
 
     Defaults, as the reference (``methods/weight_methods.py``): ``max_norm=1.0`` (the shared update is clipped to
-    norm 1, like its ``clip_grad_norm_``), ``update_weights_every=1`` (between updates the last α is reused and
-    the new G ignored), ``optim_niter=20`` (here: the maximum number of Newton steps; 3–8 are typical from a
-    warm start, the previous step's solution, or from β ∝ 1 on the first step, as the reference starts from 1).
+    norm 1, like its ``clip_grad_norm_``), ``optim_niter=20`` (here: the maximum number of Newton steps; 3–8 are
+    typical from a warm start, the previous step's solution, or from β ∝ 1 on the first step, as the reference
+    starts from 1).
 
     Differences from the reference code, on purpose:
 
@@ -74,38 +74,29 @@ class NashMTL(GradientBalancer):
       because α grows only along J's null space. Either way ``converged=False`` with a note, and the warm start
       is dropped.
 
-    Unlike the reference, steps that reuse α still pay for G (the engine computes it before calling the method),
-    and heads get ∇ℓ̃_k from the Balancer, while the reference's backward of Σ_k α_kℓ_k gives them α_k∇ℓ_k.
+    The reference's ``update_weights_every`` (solve every N steps, reuse α in between) is the Balancer's option of
+    the same name, which serves every weight-based method and skips G on the reuse steps (one ordinary backward).
+    Heads get ∇ℓ̃_k from the Balancer, while the reference's backward of Σ_k α_kℓ_k gives them α_k∇ℓ_k.
 
     Args:
         max_norm: bound on the norm of the shared update (default 1.0; None disables clipping).
-        update_weights_every: solve for α every this many steps, reusing α in between (≥ 1).
         optim_niter: maximum Newton steps per solve (≥ 1).
     """
 
     name: ClassVar[str] = "nashmtl"
     needs: ClassVar[Literal["gramian", "jacobian"]] = "gramian"
 
-    def __init__(self, max_norm: float | None = 1.0, update_weights_every: int = 1, optim_niter: int = 20) -> None:
+    def __init__(self, max_norm: float | None = 1.0, optim_niter: int = 20) -> None:
         super().__init__(max_norm=max_norm)
-        if not isinstance(update_weights_every, int) or update_weights_every < 1:
-            raise ValueError(f"update_weights_every must be an int >= 1, got {update_weights_every!r}")
         if not isinstance(optim_niter, int) or optim_niter < 1:
             raise ValueError(f"optim_niter must be an int >= 1, got {optim_niter!r}")
-        self.update_weights_every = update_weights_every
         self.optim_niter = optim_niter
         self.reset()
 
     def reset(self) -> None:
-        self._step = 0
-        self._alpha: Tensor | None = None
         self._beta: Tensor | None = None
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
-        step = self._step
-        self._step += 1
-        if self._alpha is not None and step % self.update_weights_every != 0:
-            return Combination(weights=self._alpha.to(device=matrix.device, dtype=matrix.dtype))
         if not bool(torch.isfinite(matrix).all()):  # a read from the device: refuse NaN/Inf early
             raise ValueError("Nash-MTL got a non-finite Gramian (NaN or Inf gradients)")
         gramian = matrix.to(torch.float64)
@@ -114,7 +105,7 @@ class NashMTL(GradientBalancer):
         active = norms > 1e-12 * norms.max()
         alpha = torch.zeros(k, dtype=torch.float64, device=gramian.device)
         if not bool(active.any()):
-            self._alpha, self._beta = alpha, None
+            self._beta = None
             note = "all gradients are zero: Nash-MTL has no solution; returned weights 0"
             return Combination(weights=alpha.to(matrix.dtype), converged=False, note=note)
         index = active.nonzero().squeeze(1)
@@ -137,20 +128,15 @@ class NashMTL(GradientBalancer):
                 f"Newton did not reach α⊙Gα = 1 in {self.optim_niter} steps (residual {float(residual):.1e}): "
                 "0 is (nearly) in the hull of the gradients; returned the last iterate"
             )
-        self._alpha = alpha
         self._beta = full_beta if converged and not dropped else None
         return Combination(weights=alpha.to(matrix.dtype), converged=converged and not dropped, note="; ".join(notes))
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "step": self._step, "alpha": self._alpha, "beta": self._beta}
+        return {**super().get_extra_state(), "beta": self._beta}
 
     def set_extra_state(self, state: Any) -> None:
         super().set_extra_state(state)
-        self._step = int(state["step"])
-        self._alpha = state["alpha"]
         self._beta = state["beta"]
 
     def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, update_weights_every={self.update_weights_every}, optim_niter={self.optim_niter}"
-        )
+        return f"{super().extra_repr()}, optim_niter={self.optim_niter}"
