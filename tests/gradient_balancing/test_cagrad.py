@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import taskbalance as tb
+from taskbalance.gradient_balancing.base import Combination
 from taskbalance.gradient_balancing.cagrad import CAGrad
 from tests.models import TinyMTL, make_data, task_losses
 
@@ -28,7 +29,7 @@ def _jacobian(seed: int, k: int, p: int, shift: float = 0.0) -> torch.Tensor:
 
 
 def _weights(method: CAGrad, jac: torch.Tensor, converged: bool = True) -> torch.Tensor:
-    combination = method(jac @ jac.T, torch.ones(jac.shape[0], dtype=jac.dtype))
+    combination: Combination = method(jac @ jac.T, torch.ones(jac.shape[0], dtype=jac.dtype))
     assert combination.weights is not None
     assert combination.converged == converged, combination.note
     return combination.weights
@@ -38,7 +39,9 @@ def _dual(w: torch.Tensor, jac: torch.Tensor, c: float) -> torch.Tensor:
     """g_wᵀg₀ + c‖g₀‖‖g_w‖ for a batch of w (..., K)."""
     g0 = jac.mean(0)
     gw = w @ jac
-    return gw @ g0 + c * g0.norm() * gw.norm(dim=-1)
+    g0_norm: torch.Tensor = torch.linalg.vector_norm(g0)
+    gw_norm: torch.Tensor = torch.linalg.vector_norm(gw, dim=-1)
+    return gw @ g0 + c * g0_norm * gw_norm
 
 
 def _simplex_grid(k: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import taskbalance as tb
+from taskbalance.gradient_balancing.base import Combination
 from taskbalance.gradient_balancing.dbmtl import DBMTL
 from tests.models import TinyMTL, make_data, task_losses
 
@@ -27,7 +28,7 @@ def _jacobian(seed: int, k: int, p: int, dtype: torch.dtype = F64) -> torch.Tens
 
 
 def _direction(method: DBMTL, jac: torch.Tensor) -> torch.Tensor:
-    combination = method(jac, torch.ones(jac.shape[0], dtype=jac.dtype))
+    combination: Combination = method(jac, torch.ones(jac.shape[0], dtype=jac.dtype))
     assert combination.direction is not None and combination.weights is None and combination.converged
     return combination.direction
 
@@ -144,9 +145,9 @@ def _reference_step(model: TinyMTL, x: torch.Tensor, y: torch.Tensor, ema: torch
     head_grads = torch.autograd.grad(log_losses.sum(), heads)
     with torch.no_grad():
         for p, piece in zip(shared, torch.split(update, [p.numel() for p in shared]), strict=True):
-            p -= lr * piece.view_as(p)
+            p.sub_(lr * piece.view_as(p))
         for p, g in zip(heads, head_grads, strict=True):
-            p -= lr * g
+            p.sub_(lr * g)
     return ema
 
 

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import taskbalance as tb
+from taskbalance.gradient_balancing.base import Combination
 from taskbalance.gradient_balancing.imgrad import IMGrad
 from tests.models import TinyMTL, make_data, task_losses
 
@@ -29,7 +30,7 @@ def _jacobian(seed: int, k: int, p: int, shift: float = 0.0) -> torch.Tensor:
 
 
 def _weights(method: IMGrad, jac: torch.Tensor) -> torch.Tensor:
-    combination = method(jac @ jac.T, torch.ones(jac.shape[0], dtype=jac.dtype))
+    combination: Combination = method(jac @ jac.T, torch.ones(jac.shape[0], dtype=jac.dtype))
     assert combination.weights is not None and combination.converged, combination.note
     return combination.weights
 
@@ -93,7 +94,8 @@ def _reference(jac: torch.Tensor, alpha: float = 0.8) -> torch.Tensor:
     # min (1.5 − s)·g_wᵀg₀ + s·c·‖g_w‖  ⇔  min g_wᵀg₀ + (s·c/(1.5 − s))‖g_w‖
     w = _brute_linear_plus_norm(gram, gram.mean(1), s * c / (1.5 - s))
     gw = w @ jac
-    return (g0 + c / gw.norm() * gw) / (1 + alpha**2) * k
+    gw_norm: torch.Tensor = torch.linalg.vector_norm(gw)
+    return (g0 + c / gw_norm * gw) / (1 + alpha**2) * k
 
 
 def test_hand_computed() -> None:
@@ -213,9 +215,9 @@ def test_several_balancer_steps_match_the_step_by_step_reference() -> None:
         head_grads = torch.autograd.grad(ref_losses.sum(), heads)
         with torch.no_grad():
             for p, piece in zip(shared, torch.split(update, [p.numel() for p in shared]), strict=True):
-                p -= 0.05 * piece.view_as(p)
+                p.sub_(0.05 * piece.view_as(p))
             for p, g in zip(heads, head_grads, strict=True):
-                p -= 0.05 * g
+                p.sub_(0.05 * g)
         optimizer.step()
         optimizer.zero_grad()
         for a, b in zip(model.parameters(), reference.parameters(), strict=True):

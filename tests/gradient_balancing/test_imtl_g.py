@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import taskbalance as tb
+from taskbalance.gradient_balancing.base import Combination
 from taskbalance.gradient_balancing.imtl_g import IMTLG
 from tests.models import TinyMTL, make_data, task_losses
 
@@ -26,7 +27,7 @@ def _jacobian(seed: int, k: int, p: int, shift: float = 0.0) -> torch.Tensor:
 
 
 def _weights(jac: torch.Tensor, converged: bool = True) -> torch.Tensor:
-    combination = _method(jac.shape[0])(jac @ jac.T, torch.ones(jac.shape[0], dtype=jac.dtype))
+    combination: Combination = _method(jac.shape[0])(jac @ jac.T, torch.ones(jac.shape[0], dtype=jac.dtype))
     assert combination.weights is not None and combination.converged == converged, combination.note
     return combination.weights
 

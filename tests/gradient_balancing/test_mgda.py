@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import taskbalance as tb
+from taskbalance.gradient_balancing.base import Combination
 from taskbalance.gradient_balancing.mgda import MGDA
 from tests.models import TinyMTL, make_data, task_losses
 
@@ -30,7 +31,7 @@ def _jacobian(seed: int, k: int, p: int, shift: float = 0.0) -> torch.Tensor:
 
 def _weights(method: MGDA, jac: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
     k = jac.shape[0]
-    combination = method(jac @ jac.T, torch.ones(k, dtype=jac.dtype) if losses is None else losses)
+    combination: Combination = method(jac @ jac.T, torch.ones(k, dtype=jac.dtype) if losses is None else losses)
     assert combination.weights is not None and combination.converged
     return combination.weights
 

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from taskbalance.gradient_balancing.base import Combination
 from taskbalance.gradient_balancing.nash_mtl import NashMTL
 
 F64 = torch.float64
@@ -26,7 +27,7 @@ def _jacobian(seed: int, k: int, p: int, shift: float = 0.0) -> torch.Tensor:
 
 
 def _alpha(method: NashMTL, jac: torch.Tensor) -> torch.Tensor:
-    combination = method(jac @ jac.T, torch.ones(jac.shape[0], dtype=jac.dtype))
+    combination: Combination = method(jac @ jac.T, torch.ones(jac.shape[0], dtype=jac.dtype))
     assert combination.weights is not None and combination.converged, combination.note
     return combination.weights
 

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import taskbalance as tb
+from taskbalance.gradient_balancing.base import Combination
 from taskbalance.gradient_balancing.upgrad import UPGrad
 from tests.models import TinyMTL, make_data, task_losses
 
@@ -29,7 +30,7 @@ def _jacobian(seed: int, k: int, p: int, shift: float = 0.0) -> torch.Tensor:
 
 
 def _weights(jac: torch.Tensor, **options: Any) -> torch.Tensor:
-    combination = _method(jac.shape[0], **options)(jac @ jac.T, torch.ones(jac.shape[0], dtype=jac.dtype))
+    combination: Combination = _method(jac.shape[0], **options)(jac @ jac.T, torch.ones(jac.shape[0], dtype=jac.dtype))
     assert combination.weights is not None and combination.converged, combination.note
     return combination.weights
 
