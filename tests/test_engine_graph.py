@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from taskbalance._graph import leaves_before, reachable_leaves, task_split
-from taskbalance.jacobian import Engine, apply_gradient_method
+from taskbalance.jacobian import Engine, EnginePath, apply_gradient_method
 from tests.test_jacobian import MLP, FixedWeights, make_method, tolerances
 
 
@@ -97,16 +97,17 @@ def shared_consumer(model: MLP, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 @pytest.mark.parametrize("variant", [separable_diagonal, separable_mixing, vectorised, shared_consumer])
 @pytest.mark.parametrize("path", ["features", "gramian", "representation"])
-def test_every_head_phase_matches_the_loop(variant: LossVariant, path: str) -> None:
+def test_every_head_phase_matches_the_loop(variant: LossVariant, path: EnginePath) -> None:
     model, x, y = heads_model()
     method = make_method("weights", 3, torch.float64)
     results = []
-    for engine_path in ("loop", path):
+    engine_paths: tuple[EnginePath, ...] = ("loop", path)
+    for engine_path in engine_paths:
         model.zero_grad(set_to_none=True)
         z, balanced = variant(model, x, y)
         apply_gradient_method(
             balanced, list(model.trunk.parameters()), list(model.heads.parameters()), method, z, engine_path
-        )  # type: ignore[arg-type]
+        )
         results.append([p.grad.clone() for p in model.parameters()])  # type: ignore[union-attr]
     # with fixed weights the representation update Σ_k w_k ∂ℓ̃_k/∂z through the trunk is exact too
     for got, want in zip(results[1], results[0], strict=True):

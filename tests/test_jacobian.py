@@ -9,7 +9,7 @@ float64, K = 1 and K = 40. The loop path (K plain autograd calls) is the referen
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, TypedDict, cast
 
 import pytest
 import torch
@@ -97,7 +97,7 @@ class DirectUse(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         z = self.trunk(x)
         outputs = [head(z).squeeze(-1) for head in self.heads]
-        outputs[0] = outputs[0] + 0.5 * torch.tanh(x @ self.trunk[0].weight[0])
+        outputs[0] = outputs[0] + 0.5 * torch.tanh(x @ cast(nn.Linear, self.trunk[0]).weight[0])
         return z, outputs
 
 
@@ -137,16 +137,26 @@ def run(
     return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
 
 
-def make_method(kind: str, k: int, dtype: torch.dtype, max_norm: float | None = None) -> GradientBalancer:
+def make_method(
+    kind: str, k: int, dtype: torch.dtype, max_norm: float | None = None
+) -> FixedWeights | ExplicitDirection:
+    """A set-up test-local method; typed as the concrete classes so that ``.seen`` keeps its type."""
     if kind == "weights":
-        method: GradientBalancer = FixedWeights(torch.linspace(-0.5, 2.0, k, dtype=dtype), max_norm)
+        method: FixedWeights | ExplicitDirection = FixedWeights(torch.linspace(-0.5, 2.0, k, dtype=dtype), max_norm)
     else:
         method = ExplicitDirection(max_norm)
     method.setup(k)
     return method
 
 
-def tolerances(dtype: torch.dtype) -> dict[str, float]:
+class Tolerances(TypedDict):
+    """Keyword tolerances for ``torch.testing.assert_close`` (a TypedDict, so ``**`` splats type-check)."""
+
+    rtol: float
+    atol: float
+
+
+def tolerances(dtype: torch.dtype) -> Tolerances:
     return {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-11}
 
 
@@ -200,8 +210,8 @@ def test_gradients_accumulate_into_existing_grad() -> None:
         shared, heads = shared_and_heads(model)
         apply_gradient_method(balanced, shared, heads, method, z, path)  # type: ignore[arg-type]
         if path == "representation":  # a different shared update, same head update
-            for p, g, s in zip(heads, previous[len(shared) :], step[len(shared) :], strict=True):
-                torch.testing.assert_close(p.grad, g + s)
+            for head, g, s in zip(heads, previous[len(shared) :], step[len(shared) :], strict=True):
+                torch.testing.assert_close(head.grad, g + s)
             continue
         for p, g, s in zip(model.parameters(), previous, step, strict=True):
             torch.testing.assert_close(p.grad, g + s)
@@ -282,7 +292,7 @@ def test_representation_path_equals_hand_computation() -> None:
 
     with torch.no_grad():
         weight = model.trunk.weight  # (d, d_in)
-        a = torch.stack([h.weight[0] for h in model.heads])  # (K, d)
+        a = torch.stack([cast(nn.Linear, h).weight[0] for h in model.heads])  # (K, d)
         zz = x @ weight.T
         r = zz @ a.T - y  # residuals (B, K)
         jz = torch.stack([(2 / b) * r[:, j, None] * a[j] for j in range(k)])  # ∂L_k/∂z (K, B, d)
@@ -295,7 +305,9 @@ def test_representation_path_equals_hand_computation() -> None:
     torch.testing.assert_close(method.seen, expected_gz)
     torch.testing.assert_close(model.trunk.weight.grad, expected_trunk)
     for head, want in zip(model.heads, expected_heads, strict=True):
-        torch.testing.assert_close(head.weight.grad[0], want)
+        grad = cast(nn.Linear, head).weight.grad
+        assert grad is not None
+        torch.testing.assert_close(grad[0], want)
 
 
 def test_representation_direction_is_in_feature_space() -> None:
@@ -373,7 +385,7 @@ def test_balancer_runs_every_path(path: str) -> None:
     balancer = tb.Balancer(gradient=make_method("weights", 3, torch.float64), n_tasks=3, engine=path)  # type: ignore[arg-type]
     z, outputs = model(x)
     losses = torch.stack([(out - y[:, k]).pow(2).mean() for k, out in enumerate(outputs)])
-    balancer.backward(losses * torch.arange(1, 4, dtype=losses.dtype) / 3, model.trunk.parameters(), features=z)
+    balancer.backward(losses * torch.arange(1, 4, dtype=losses.dtype) / 3, shared_and_heads(model)[0], features=z)
     for p, want in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, want)
 
@@ -419,12 +431,12 @@ def test_malformed_combinations_are_reported(path: str) -> None:
         z, balanced = balanced_losses(model, x, y)
         with pytest.raises(ValueError, match=message):
             apply_gradient_method(balanced, *shared_and_heads(model), method, z, path)  # type: ignore[arg-type]
-    method = ExplicitDirection()
-    method.setup(3)
-    method.combine = lambda matrix, losses: Combination(direction=torch.ones(5, dtype=torch.float64))  # type: ignore[method-assign]
+    explicit = ExplicitDirection()
+    explicit.setup(3)
+    explicit.combine = lambda matrix, losses: Combination(direction=torch.ones(5, dtype=torch.float64))  # type: ignore[method-assign]
     z, balanced = balanced_losses(model, x, y)
     with pytest.raises(ValueError, match=r"direction of shape \(5,\), expected \(\d+,\)"):
-        apply_gradient_method(balanced, *shared_and_heads(model), method, z, "batched")
+        apply_gradient_method(balanced, *shared_and_heads(model), explicit, z, "batched")
 
 
 @pytest.mark.parametrize("path", ["batched", "features", "gramian"])
