@@ -43,7 +43,7 @@ def test_composition_lowers_validation_loss(spec: str) -> None:
     with torch.no_grad():
         before = _losses(model, x_val, y_val)[1]
     for _epoch in range(6):
-        for batch in torch.arange(96).split(24):
+        for batch in torch.split(torch.arange(96), 24):
             features, losses = _losses(model, x_train[batch], y_train[batch])
             result = balancer.backward(losses, model.encoder.parameters(), features=features)
             assert torch.isfinite(result.weights).all()

@@ -25,7 +25,7 @@ def _depth(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
 
 def _labels(rng: np.random.Generator, height: int, width: int, n_classes: int, dtype: type) -> np.ndarray:
     """(H, W) labels in 0 … n_classes − 1 with an unlabelled (−1) left column."""
-    labels = rng.integers(0, n_classes, size=(height, width)).astype(dtype)
+    labels: np.ndarray = rng.integers(0, n_classes, size=(height, width)).astype(dtype)
     labels[:, 0] = -1
     return labels
 

@@ -18,7 +18,9 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_cityscapes(tmp_path_factory.mktemp("cityscapes"), n_train=9, n_val=3)
 
 
-def first_batch(bench: CityscapesBenchmark, split: str = "train", batch_size: int = 2) -> tuple:
+def first_batch(
+    bench: CityscapesBenchmark, split: str = "train", batch_size: int = 2
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     loader = bench.loader(split, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))  # type: ignore[arg-type]
     return next(iter(loader))
 

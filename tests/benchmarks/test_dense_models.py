@@ -17,7 +17,7 @@ def count(module: nn.Module) -> int:
 
 
 @pytest.mark.parametrize("model_class", [SegNetSplit, SegNetMTAN])
-def test_output_shapes_and_unit_normals(model_class: type[nn.Module]) -> None:
+def test_output_shapes_and_unit_normals(model_class: type[SegNetSplit | SegNetMTAN]) -> None:
     torch.manual_seed(0)
     model = model_class(CHANNELS, width=4)
     features, outputs = model(torch.randn(2, 3, 32, 64))
@@ -51,7 +51,9 @@ def losses_of(outputs: list[torch.Tensor]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("model_class", [SegNetSplit, SegNetMTAN])
-def test_balancer_gives_each_head_its_own_gradient_and_the_encoder_the_sum(model_class: type[nn.Module]) -> None:
+def test_balancer_gives_each_head_its_own_gradient_and_the_encoder_the_sum(
+    model_class: type[SegNetSplit | SegNetMTAN],
+) -> None:
     torch.manual_seed(1)
     model = model_class(CHANNELS, width=2).double()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
@@ -62,13 +64,13 @@ def test_balancer_gives_each_head_its_own_gradient_and_the_encoder_the_sum(model
     assert set(got) == {name for name, _ in model.named_parameters()}
 
     model.zero_grad()
-    losses_of(model(x)[1]).sum().backward()
+    torch.autograd.backward(losses_of(model(x)[1]).sum())
     for name, p in model.named_parameters():
         assert p.grad is not None
         torch.testing.assert_close(got[name], p.grad, msg=name)
 
     model.zero_grad()
-    losses_of(model(x)[1][:1]).sum().backward()  # head 0 depends on task 0 alone
+    torch.autograd.backward(losses_of(model(x)[1][:1]).sum())  # head 0 depends on task 0 alone
     for p in model.heads[0].parameters():
         assert p.grad is not None
     for head in model.heads[1:]:

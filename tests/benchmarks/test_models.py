@@ -57,7 +57,7 @@ def test_encoder_heads_split_works_with_the_balancer(dtype: torch.dtype) -> None
     x, y = _batch(8)
     x = x.to(dtype)
     _, losses = _losses(model, x, y)
-    losses.sum().backward()
+    torch.autograd.backward(losses.sum())
     expected = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
     model.zero_grad(set_to_none=True)
     features, losses = _losses(model, x, y)
@@ -90,7 +90,7 @@ def test_gradient_method_path_through_the_split() -> None:
     model = MultiLeNet(dropout=0.0)
     x, y = _batch(8)
     _, losses = _losses(model, x, y)
-    losses.sum().backward()
+    torch.autograd.backward(losses.sum())
     expected = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
     model.zero_grad(set_to_none=True)
     features, losses = _losses(model, x, y)

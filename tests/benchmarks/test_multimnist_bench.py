@@ -146,7 +146,7 @@ def test_losses_and_accuracy_hand_computed() -> None:
 def test_model_outputs() -> None:
     model = mb.MultiMNISTBenchmark().model()
     features, logits = model(torch.zeros(3, 1, 28, 28))
-    assert features.shape == (3, 50) and [t.shape for t in logits] == [(3, 10), (3, 10)]
+    assert features is not None and features.shape == (3, 50) and [t.shape for t in logits] == [(3, 10), (3, 10)]
 
 
 def test_end_to_end_run_on_fixture_digits(data_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -20,7 +20,9 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_nyuv2(tmp_path_factory.mktemp("nyuv2"), n_train=9, n_val=3)
 
 
-def first_batch(bench: NYUv2Benchmark, split: str = "train", seed: int = 0, batch_size: int = 2) -> tuple:
+def first_batch(
+    bench: NYUv2Benchmark, split: str = "train", seed: int = 0, batch_size: int = 2
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     generator = torch.Generator().manual_seed(seed)
     return next(iter(bench.loader(split, batch_size=batch_size, shuffle=False, generator=generator)))  # type: ignore[arg-type]
 
@@ -127,7 +129,9 @@ def test_protocols() -> None:
     paper = NYUv2Benchmark.protocols["paper"]
     assert isinstance(paper, DenseProtocol)
     assert (paper.epochs, paper.batch_size, paper.lr, paper.lr_step, paper.lr_gamma) == (200, 2, 1e-4, 100, 0.5)
-    assert paper.model == "mtan" and NYUv2Benchmark.protocols["paper-split"].model == "split"
+    split = NYUv2Benchmark.protocols["paper-split"]
+    assert isinstance(split, DenseProtocol)
+    assert paper.model == "mtan" and split.model == "split"
     assert all(NYUv2Benchmark.protocols[p].reduced for p in ("quick", "quick-split")) and not paper.reduced
     with pytest.raises(ValueError, match="choose from"):
         NYUv2Benchmark("fast")

@@ -127,6 +127,8 @@ def test_logits_are_state_not_parameters() -> None:
     assert "loss.logits" in balancer.state_dict()
     balancer.loss(torch.tensor([1.0, 2.0]))
     balancer.after_step(torch.tensor([0.5, 2.0]))
-    assert not torch.equal(balancer.loss.logits, torch.zeros(2))
+    famo = balancer.loss
+    assert isinstance(famo, tb.FAMO)
+    assert not torch.equal(famo.logits, torch.zeros(2))
     balancer.reset()
     torch.testing.assert_close(balancer.loss.logits, torch.zeros(2))

@@ -280,7 +280,8 @@ def test_loss_scale_leaves_rewards_and_gradients_unchanged_before_the_policy() -
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
             with torch.no_grad():
                 for p in model.parameters():
-                    p -= 0.02 * p.grad if p.grad is not None else 0.0
+                    if p.grad is not None:
+                        p.sub_(0.02 * p.grad)
                     p.grad = None
             if (t + 1) % EPOCH == 0:
                 balancer.end_epoch()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.distributions import Normal
+from torch.distributions import Distribution, Normal
 
 from taskbalance.rl import SAC, SoftmaxSquash, TanhSquash
 
@@ -42,7 +42,8 @@ def _tanh_sample(agent: SAC, s: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
     h = torch.relu(_linear(agent.actor.trunk[0], s))
     mean, log_std = _linear(agent.actor.mean, h), _linear(agent.actor.log_std, h).clamp(-20, 2)
     u = mean + log_std.exp() * eps
-    log_prob = Normal(mean, log_std.exp()).log_prob(u) - torch.log(2 * (1 - torch.tanh(u) ** 2))
+    gaussian: Distribution = Normal(mean, log_std.exp())  # Distribution's log_prob is typed, Normal's is not
+    log_prob = gaussian.log_prob(u) - torch.log(2 * (1 - torch.tanh(u) ** 2))
     return 1 + 2 * torch.tanh(u), log_prob.sum(-1)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.distributions import Normal, TransformedDistribution
+from torch.distributions import Distribution, Normal, TransformedDistribution
 from torch.distributions.transforms import AffineTransform, TanhTransform
 
 from taskbalance.rl import SoftmaxSquash, TanhSquash
@@ -32,8 +32,10 @@ def _simplex_log_density_via_alr(
     var = (2 * log_std).exp()
     cov = torch.diag_embed(var[:, :-1]) + var[:, -1:, None]  # Cov(u_j − u_K, u_i − u_K)
     y = u[:, :-1] - u[:, -1:]
-    chol = torch.linalg.cholesky(cov)
-    white = torch.linalg.solve_triangular(chol, (y - (mean[:, :-1] - mean[:, -1:]))[..., None], upper=False)
+    chol: torch.Tensor = torch.linalg.cholesky(cov)  # torch.linalg's stubs return Any
+    white: torch.Tensor = torch.linalg.solve_triangular(
+        chol, (y - (mean[:, :-1] - mean[:, -1:]))[..., None], upper=False
+    )
     log_det = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     log_p_y = -0.5 * white.squeeze(-1).pow(2).sum(-1) - 0.5 * log_det - 0.5 * (k - 1) * math.log(2 * math.pi)
     a = scale * torch.softmax(u, dim=-1)
@@ -75,7 +77,8 @@ def test_simplex_density_is_a_density_of_the_weights(k: int, seed: int, shift: f
 
 def test_reference_density_is_gaussian_minus_tanh_correction() -> None:
     u, mean, log_std = _draw(3, 7)
-    expected = Normal(mean, log_std.exp()).log_prob(u).sum(-1) - torch.log(1 - torch.tanh(u) ** 2).sum(-1)
+    gaussian: Distribution = Normal(mean, log_std.exp())  # Distribution's log_prob is typed, Normal's is not
+    expected = gaussian.log_prob(u).sum(-1) - torch.log(1 - torch.tanh(u) ** 2).sum(-1)
     torch.testing.assert_close(SoftmaxSquash(3.0, density="reference").log_prob(u, mean, log_std), expected)
     # not a density of the weights: it changes when u moves along 1 although the weights do not
     shifted = SoftmaxSquash(3.0, density="reference").log_prob(u + 1.0, mean, log_std)
@@ -98,7 +101,7 @@ def test_tanh_density_matches_transformed_distribution() -> None:
     a = squash(u)
     assert bool((a > low).all()) and bool((a < high).all())
     center, half = ((high + low) / 2).double(), ((high - low) / 2).double()
-    dist = TransformedDistribution(
+    dist: Distribution = TransformedDistribution(  # typed log_prob (TransformedDistribution's is not)
         Normal(mean, log_std.exp()), [TanhTransform(), AffineTransform(loc=center, scale=half)]
     )
     torch.testing.assert_close(squash.log_prob(u, mean, log_std), dist.log_prob(a).sum(-1))
