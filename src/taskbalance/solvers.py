@@ -61,20 +61,19 @@ def project_simplex(y: Tensor) -> Tensor:
     return (y - theta).clamp_min(0)
 
 
-def _checked(tensor: Tensor, solver: str) -> Tensor:
-    """``tensor`` in float64, after refusing NaN/Inf (a non-finite gradient would otherwise loop to max_iter)."""
-    if not bool(torch.isfinite(tensor).all()):
+def _check_finite(solver: str, *tensors: Tensor) -> None:
+    """Refuse NaN/Inf (a non-finite gradient would otherwise loop to max_iter): one read from the device in all."""
+    finite = torch.stack([torch.isfinite(tensor).all() for tensor in tensors]).all()
+    if not bool(finite):
         raise ValueError(f"{solver} got non-finite input (NaN or Inf gradients?)")
-    return tensor.to(torch.float64)
 
 
 def _regularised(h: Tensor, base: Tensor | None = None) -> Tensor:
-    """h + δ·(diag(base) + δ·max diag(base)); ``base`` defaults to h. The identity when ``base`` is zero."""
+    """h + δ·(diag(base) + δ·max diag(base)); ``base`` defaults to h. h + I when ``base`` is zero (G = 0: every
+    point is optimal; the identity picks the smallest weights). Decided on the device, without a read."""
     diag = (h if base is None else base).diagonal().clamp_min(0)
     top = diag.max()
-    if not bool(top > 0):  # G = 0: every point is optimal; the identity picks the smallest weights
-        return h + torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    return h + torch.diag(RIDGE * (diag + RIDGE * top))
+    return h + torch.diag(torch.where(top > 0, RIDGE * (diag + RIDGE * top), 1.0))
 
 
 def _active_set(
@@ -86,71 +85,78 @@ def _active_set(
     Each iteration solves the equality-constrained problem with the variables of the working set fixed at their
     bound (Nocedal & Wright, Numerical Optimization, Alg. 16.3): a feasible solution is taken, then the bound
     with the most negative multiplier is released; an infeasible one is approached until the first bound
-    blocks, which joins the working set. The linear systems are symmetrically scaled to unit diagonal. When
-    ``exact`` (the unridged matrix) is given, ``h`` is its ridged version: each system is factored with ``h``
-    and refined twice against ``exact`` (iterated Tikhonov), which removes the ridge's bias (δ³) while keeping
-    its conditioning and its even split between dependent gradients; multipliers are taken with ``exact``.
+    blocks, which joins the working set. The working set starts as the bounds that ``x0`` touches, so a warm start
+    with the right support costs one iteration. The linear systems are symmetrically scaled to unit diagonal and
+    built once, with the simplex row as a border: an iteration masks the rows of the working set to the
+    identity. When ``exact`` (the unridged matrix) is given, ``h`` is its ridged version: each system is factored
+    with ``h`` and refined twice against ``exact`` (iterated Tikhonov), which removes the ridge's bias (δ³) while
+    keeping its conditioning and its even split between dependent gradients; multipliers are taken with ``exact``.
+    Every iteration reads one boolean from the device (the loop's exit depends on the data).
     """
     batch, k = q.shape
-    scale = h.diagonal().clamp_min(torch.finfo(h.dtype).tiny).rsqrt()
-    a = h * scale[:, None] * scale[None, :]
-    a_exact = a if exact is None else exact * scale[:, None] * scale[None, :]
+    dtype, device = h.dtype, h.device
+    tiny = torch.finfo(dtype).tiny
+    scale = h.diagonal().clamp_min(tiny).rsqrt()
     h_exact = h if exact is None else exact
-    eye = torch.eye(k, dtype=h.dtype, device=h.device)
     n = k + 1 if simplex else k
     top = scale.max()
+    # the bordered, scaled matrices [[S h S, −e], [eᵀ, 0]] (e = scale / top) and the identity that masks them
+    full = torch.zeros(2, n, n, dtype=dtype, device=device)
+    full[0, :k, :k] = h * scale[:, None] * scale[None, :]
+    full[1, :k, :k] = h_exact * scale[:, None] * scale[None, :]
+    if simplex:
+        e = scale / top
+        full[:, :k, k] = -e
+        full[:, k, :k] = e
+    eye = torch.eye(n, dtype=dtype, device=device)
+    # right-hand sides: −S q where free, lower / S where fixed; 1/top in the simplex row
+    rhs_free = torch.cat([-scale * q, torch.ones(batch, n - k, dtype=dtype, device=device) / top], dim=1)
+    rhs_fixed = torch.cat([lower / scale, rhs_free[:, k:]], dim=1)
+    border = torch.ones(batch, n - k, dtype=torch.bool, device=device)
+    abs_h = h_exact.abs()
+    q_abs = q.abs()
     x = x0.clone()
     free = x > lower
-    done = torch.zeros(batch, dtype=torch.bool, device=h.device)
-    rows = torch.arange(batch, device=h.device)
-    tiny = torch.finfo(h.dtype).tiny
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    rows = torch.arange(batch, device=device)
     iterations = 0
     for iterations in range(1, max_iter + 1):
-        system = torch.zeros(batch, n, n, dtype=h.dtype, device=h.device)
-        system[:, :k, :k] = torch.where(free[:, :, None], a, eye)
-        rhs = torch.zeros(batch, n, dtype=h.dtype, device=h.device)
-        rhs[:, :k] = torch.where(free, -scale * q, lower / scale)
-        if simplex:
-            e = scale / top
-            system[:, :k, k] = torch.where(free, -e, torch.zeros_like(e))
-            system[:, k, :k] = e
-            rhs[:, k] = 1 / top
+        mask = torch.cat([free, border], dim=1)
+        system = torch.where(mask[:, :, None], full[0], eye)
+        rhs = torch.where(mask, rhs_free, rhs_fixed)[:, :, None]
         factors, pivots = torch.linalg.lu_factor(system)
-        z = torch.linalg.lu_solve(factors, pivots, rhs[:, :, None])
+        z = torch.linalg.lu_solve(factors, pivots, rhs)
         if exact is not None:
-            system_exact = system.clone()
-            system_exact[:, :k, :k] = torch.where(free[:, :, None], a_exact, eye)
+            system_exact = torch.where(mask[:, :, None], full[1], eye)
             for _ in range(2):
-                z = z + torch.linalg.lu_solve(factors, pivots, rhs[:, :, None] - system_exact @ z)
-        z = z[:, :, 0]
-        x_hat = scale * z[:, :k]
-        mu = (z[:, k] / top)[:, None] if simplex else torch.zeros_like(q[:, :1])
+                z = z + torch.linalg.lu_solve(factors, pivots, rhs - system_exact @ z)
+        x_hat = scale * z[:, :k, 0]
+        mu = z[:, k:, 0] / top if simplex else torch.zeros_like(q[:, :1])
         size = 1 + x_hat.abs().amax(dim=-1, keepdim=True)
         feasible = ((x_hat >= lower - 1e-12 * size) | ~free).all(dim=-1)
         # multipliers of the bounds in the working set: ∂/∂x_k of the Lagrangian
         multipliers = x_hat @ h_exact + q - mu
         # a multiplier counts as negative beyond the rounding error of the terms it sums, coordinate by coordinate
-        terms = x_hat.abs() @ h_exact.abs() + q.abs() + mu.abs()
-        candidates = torch.where(free, torch.full_like(multipliers, torch.inf), multipliers / terms.clamp_min(tiny))
+        terms = x_hat.abs() @ abs_h + q_abs + mu.abs()
+        candidates = torch.where(free, torch.inf, multipliers / terms.clamp_min(tiny))
         worst_value, worst = candidates.min(dim=-1)
         optimal = feasible & (worst_value >= -1e-12)
         # infeasible: step from x toward x_hat until the first free variable reaches its bound
         step = x_hat - x
-        ratio = torch.where(free & (step < 0), (lower - x) / step, torch.full_like(step, torch.inf))
+        ratio = torch.where(free & (step < 0), (lower - x) / step, torch.inf)
         alpha, block = ratio.min(dim=-1)
-        alpha = alpha.clamp(0, 1)
-        x_step = x + alpha[:, None] * step
+        x_step = x + alpha.clamp(0, 1)[:, None] * step
         x_step[rows, block] = lower[rows, block]
-        take = ~done & feasible
-        move = ~done & ~feasible
         x_taken = torch.where(free, torch.maximum(x_hat, lower), lower)
         if simplex:
             x_taken = x_taken / x_taken.sum(dim=-1, keepdim=True)
+        active = ~done
+        take = active & feasible
+        move = active & ~feasible
         x = torch.where(take[:, None], x_taken, torch.where(move[:, None], x_step, x))
-        release = take & ~optimal
         free = free.clone()
-        free[rows, worst] = free[rows, worst] | release
-        free[rows, block] = free[rows, block] & ~move
+        free[rows, worst] |= take & ~optimal
+        free[rows, block] &= ~move
         done = done | (take & optimal)
         if bool(done.all()):  # the one read from the device per iteration: the loop's exit depends on the data
             return x, iterations, True
@@ -162,7 +168,14 @@ def _simplex_qp(
 ) -> tuple[Tensor, int, bool]:
     """min ½wᵀhw + qᵀw over the simplex; h (K, K) positive definite, q (K,), float64 (``exact``: see _active_set)."""
     k = q.shape[0]
-    x0 = torch.full((k,), 1.0 / k, dtype=h.dtype, device=h.device) if init is None else project_simplex(init.to(h))
+    if init is None:
+        x0 = torch.full((k,), 1.0 / k, dtype=h.dtype, device=h.device)
+    else:
+        # weights at rounding level (a previous line search leaves some near 1e-18) start on their bound: each
+        # one left free would cost an active-set iteration to remove
+        x0 = project_simplex(init.to(h))
+        x0 = torch.where(x0 > 1e-12 * x0.max(), x0, 0.0)
+        x0 = x0 / x0.sum()
     x, iterations, converged = _active_set(h, q[None], torch.zeros_like(q)[None], x0[None], True, max_iter, exact)
     return x[0], iterations, converged
 
@@ -179,7 +192,8 @@ def min_norm_point(gramian: Tensor, init: Tensor | None = None, max_iter: int | 
     ((Gw)_k ≥ wᵀGw for all k, with equality where w_k > 0).
     """
     k = gramian.shape[-1]
-    g = _checked(gramian, "min_norm_point")
+    _check_finite("min_norm_point", gramian)
+    g = gramian.to(torch.float64)
     top = g.diagonal().max().clamp_min(torch.finfo(torch.float64).tiny)
     g = g / top
     limit = _default_iterations(k) if max_iter is None else max_iter
@@ -191,22 +205,32 @@ def min_norm_point(gramian: Tensor, init: Tensor | None = None, max_iter: int | 
     return SolverResult(w.to(gramian.dtype), iterations, residual, converged)
 
 
-def lower_bounded_qp(gramian: Tensor, lower: Tensor, max_iter: int | None = None) -> SolverResult:
+def lower_bounded_qp(
+    gramian: Tensor, lower: Tensor, init: Tensor | None = None, max_iter: int | None = None
+) -> SolverResult:
     """For each row u of ``lower`` (B, K) or (K,): the v minimising vᵀGv subject to v ≥ u.
 
     With u ≥ 0, Jᵀv is the projection of Jᵀu onto the dual cone {x : Jx ≥ 0} of the rows of J (Quinton & Rey
-    2024, Prop. 1). Started from v = u (all bounds active), so a Jᵀu already in the cone costs one iteration.
+    2024, Prop. 1). Started from v = max(init, u) when ``init`` (same shape as ``lower``, e.g. the previous step's
+    solution) is given, else from v = u (all bounds active), so a Jᵀu already in the cone costs one iteration, and
+    a warm start with the right free set one iteration too; the answer does not depend on the start.
     Residual (KKT: Gv ≥ 0, (v − u)ᵀGv = 0): max(max_k (−(Gv)_k)₊, max_k |(v_k − u_k)(Gv)_k|) / max_k G_kk,
     over the batch.
     """
     single = lower.dim() == 1
-    bounds = _checked(lower, "lower_bounded_qp").reshape(-1, lower.shape[-1])
-    g = _checked(gramian, "lower_bounded_qp")
+    _check_finite("lower_bounded_qp", lower, gramian)
+    bounds = lower.to(torch.float64).reshape(-1, lower.shape[-1])
+    g = gramian.to(torch.float64)
     top = g.diagonal().max().clamp_min(torch.finfo(torch.float64).tiny)
     g = g / top
     limit = _default_iterations(bounds.shape[-1]) if max_iter is None else max_iter
+    start = bounds
+    if init is not None:  # entries within rounding of their bound start on it (each free one costs an iteration)
+        previous = init.to(bounds).reshape(bounds.shape)
+        size = 1 + previous.abs().amax(dim=-1, keepdim=True)
+        start = torch.where(previous - bounds > 1e-12 * size, previous, bounds)
     v, iterations, converged = _active_set(
-        _regularised(g), torch.zeros_like(bounds), bounds, bounds.clone(), False, limit, exact=g
+        _regularised(g), torch.zeros_like(bounds), bounds, start, False, limit, exact=g
     )
     gv = v @ g
     residual = torch.maximum((-gv).clamp_min(0).amax(), ((v - bounds) * gv).abs().amax())
@@ -239,14 +263,20 @@ NORM_FLOOR = 1e-10
 SCALE_FLOOR = 1e-14
 
 
+def _resolved(gramian: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`resolved_norm_sq` with the flag left on the device (a 0-dim bool tensor)."""
+    norm_sq = w @ gramian @ w
+    diag = gramian.diagonal().clamp_min(0)
+    bound = (w.abs() @ diag.sqrt()) ** 2
+    return norm_sq, (norm_sq > NORM_FLOOR * bound) & (norm_sq > SCALE_FLOOR * diag.max())
+
+
 def resolved_norm_sq(gramian: Tensor, w: Tensor) -> tuple[Tensor, bool]:
     """(‖Jᵀw‖² = wᵀGw, whether it is distinguishable from 0). Computing wᵀGw rounds at about
     ε·(Σ_k |w_k|‖g_k‖)², and the weights themselves are accurate to about 1e-8 (see RIDGE): below NORM_FLOOR
     times the first or SCALE_FLOOR·max_k ‖g_k‖², Jᵀw is numerically 0 (the gradients are Pareto-stationary)."""
-    norm_sq = w @ gramian @ w
-    diag = gramian.diagonal().clamp_min(0)
-    bound = (w.abs() @ diag.sqrt()) ** 2
-    return norm_sq, bool((norm_sq > NORM_FLOOR * bound) & (norm_sq > SCALE_FLOOR * diag.max()))
+    norm_sq, resolved = _resolved(gramian, w)
+    return norm_sq, bool(resolved)
 
 
 def linear_plus_norm(
@@ -256,8 +286,13 @@ def linear_plus_norm(
 
     Sequential quadratic programming: at w, the exact second-order model of f (Hessian ρ/n·(G − GwwᵀG/n²),
     n = √(wᵀGw)) is minimised over Δ by the active-set solver, then an exact line search (closed form) moves
-    along the segment; convergence is quadratic once the active face is found, and every step decreases f.
-    ``init`` warm-starts it. With ρ = 0 (or G = 0) the problem is linear: w is uniform over argmin_k b_k.
+    along the segment; convergence is quadratic once the active face is found, and every step decreases f (up to
+    its rounding: once f's decrease is below rounding, the full step is taken where it lowers the KKT gap, since
+    the line search can no longer see it). The subproblem is factored with the ridge and refined against the
+    exact Hessian (see :func:`_active_set`), so the ridge does not slow the Newton steps down. ``init``
+    warm-starts it. With ρ = 0 (or G = 0) the problem is linear: w is uniform over argmin_k b_k. Reads from the
+    device: one for the input check and case analysis, then one per iteration (plus the subproblems' one per
+    active-set iteration).
 
     Residual: the Frank–Wolfe gap (∇fᵀw − min_k ∇f_k) / (max|b| + ρ·√max G_kk), an upper bound on the
     relative suboptimality; the solver stops when it is ≤ ``tol``. f is not differentiable where Jᵀw = 0, and
@@ -267,23 +302,29 @@ def linear_plus_norm(
     """
     k = gramian.shape[-1]
     dtype, device = gramian.dtype, gramian.device
-    g = _checked(gramian, "linear_plus_norm")
-    lin = _checked(b, "linear_plus_norm")
-    weight = float(rho)  # a Python number: the case analysis below depends on it
+    g = gramian.to(torch.float64)
+    lin = b.to(torch.float64)
+    top = g.diagonal().max()
+    finite = torch.isfinite(g).all() & torch.isfinite(lin).all()
+    # one read for the input check and the case analysis below, which depends on ρ and on the scale of G and b
+    ok, weight, top_value, lin_max = torch.stack(
+        [finite.to(torch.float64), torch.as_tensor(rho, dtype=torch.float64, device=device), top, lin.abs().max()]
+    ).tolist()
+    if not ok:
+        raise ValueError("linear_plus_norm got non-finite input (NaN or Inf gradients?)")
     if not weight >= 0:
         raise ValueError(f"rho must be >= 0, got {weight}")
     zero = torch.zeros((), dtype=torch.float64, device=device)
-    top = g.diagonal().max()
-    if weight == 0 or not bool(top > 0):
-        lowest = lin.min()
-        ties = lin <= lowest + 1e-12 * lin.abs().max()
+    # the norm term below rounding (ρ ≤ 1e-12·max|b|/√max G_kk) is the linear problem
+    if weight == 0 or not top_value > 0 or weight <= 1e-12 * lin_max / top_value**0.5:
+        ties = lin <= lin.min() + 1e-12 * lin_max
         w = ties.to(torch.float64) / ties.sum()
         return SolverResult(w.to(dtype), 0, zero, True)
-    g = g / top
-    lin = lin / top.sqrt()
-    if weight <= 1e-12 * float(lin.abs().max()):  # the norm term is below rounding: the linear problem
-        return linear_plus_norm(gramian, b, 0.0)
-    scale = lin.abs().max() + weight
+    g = g / top_value
+    lin = lin / top_value**0.5
+    scale = lin_max / top_value**0.5 + weight
+    tiny = torch.finfo(torch.float64).tiny
+    limit = _default_iterations(k)
     uniform = torch.full((k,), 1.0 / k, dtype=torch.float64, device=device)
     w = uniform if init is None else project_simplex(init.to(g))
     for start in (uniform, torch.nn.functional.one_hot(g.diagonal().argmax(), k).to(g)):
@@ -294,25 +335,25 @@ def linear_plus_norm(
     def objective(w: Tensor) -> Tensor:
         return lin @ w + weight * (w @ g @ w).clamp_min(0).sqrt()
 
-    def fw_gap(w: Tensor) -> tuple[Tensor, bool]:
-        norm_sq, resolved = resolved_norm_sq(g, w)
-        grad = lin + weight * (g @ w) / norm_sq.clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+    def fw_gap(w: Tensor) -> tuple[Tensor, Tensor]:
+        norm_sq, resolved = _resolved(g, w)
+        grad = lin + weight * (g @ w) / norm_sq.clamp_min(tiny).sqrt()
         return (w @ grad - grad.min()).clamp_min(0) / scale, resolved
 
+    gap, resolved = fw_gap(w)
+    (go_on,) = torch.stack([resolved & (gap > tol)]).tolist()  # read: the stopping rule depends on the data
     iterations = 0
-    while iterations < max_iter:
+    while go_on and iterations < max_iter:
         iterations += 1
-        gap, resolved = fw_gap(w)
-        # read from the device: the stopping rule depends on the data
-        if not resolved or bool(gap <= tol):
-            break
         norm_sq = w @ g @ w
         norm = norm_sq.sqrt()
         gw = g @ w
-        # the model's Hessian is ρ/n·(G − GwwᵀG/n²); the subproblem is solved divided by ρ/n (same minimiser)
-        hessian = _regularised(g - torch.outer(gw, gw) / norm_sq, g)
-        linear = (norm / weight) * lin + gw - hessian @ w
-        v, _, _ = _simplex_qp(hessian, linear, w, _default_iterations(k))
+        # the model's Hessian is ρ/n·(G − GwwᵀG/n²); the subproblem is solved divided by ρ/n (same minimiser),
+        # factored with a ridge and refined against the exact Hessian (no ridge bias: quadratic convergence)
+        exact = g - torch.outer(gw, gw) / norm_sq
+        hessian = _regularised(exact, g)
+        linear = (norm / weight) * lin + gw - exact @ w
+        v, _, _ = _simplex_qp(hessian, linear, w, limit, exact=exact)
         step = v - w
         t = _line_search(w, step, g, lin, weight)
         new = project_simplex(w + t * step)
@@ -321,14 +362,32 @@ def linear_plus_norm(
         if not bool(t >= 0.1):
             # a strongly damped Newton step: the model is poor (near the kink at Jᵀw = 0). The majorize-minimize step,
             # argmin bᵀw + ρ(wᵀGw + n²)/(2n) (√ is below its tangent), always decreases f; take the better one.
-            mm, _, _ = _simplex_qp(_regularised(g), (norm / weight) * lin, w, _default_iterations(k))
+            mm, _, _ = _simplex_qp(_regularised(g), (norm / weight) * lin, w, limit)
             mm_value = objective(mm)
-            if bool(mm_value < after):
-                new, after = mm, mm_value
-        # near the solution f changes below its rounding error while the Newton step still improves w
-        if not bool(after <= before + 1e-15 * scale) or bool((new - w).abs().max() <= 1e-15):
+            better = mm_value < after
+            new, after = torch.where(better, mm, new), torch.where(better, mm_value, after)
+        new_gap, new_resolved = fw_gap(new)
+        # near the solution f changes below its rounding error, so the line search cannot see the Newton step's
+        # gain while the step still improves w; the full step v is then taken if f stays within rounding and the
+        # KKT gap falls (the Newton convergence the line search would spoil). One read per iteration for all of it.
+        full_gap, full_resolved = fw_gap(v)
+        bound = before + 1e-15 * scale
+        flags = torch.stack(
+            [
+                after <= bound,
+                (new_gap < gap) | (after < before - 1e-15 * scale),
+                (objective(v) <= bound) & (full_gap < new_gap) & (full_gap < gap) & full_resolved,
+                (new - w).abs().max() <= 1e-15,
+                new_resolved & (new_gap > tol),
+                full_gap > tol,
+            ]
+        ).tolist()
+        decreased, progress, take_full, stalled, go_new, go_full = flags
+        if take_full:
+            w, gap, resolved, go_on = v, full_gap, full_resolved, go_full
+        elif decreased and progress and not stalled:
+            w, gap, resolved, go_on = new, new_gap, new_resolved, go_new
+        else:
             break
-        w = new
-    gap, resolved = fw_gap(w)
-    converged = resolved and bool(gap <= tol)
+    converged = bool(resolved & (gap <= tol))
     return SolverResult(w.to(dtype), iterations, gap, converged)
