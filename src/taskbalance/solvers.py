@@ -307,9 +307,10 @@ def linear_plus_norm(
     top = g.diagonal().max()
     finite = torch.isfinite(g).all() & torch.isfinite(lin).all()
     # one read for the input check and the case analysis below, which depends on ρ and on the scale of G and b
-    ok, weight, top_value, lin_max = torch.stack(
+    values: list[float] = torch.stack(
         [finite.to(torch.float64), torch.as_tensor(rho, dtype=torch.float64, device=device), top, lin.abs().max()]
     ).tolist()
+    ok, weight, top_value, lin_max = values
     if not ok:
         raise ValueError("linear_plus_norm got non-finite input (NaN or Inf gradients?)")
     if not weight >= 0:
