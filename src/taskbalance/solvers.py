@@ -23,6 +23,7 @@ systems (condition up to 1/δ) by about ε/δ; both are 1e-8 relative, far below
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -317,13 +318,13 @@ def linear_plus_norm(
         raise ValueError(f"rho must be >= 0, got {weight}")
     zero = torch.zeros((), dtype=torch.float64, device=device)
     # the norm term below rounding (ρ ≤ 1e-12·max|b|/√max G_kk) is the linear problem
-    if weight == 0 or not top_value > 0 or weight <= 1e-12 * lin_max / top_value**0.5:
+    if weight == 0 or not top_value > 0 or weight <= 1e-12 * lin_max / math.sqrt(top_value):
         ties = lin <= lin.min() + 1e-12 * lin_max
         w = ties.to(torch.float64) / ties.sum()
         return SolverResult(w.to(dtype), 0, zero, True)
     g = g / top_value
-    lin = lin / top_value**0.5
-    scale = lin_max / top_value**0.5 + weight
+    lin = lin / math.sqrt(top_value)
+    scale = lin_max / math.sqrt(top_value) + weight
     tiny = torch.finfo(torch.float64).tiny
     limit = _default_iterations(k)
     uniform = torch.full((k,), 1.0 / k, dtype=torch.float64, device=device)
