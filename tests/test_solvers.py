@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -245,3 +246,83 @@ def test_linear_plus_norm_converges_from_any_warm_start(seed: int, k: int) -> No
     scale = float(gram.mean(1).abs().max()) + rho * float(gram.diagonal().max().sqrt())
     gap = abs(float(_objective(cold.x, gram, gram.mean(1), rho) - _objective(warm.x, gram, gram.mean(1), rho)))
     assert gap <= 1e-10 * scale
+
+
+# -- warm starts at K = 40 -----------------------------------------------------------------------------------------
+def _drifting(seed: int, k: int, steps: int, conflict: bool) -> list[torch.Tensor]:
+    """Gramians of a slowly drifting J (K × 200): correlated rows, norms over two decades, alternating signs of the
+    shared part when ``conflict`` (pairs at cosine ≈ −0.6, as in bench/solvers.py)."""
+    gen = torch.Generator().manual_seed(seed)
+    shared, private = torch.randn(200, generator=gen, dtype=F64), torch.randn(k, 200, generator=gen, dtype=F64)
+    signs = torch.tensor([(-1.0) ** i if conflict else 1.0 for i in range(k)], dtype=F64)
+    scales = torch.logspace(-1, 1, k, dtype=F64)
+    grams = []
+    for _ in range(steps):
+        jac = scales[:, None] * (0.77 * signs[:, None] * shared + 0.63 * private)
+        grams.append(jac @ jac.T)
+        shared = shared + 0.05 * torch.randn(200, generator=gen, dtype=F64)
+        private = private + 0.05 * torch.randn(k, 200, generator=gen, dtype=F64)
+    return grams
+
+
+@pytest.mark.parametrize("conflict", [False, True])
+def test_lower_bounded_qp_warm_start_k40(conflict: bool) -> None:
+    grams = _drifting(0, 40, 4, conflict)
+    lower = torch.eye(40, dtype=F64)
+    warm = lower_bounded_qp(grams[0], lower).x
+    for gram in grams[1:]:
+        result = lower_bounded_qp(gram, lower, init=warm)
+        cold = lower_bounded_qp(gram, lower)
+        assert result.converged and float(result.residual) <= 1e-9
+        v, gv = result.x, result.x @ gram
+        scale = float(gram.diagonal().max())
+        assert (v >= lower - 1e-12).all() and (gv >= -1e-9 * scale).all()  # feasible, Jᵀv in the dual cone
+        assert ((v - lower) * gv).abs().max() <= 1e-9 * scale * (1 + v.abs().max())  # complementarity
+        torch.testing.assert_close(result.x, cold.x, rtol=0, atol=1e-10)  # the start does not change the answer
+        assert result.iterations <= cold.iterations
+        warm = result.x
+    # restarted at its own solution, the QP is solved in one iteration
+    assert lower_bounded_qp(grams[-1], lower, init=warm).iterations == 1
+
+
+@pytest.mark.parametrize("conflict", [False, True])
+def test_linear_plus_norm_warm_start_k40_kkt(conflict: bool) -> None:
+    """KKT of min bᵀw + ρ‖Jᵀw‖ over Δ from the previous step's w: ∇f_k ≥ ∇fᵀw, with equality on the support."""
+    warm = None
+    for gram in _drifting(1, 40, 5, conflict):
+        b = gram.mean(1)
+        rho = 0.4 * float(gram.mean().sqrt())
+        result = linear_plus_norm(gram, b, rho, init=warm)
+        assert result.converged and float(result.residual) <= 1e-9
+        w = result.x
+        grad = b + rho * (gram @ w) / (w @ gram @ w).sqrt()
+        scale = float(b.abs().max()) + rho * float(gram.diagonal().max().sqrt())
+        assert (grad - w @ grad >= -1e-9 * scale).all()
+        assert (grad[w > 1e-9] - w @ grad).abs().max() <= 1e-9 * scale
+        warm = w
+
+
+def test_linear_plus_norm_converges_where_f_stalls_at_rounding() -> None:
+    """Conflicting K = 10 gradients (P = 20 000, float32 J, drifting as in bench/solvers.py) whose optimum lies
+    where f's decrease is below rounding while the KKT gap is still 1e-8: the SQP used to stop there unconverged
+    (5 of these 20 steps)."""
+    k, p = 10, 20_000
+    gen = torch.Generator().manual_seed(10)
+    shared, private = torch.randn(p, generator=gen), torch.randn(k, p, generator=gen)
+    signs = torch.tensor([(-1.0) ** i for i in range(k)])
+    log_scales = torch.linspace(-1.0, 1.0, k)[torch.randperm(k, generator=gen)] * math.log(10)
+    unconverged = 0
+    warm = None
+    for _ in range(20):
+        jac = log_scales.exp()[:, None] * (math.sqrt(0.6) * signs[:, None] * shared + math.sqrt(0.4) * private)
+        jac = jac / math.sqrt(p)
+        gram = (jac @ jac.T).double()
+        result = linear_plus_norm(gram, gram.mean(1), 0.4 * float(gram.mean().sqrt()), init=warm)
+        unconverged += not result.converged
+        warm = result.x
+        shared = shared + 0.05 * torch.randn(p, generator=gen)
+        shared = shared / shared.norm() * math.sqrt(p)
+        private = private + 0.05 * torch.randn(k, p, generator=gen)
+        private = private / private.norm(dim=1, keepdim=True) * math.sqrt(p)
+        log_scales = log_scales + 0.02 * torch.randn(k, generator=gen)
+    assert unconverged == 0
