@@ -2,7 +2,8 @@
 
 Subcommands: ``methods`` lists every registered method with its level and paper line; ``run`` trains and compares
 methods on a benchmark (:mod:`taskbalance.benchmarks.runner`); ``report`` turns a run folder into a markdown
-table and plots (:mod:`taskbalance.benchmarks.report`).
+table and plots (:mod:`taskbalance.benchmarks.report`); ``bench speed`` times every method's training step
+(:mod:`taskbalance.speed`).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         result = run(
             args.benchmark,
-            args.methods.split(","),
+            registry.split_specs(args.methods),
             seeds=args.seeds,
             out_dir=out,
             epochs=args.epochs,
@@ -127,6 +128,30 @@ def _report(args: argparse.Namespace) -> int:
     print(path.read_text())
     written = sorted(p for p in path.parent.iterdir() if p.is_file())
     print("written:\n" + "\n".join(f"  {p}" for p in written))
+    return 0
+
+
+def _bench_speed(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import speed
+
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in speed.CASE_NAMES]
+    if unknown:
+        print(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(speed.CASE_NAMES)}", file=sys.stderr)
+        return 2
+    methods = {m.strip().lower() for m in args.methods.split(",") if m.strip()} if args.methods else None
+    torch.set_num_threads(args.threads)
+    try:
+        text = speed.run(cases, torch.device(args.device), args.repeats, not args.no_torchjd, methods)
+    except ImportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+        print(f"written: {args.out}")
     return 0
 
 
@@ -195,6 +220,25 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dir", metavar="DIR", help="the run folder")
     report.add_argument("--out", help="where to write the report (default DIR/report)")
     report.set_defaults(handler=_report)
+
+    bench = commands.add_parser("bench", help="speed benchmarks", description="Speed benchmarks.")
+    benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    speed = benches.add_parser(
+        "speed",
+        help="median ms per step of every method vs EW, the cost floor and torchjd; targets",
+        description="Time a training step of every registered method on four models (MultiLeNet K=2, CNN+BN "
+        "K=3, QM9 MPNN K=11, MLP with 40 heads), round-robin, and print per model: ms/step, ratio to EW, ratio "
+        "to the cost floor (the cheapest exact per-task gradients), ratio to torchjd's same aggregator, solver "
+        "time, peak memory; then whether each speed target holds.",
+    )
+    speed.add_argument("--cases", default="multilenet,cnn,qm9,mlp40", help="comma-separated models (default: all)")
+    speed.add_argument("--methods", help="comma-separated specs to time (default: every registered method)")
+    speed.add_argument("--repeats", type=_positive, default=11, help="timed steps per entry (default 11)")
+    speed.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    speed.add_argument("--threads", type=_positive, default=1, help="CPU threads for torch (default 1)")
+    speed.add_argument("--no-torchjd", action="store_true", help="skip the torchjd comparison")
+    speed.add_argument("--out", help="also write the markdown here")
+    speed.set_defaults(handler=_bench_speed)
     return parser
 
 

@@ -1,0 +1,84 @@
+"""The speed benchmark: median ms per training step of every method on four models, against EW, the cost floor
+and torchjd, measured in the same run; peak memory per step; and whether the speed targets hold.
+
+    taskbalance bench speed [--cases multilenet,cnn,qm9,mlp40] [--methods nashmtl,upgrad] [--repeats 11]
+                            [--device cpu] [--threads 1] [--no-torchjd] [--out speed.md]
+
+Columns: ``× EW`` divides by an EW step (one ordinary backward); ``× floor`` by the cheapest exact computation of
+the K per-task gradients measured here (plain autograd, one call per task or one batched call, and the engine's
+exact paths with w = 1), the least any exact gradient method can cost; ``× torchjd`` by torchjd's implementation
+of the same aggregator; ``solve ms`` the median time of the method's own computation from G or J (its solver);
+``peak MiB`` the memory one step allocates beyond the model and batch. See docs/cost-model.md for what each method
+costs and why.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from tqdm import tqdm
+
+from . import torchjd_steps
+from .cases import CASE_NAMES, build
+from .report import Row, case_table, solve_median, targets, targets_table
+from .steps import entries
+from .timing import measure, median, peak_memory_mb
+
+__all__ = ["CASE_NAMES", "run", "run_case"]
+
+
+def run_case(
+    name: str, device: torch.device, repeats: int, with_torchjd: bool, methods: set[str] | None = None
+) -> tuple[str, list[Row]]:
+    """Time every entry of one case round-robin: (the case's description, one row per entry)."""
+    case = build(name, device)
+    timed = entries(case, device, with_torchjd, methods)
+    times = measure({e.name: e.step for e in timed}, repeats, device, warmup=1)
+    ms = {e.name: median(times[e.name]) / e.period for e in timed}
+    floor = min(ms[e.name] for e in timed if e.kind == "floor")
+    rows = []
+    for e in timed:
+        peak = peak_memory_mb(e.step, device) if e.period == 1 else math.nan
+        jd = ms[e.torchjd] / ms[e.name] if e.torchjd in ms else math.nan
+        rows.append(
+            Row(
+                case=name,
+                n_tasks=case.n_tasks,
+                name=e.name,
+                kind=e.kind,
+                ms=ms[e.name],
+                vs_ew=ms[e.name] / ms["ew"],
+                vs_floor=ms[e.name] / floor,
+                vs_torchjd=1 / jd if not math.isnan(jd) else math.nan,
+                solve_ms=solve_median(e.solve_ms),
+                peak_mb=peak,
+            )
+        )
+    return case.description, rows
+
+
+def run(
+    cases: Iterable[str],
+    device: torch.device,
+    repeats: int,
+    with_torchjd: bool,
+    methods: set[str] | None = None,
+    progress: bool = True,
+) -> str:
+    """The whole benchmark as markdown: a table per case, then the targets."""
+    if with_torchjd and not torchjd_steps.available():
+        raise ImportError(torchjd_steps.INSTALL_HINT + " (or pass --no-torchjd)")
+    all_rows: list[Row] = []
+    parts = [
+        f"torch {torch.__version__}, {device}, {torch.get_num_threads()} thread(s); median of {repeats} steps "
+        f"({'wall' if device.type == 'cuda' else 'process CPU'} time), timed round-robin\n"
+    ]
+    names = list(cases)
+    for name in tqdm(names, desc="speed", unit="model", disable=not progress):
+        description, rows = run_case(name, device, repeats, with_torchjd, methods)
+        all_rows += rows
+        parts.append(f"## {name}: {description}, K = {rows[0].n_tasks}\n\n{case_table(rows)}\n")
+    parts.append(f"## Targets\n\n{targets_table(targets(all_rows))}\n")
+    return "\n".join(parts)

@@ -1,0 +1,103 @@
+"""The speed benchmark's tables and the issue's targets, each marked as holding or not."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .timing import median
+
+#: the issue's bounds: on a ratio to EW, to the cost floor, or to torchjd, measured in the same run
+LOSS_TARGET = 1.05
+FLOOR_TARGET = 1.10
+TORCHJD_TARGET = 0.90
+REPRESENTATION_TARGET = 1.30
+AMORTISED_TARGET = 1.30
+
+
+@dataclass
+class Row:
+    case: str
+    n_tasks: int
+    name: str
+    kind: str
+    ms: float
+    vs_ew: float
+    vs_floor: float
+    vs_torchjd: float  # nan when there is no torchjd counterpart
+    solve_ms: float  # nan for methods without a solver call (loss methods, amortised reuse)
+    peak_mb: float
+
+
+def solver_bound(n_tasks: int) -> float:
+    return 1.0 if n_tasks <= 10 else 10.0
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    return "—" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def case_table(rows: list[Row]) -> str:
+    head = "| method | kind | ms/step | × EW | × floor | × torchjd | solve ms | peak MiB |"
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r.name} | {r.kind} | {r.ms:.2f} | {r.vs_ew:.2f} | {_fmt(r.vs_floor)} | {_fmt(r.vs_torchjd)} | "
+            f"{_fmt(r.solve_ms, 3)} | {_fmt(r.peak_mb, 1)} |"
+        )
+    return "\n".join(lines)
+
+
+@dataclass
+class Target:
+    label: str
+    misses: list[str]
+    checked: int
+
+    @property
+    def holds(self) -> bool:
+        return not self.misses and self.checked > 0
+
+
+def targets(rows: list[Row]) -> list[Target]:
+    """Each target over every row it applies to, with the rows that miss it (case: name ratio)."""
+
+    def check(label: str, applies: list[Row], value: str, bound: float) -> Target:
+        misses = [
+            f"{r.case}: {r.name} {getattr(r, value):.2f}"
+            for r in applies
+            if not math.isnan(getattr(r, value)) and getattr(r, value) > bound
+        ]
+        return Target(label, misses, sum(not math.isnan(getattr(r, value)) for r in applies))
+
+    loss = [r for r in rows if r.kind == "loss"]
+    ew = [r for r in rows if r.kind == "ew"]
+    exact = [r for r in rows if r.kind == "gradient"]
+    rep = [r for r in rows if r.kind == "representation"]
+    amortised = [r for r in rows if r.kind == "amortised" and r.n_tasks <= 11]
+    solved = [r for r in rows if not math.isnan(r.solve_ms)]
+    solver = Target(
+        "solver ≤ 1 ms (K ≤ 10), ≤ 10 ms (K > 10)",
+        [f"{r.case}: {r.name} {r.solve_ms:.2f} ms" for r in solved if r.solve_ms > solver_bound(r.n_tasks)],
+        len(solved),
+    )
+    return [
+        check(f"loss methods ≤ {LOSS_TARGET}× EW", loss, "vs_ew", LOSS_TARGET),
+        check(f"exact gradient methods ≤ {FLOOR_TARGET}× floor", exact, "vs_floor", FLOOR_TARGET),
+        check(f"≤ {TORCHJD_TARGET}× torchjd's same aggregator", [*ew, *exact], "vs_torchjd", TORCHJD_TARGET),
+        check(f"representation ≤ {REPRESENTATION_TARGET}× EW", rep, "vs_ew", REPRESENTATION_TARGET),
+        check(f"amortised (N = 10, K ≤ 11) ≤ {AMORTISED_TARGET}× EW", amortised, "vs_ew", AMORTISED_TARGET),
+        solver,
+    ]
+
+
+def targets_table(found: list[Target]) -> str:
+    lines = ["| target | holds | rows checked | misses |", "|---|---|---:|---|"]
+    for t in found:
+        misses = "; ".join(t.misses) if t.misses else ""
+        lines.append(f"| {t.label} | {'yes' if t.holds else 'no'} | {t.checked} | {misses} |")
+    return "\n".join(lines)
+
+
+def solve_median(values: list[float]) -> float:
+    return median(values) if values else math.nan

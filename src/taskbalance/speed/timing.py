@@ -1,0 +1,91 @@
+"""Timing steps fairly on a shared machine, and the peak memory of one step.
+
+Steps are timed round-robin (one of each in turn, repeated), so that a slow spell of a shared machine hits every
+step alike, and the median is reported. On the CPU the clock is the process's CPU time, which another job on the
+machine does not inflate the way it inflates wall time; on CUDA it is wall time between synchronisations.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+Step = Callable[[], None]
+
+
+def measure(steps: dict[str, Step], repeats: int, device: torch.device, warmup: int = 3) -> dict[str, list[float]]:
+    """Milliseconds of every step over ``repeats`` rounds, after ``warmup`` untimed rounds."""
+    cuda = device.type == "cuda"
+    clock = time.perf_counter if cuda else time.process_time
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    for _ in range(repeats):
+        for name, step in steps.items():
+            if cuda:
+                torch.cuda.synchronize(device)
+            start = clock()
+            step()
+            if cuda:
+                torch.cuda.synchronize(device)
+            times[name].append(1e3 * (clock() - start))
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+class PeakMemory(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch leaves it untyped
+    """Peak bytes of the tensor storages created inside the context and alive at the same time (any device).
+
+    Every operator's outputs are recorded by their storage; a storage counts from its first appearance until it
+    is freed (its weak reference expires). Memory that existed before the context (parameters, the batch) is
+    not counted: the result is what one step needs on top of the model, comparable across methods.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and not tensor.is_meta:
+                storage = tensor.untyped_storage()
+                key = storage._cdata
+                if key not in self.live:
+                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())  # type: ignore[no-untyped-call]
+                    self.current += storage.nbytes()
+        self._release()
+        self.peak = max(self.peak, self.current)
+        return out
+
+    def _release(self) -> None:
+        dead = [key for key, (ref, _) in self.live.items() if ref.expired()]  # type: ignore[no-untyped-call]
+        for key in dead:
+            self.current -= self.live.pop(key)[1]
+
+
+def peak_memory_mb(step: Step, device: torch.device) -> float:
+    """MiB one call of ``step`` needs beyond what was allocated before it (CUDA: the allocator's own peak)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device) - before) / 2**20
+    with PeakMemory() as tracker:
+        step()
+    return float(tracker.peak) / 2**20

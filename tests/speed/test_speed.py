@@ -1,0 +1,115 @@
+"""The speed benchmark's machinery: memory accounting, round-robin timing, targets, and one tiny end-to-end case."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import taskbalance as tb
+from taskbalance.cli import main
+from taskbalance.speed import cases, run_case, steps, torchjd_steps
+from taskbalance.speed.report import Row, targets
+from taskbalance.speed.timing import PeakMemory, measure
+from tests.models import TinyMTL, make_data
+
+
+def test_peak_memory_counts_live_storages_exactly() -> None:
+    with PeakMemory() as tracker:
+        a = torch.zeros(1000, 250)  # 1e6 bytes
+        b = torch.zeros(500, 250)  # 5e5 bytes: 1.5e6 live
+        del a
+        c = torch.zeros(250, 250)  # a freed: 7.5e5 live
+        view = c[:10]  # a view allocates nothing
+        del b, c, view
+    assert tracker.peak == 1_500_000
+
+
+def test_measure_is_round_robin() -> None:
+    calls: list[str] = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    times = measure(steps, repeats=2, device=torch.device("cpu"), warmup=1)  # type: ignore[arg-type]
+    assert calls == ["a", "b"] * 3
+    assert [len(t) for t in times.values()] == [2, 2]
+
+
+def _row(name: str, kind: str, k: int = 2, **ratios: float) -> Row:
+    values = {"vs_ew": 1.0, "vs_floor": 1.0, "vs_torchjd": math.nan, "solve_ms": math.nan, **ratios}
+    return Row("m", k, name, kind, 1.0, peak_mb=0.0, **values)
+
+
+def test_targets_name_what_misses() -> None:
+    rows = [
+        _row("ew", "ew", vs_torchjd=0.5),
+        _row("uw", "loss", vs_ew=1.04),
+        _row("dwa", "loss", vs_ew=1.07),
+        _row("mgda", "gradient", vs_floor=1.2, vs_torchjd=0.8, solve_ms=0.5),
+        _row("upgrad", "gradient", vs_floor=1.05, vs_torchjd=0.95, solve_ms=2.0),
+        _row("nashmtl", "gradient", k=40, solve_ms=9.0),
+        _row("mgda (N = 10)", "amortised", k=40, vs_ew=2.0),  # K > 11: not checked
+    ]
+    found = {t.label.split(" ")[0]: t for t in targets(rows)}
+    assert found["loss"].misses == ["m: dwa 1.07"]
+    assert found["exact"].misses == ["m: mgda 1.20"]
+    assert found["≤"].misses == ["m: upgrad 0.95"] and found["≤"].checked == 3
+    assert found["solver"].misses == ["m: upgrad 2.00 ms"]
+    assert found["amortised"].checked == 0 and not found["amortised"].holds
+
+
+def _tiny(device: torch.device, gen: torch.Generator) -> cases.SpeedCase:
+    model = TinyMTL(n_tasks=3).to(device)
+    x, y = make_data(n_tasks=3)
+
+    def losses(m: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        features, outputs = m(x)
+        return features, [F.mse_loss(out, y[:, k]) for k, out in enumerate(outputs)]
+
+    return cases.SpeedCase("tiny", "TinyMTL", 3, model, losses)
+
+
+def test_run_case_end_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(cases.BUILDERS, "tiny", _tiny)
+    # IGBv2 is timed over its SAC period: a short one (and small minibatches) keeps the test fast
+    monkeypatch.setattr(steps, "IGBV2_OPTIONS", {**steps.IGBV2_OPTIONS, "update_every": 3, "batch_size": 8})
+    with_jd = torchjd_steps.available()
+    _, rows = run_case("tiny", torch.device("cpu"), 1, with_jd, {"upgrad", "igbv2", "mgda_ub", "dbmtl"})
+    by_name = {r.name: r for r in rows}
+    assert by_name["ew"].vs_ew == 1.0
+    assert min(r.vs_floor for r in rows if r.kind == "floor") == 1.0
+    assert by_name["igbv2"].kind == "loss" and math.isnan(by_name["igbv2"].peak_mb)  # timed over 3 steps
+    assert by_name["mgda_ub"].kind == "representation"
+    assert by_name["upgrad (N = 10)"].kind == "amortised" and "dbmtl (N = 10)" not in by_name  # no weights
+    assert by_name["upgrad"].solve_ms > 0 and by_name["upgrad"].peak_mb > 0
+    if with_jd:
+        assert by_name["torchjd upgrad"].kind == "torchjd" and by_name["upgrad"].vs_torchjd > 0
+
+
+@pytest.mark.skipif(not torchjd_steps.available(), reason="torchjd not installed")
+@pytest.mark.parametrize("spec", ["ew", "mgda", "upgrad"])
+def test_torchjd_drives_the_same_aggregator(spec: str) -> None:
+    # the comparison is fair only if both compute the same update: same shared gradient (Mean = EW / K)
+    device = torch.device("cpu")
+    case = _tiny(device, torch.Generator())
+    ours, theirs = TinyMTL(n_tasks=3), TinyMTL(n_tasks=3)
+    features, losses = case.losses(ours)
+    # UPGrad with torchjd's trace normalisation and ridge (ours default to the exact projection)
+    ours_spec = "upgrad[norm_eps=1e-4, reg_eps=1e-4]" if spec == "upgrad" else spec
+    tb.make(ours_spec, n_tasks=3).backward(losses, ours.encoder.parameters(), features=features)
+    features, losses = case.losses(theirs)
+    aggregator = torchjd_steps.aggregators(3)[spec]()
+    torchjd_steps.backward(losses, features, list(theirs.encoder.parameters()), aggregator)
+    # ours follow the sum convention (K equal gradients give K·g), torchjd's the mean: a factor K = 3 on the
+    # shared parameters; heads get ∇ℓ_k from both. torchjd's MGDA is Frank-Wolfe stopped at a step below 1e-3.
+    rtol = 2e-2 if spec == "mgda" else 1e-4
+    for module, factor in ((ours.encoder, theirs.encoder), 3.0), ((ours.heads, theirs.heads), 1.0):
+        for a, b in zip(module[0].parameters(), module[1].parameters(), strict=True):
+            assert a.grad is not None and b.grad is not None
+            torch.testing.assert_close(a.grad, b.grad * factor, rtol=rtol, atol=rtol * float(a.grad.abs().max()))
+
+
+def test_cli_refuses_unknown_case(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "speed", "--cases", "nope"]) == 2
+    assert "unknown case" in capsys.readouterr().err
