@@ -8,6 +8,7 @@ import torch
 import taskbalance as tb
 from taskbalance import registry
 from taskbalance.cli import main
+from taskbalance.registry import split_specs
 from tests.models import TinyMTL, make_data, task_losses
 
 
@@ -118,3 +119,24 @@ def test_upper_bound_presets_run_on_the_representation() -> None:
 def test_gramian_engine_refuses_jacobian_methods_at_construction() -> None:
     with pytest.raises(ValueError, match="reads J"):
         tb.make("dbmtl", n_tasks=2, engine="gramian")
+
+
+def test_spec_options_in_brackets() -> None:
+    balancer = tb.make("igbv1+cagrad[c=0.25, max_norm=None, update_weights_every=3]", n_tasks=2)
+    assert balancer.gradient.c == 0.25 and balancer.gradient.max_norm is None  # type: ignore[union-attr]
+    assert balancer.update_weights_every == 3
+    assert tb.make("nashmtl[optim_niter=7]", n_tasks=2, optim_niter=9).gradient.optim_niter == 9  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="key=value"):
+        tb.make("cagrad[0.5]", n_tasks=2)
+    with pytest.raises(ValueError, match="one pair of brackets"):
+        tb.make("cagrad[c=0.5]+mgda", n_tasks=2)
+    with pytest.raises(TypeError, match="not accepted"):
+        tb.make("mgda[c=0.5]", n_tasks=2)
+
+
+def test_split_specs_keeps_bracketed_commas() -> None:
+    assert split_specs("ew, cagrad[c=0.5,max_norm=1.0],igbv1+nashmtl") == [
+        "ew",
+        "cagrad[c=0.5,max_norm=1.0]",
+        "igbv1+nashmtl",
+    ]

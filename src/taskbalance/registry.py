@@ -1,14 +1,18 @@
 """Method names, presets and :func:`make`.
 
-A spec is ``"<loss>"``, ``"<gradient>"`` or ``"<loss>+<gradient>"``. A bare gradient name runs with EW at the
-loss level unless a preset says otherwise (``dbmtl`` = ``si+dbmtl``). The tables below are the one place that
+A spec is ``"<loss>"``, ``"<gradient>"`` or ``"<loss>+<gradient>"``, optionally followed by keyword options in
+brackets, routed as :func:`make`'s keywords are: ``"nashmtl[update_weights_every=10]"``,
+``"igbv1+cagrad[c=0.5,max_norm=1.0]"`` (values are Python literals, else strings). A bare gradient name runs with
+EW at the loss level unless a preset says otherwise (``dbmtl`` = ``si+dbmtl``). The tables below are the one place that
 maps a paper's name to its module: ``loss_balancing/<module>.py`` or ``gradient_balancing/<module>.py``.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +116,44 @@ def _unknown(name: str) -> ValueError:
     return ValueError(f"unknown method {name!r}; available: {', '.join(available())}")
 
 
+_WITH_OPTIONS = re.compile(r"^(?P<spec>[^\[\]]*?)\s*\[(?P<options>[^\[\]]*)\]\s*$")
+
+
+def split_options(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name[k=v,...]"`` → (``"name"``, {k: v}); values are Python literals (``10``, ``0.5``, ``None``) or strings."""
+    match = _WITH_OPTIONS.match(spec)
+    if match is None:
+        if "[" in spec or "]" in spec:
+            raise ValueError(
+                f"options go in one pair of brackets at the end of a spec, e.g. 'cagrad[c=0.5]'; got {spec!r}"
+            )
+        return spec, {}
+    options: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in match["options"].split(","))):
+        key, sep, text = part.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(f"spec options are key=value pairs, got {part!r} in {spec!r}")
+        try:
+            options[key.strip()] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            options[key.strip()] = text.strip()
+    return match["spec"], options
+
+
+def split_specs(text: str) -> list[str]:
+    """A comma-separated list of specs, where commas inside a spec's brackets do not separate."""
+    specs, depth, current = [], 0, ""
+    for char in text:
+        depth += (char == "[") - (char == "]")
+        if char == "," and depth == 0:
+            specs.append(current.strip())
+            current = ""
+        else:
+            current += char
+    specs.append(current.strip())
+    return [s for s in specs if s]
+
+
 def _parse(spec: str) -> tuple[str, dict[str, Any], str, dict[str, Any], dict[str, Any]]:
     """(loss name, loss options, gradient name, gradient options, balancer options) preset by a spec."""
     parts = [p.strip().lower() for p in spec.split("+")]
@@ -160,6 +202,8 @@ def make(
     (e.g. ``max_norm`` to Nash-MTL, ``base_epoch`` to IGBv1, ``engine`` to the Balancer). An option accepted by
     more than one (FAMO's and MoCo's ``gamma``) is an error: pass it in ``loss_options`` / ``gradient_options``.
     """
+    spec, inline = split_options(spec)
+    options = {**inline, **options}
     loss_name, preset_loss, grad_name, preset_grad, balancer_options = _parse(spec)
     loss_cls, grad_cls = loss_class(loss_name), gradient_class(grad_name)
     loss_options = {**preset_loss, **(loss_options or {})}
