@@ -163,3 +163,26 @@ def test_failure_reaches_the_balance_result_with_one_warning() -> None:
 def test_bad_options_are_refused(options: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         FairGrad(**options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0])
+def test_warm_started_steps_at_k40_solve_the_fairness_condition(alpha: float) -> None:
+    """Each step starts from the previous solution (kept in the state); every step must still satisfy
+    (G w)_k = w_k^(−1/α) to the tolerance, and agree with a cold solve of the same G."""
+    gen = torch.Generator().manual_seed(5)
+    shared, private = torch.randn(300, generator=gen, dtype=torch.float64), _jacobian(6, 40, 300)
+    scales = torch.logspace(-1, 1, 40, dtype=torch.float64)
+    method = FairGrad(alpha=alpha)
+    method.setup(40)
+    for _ in range(4):
+        jac = scales[:, None] * (0.7 * shared + 0.7 * private)
+        gram = jac @ jac.T
+        combination: Combination = method(gram, torch.ones(40, dtype=torch.float64))
+        assert combination.converged and combination.weights is not None
+        w = combination.weights
+        target = w.pow(-1 / alpha)
+        assert ((gram @ w - target) / target).abs().max() <= 1e-6
+        torch.testing.assert_close(w, _weights(jac, alpha), rtol=1e-5, atol=0)
+        assert method.state_dict()["_extra_state"]["warm"] is not None
+        shared = shared + 0.05 * torch.randn(300, generator=gen, dtype=torch.float64)
+        private = private + 0.05 * torch.randn(40, 300, generator=gen, dtype=torch.float64)
