@@ -26,22 +26,28 @@ def nash_newton(cosines: Tensor, start: Tensor, max_iter: int, tol: float) -> tu
     eye = torch.eye(k, dtype=cosines.dtype, device=cosines.device)
     # the best start on the ray through ``start``: F(tβ) is minimal at t² = K / βᵀCβ (exact for equal gradients)
     beta = start * (k / (start @ cosines @ start).clamp_min(1e-6 * (start @ start))).sqrt()
-    residual = torch.full((), torch.inf, dtype=cosines.dtype, device=cosines.device)
+    excess = beta * (cosines @ beta) - 1
+    residual = excess.abs().max()
+    # one read from the device per iteration: stopping depends on the data
+    solved, bounded = torch.stack([residual <= tol, beta.max() < 1e12]).tolist()
     for iteration in range(max_iter + 1):
-        excess = beta * (cosines @ beta) - 1
-        residual = excess.abs().max()
-        # read from the device: stopping depends on the data
-        if bool(residual <= tol):
+        if solved:
             return beta, iteration, residual, True
         # β of a solution is moderate (C has a unit diagonal); growth past 1e12 means F is unbounded below
-        if iteration == max_iter or not bool(beta.max() < 1e12):
+        if iteration == max_iter or not bounded:
             break
         delta, info = torch.linalg.solve_ex(beta[:, None] * cosines * beta[None, :] + eye, -excess)
-        if bool(info != 0) or not bool(torch.isfinite(delta).all()):
-            break
         decrement = (-excess @ delta).clamp_min(0).sqrt()
         step = torch.where(decrement < 0.25, torch.ones_like(decrement), 1 / (1 + decrement))
-        beta = beta * (1 + step * delta)
+        new_beta = beta * (1 + step * delta)
+        new_excess = new_beta * (cosines @ new_beta) - 1
+        new_residual = new_excess.abs().max()
+        valid, solved, bounded = torch.stack(
+            [(info == 0) & torch.isfinite(delta).all(), new_residual <= tol, new_beta.max() < 1e12]
+        ).tolist()
+        if not valid:  # a singular Newton system: keep the last iterate
+            break
+        beta, excess, residual = new_beta, new_excess, new_residual
     return beta, max_iter, residual, False
 
 
@@ -97,29 +103,40 @@ class NashMTL(GradientBalancer):
         self._beta: Tensor | None = None
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
-        if not bool(torch.isfinite(matrix).all()):  # a read from the device: refuse NaN/Inf early
-            raise ValueError("Nash-MTL got a non-finite Gramian (NaN or Inf gradients)")
         gramian = matrix.to(torch.float64)
         k = gramian.shape[0]
         norms = gramian.diagonal().clamp_min(0).sqrt()
         active = norms > 1e-12 * norms.max()
+        # one read from the device: refuse NaN/Inf early, and which tasks have a gradient
+        finite, any_active, all_active = torch.stack(
+            [torch.isfinite(gramian).all(), active.any(), active.all()]
+        ).tolist()
+        if not finite:
+            raise ValueError("Nash-MTL got a non-finite Gramian (NaN or Inf gradients)")
         alpha = torch.zeros(k, dtype=torch.float64, device=gramian.device)
-        if not bool(active.any()):
+        if not any_active:
             self._beta = None
             note = "all gradients are zero: Nash-MTL has no solution; returned weights 0"
             return Combination(weights=alpha.to(matrix.dtype), converged=False, note=note)
-        index = active.nonzero().squeeze(1)
-        kept = norms[index]
-        cosines = gramian[index][:, index] / torch.outer(kept, kept)
+        # the usual case solves on G as is; only zero gradients need the (synchronising) selection of the others
+        index = None if all_active else active.nonzero().squeeze(1)
+        kept = norms if index is None else norms[index]
+        kept_gramian = gramian if index is None else gramian[index][:, index]
+        cosines = kept_gramian / torch.outer(kept, kept)
         start = torch.ones_like(kept)
         if self._beta is not None and self._beta.shape == (k,):
-            previous = self._beta.to(kept)[index]
+            previous = self._beta.to(kept)
+            previous = previous if index is None else previous[index]
             start = torch.where(previous > 0, previous, start)
         beta, _, residual, converged = nash_newton(cosines, start, self.optim_niter, TOLERANCE)
-        alpha[index] = beta / kept
-        full_beta = torch.zeros(k, dtype=torch.float64, device=gramian.device)
-        full_beta[index] = beta
-        dropped = (~active).nonzero().squeeze(1).tolist() if index.numel() < k else []
+        if index is None:
+            alpha, full_beta = beta / kept, beta
+            dropped: list[int] = []
+        else:
+            alpha[index] = beta / kept
+            full_beta = torch.zeros(k, dtype=torch.float64, device=gramian.device)
+            full_beta[index] = beta
+            dropped = (~active).nonzero().squeeze(1).tolist()
         notes = []
         if dropped:
             notes.append(f"zero gradient for task(s) {dropped}: no Nash solution (α_k → ∞ on a zero vector); weights 0")
