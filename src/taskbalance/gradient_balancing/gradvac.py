@@ -24,42 +24,49 @@ def vaccinate(
 ) -> tuple[Tensor, Tensor]:
     """Coefficients C (K × K) of the adjusted gradients g'_i = Σ_j C_ij g_j, and the updated targets φ̂ (K × K).
 
-    Row i starts at e_i and visits the tasks ``orders[i]``; with φ = cos(g'_i, g_j) and the target t = φ̂_ij, when
-    φ < t it adds a multiple of the original g_j that lifts the cosine to exactly t. Then φ̂_ij ← (1−β)φ̂_ij + βφ
-    (for every visited pair, or only for adjusted ones with ``ema_update="on_conflict"``). Pairs with a zero
-    gradient (squared norm at the rounding level K·ε·max_k G_kk) are neither adjusted nor tracked: their cosine is
+    Row i starts at e_i and visits the (distinct) tasks ``orders[i]``; with φ = cos(g'_i, g_j) and the target
+    t = φ̂_ij, when φ < t it adds a multiple of the original g_j that lifts the cosine to exactly t. Then
+    φ̂_ij ← (1−β)φ̂_ij + βφ (for every visited pair, or only for adjusted ones with ``ema_update="on_conflict"``).
+    Pairs with a zero gradient (squared norm at the rounding level K·ε·max_k G_kk) are neither adjusted nor
+    tracked: their cosine is
     undefined.
     """
     n = gramian.shape[0]
-    coeffs = torch.eye(n, dtype=gramian.dtype, device=gramian.device)
-    targets = targets.to(device=gramian.device, dtype=gramian.dtype).clone()
-    rows = torch.arange(n, device=gramian.device)
-    orders = orders.to(gramian.device)
+    dtype, device = gramian.dtype, gramian.device
+    coeffs = torch.eye(n, dtype=dtype, device=device)
+    targets = targets.to(device=device, dtype=dtype).clone()
+    rows = torch.arange(n, device=device)
+    orders = orders.to(device)
     sq_norms = gramian.diagonal().clamp(min=0)
-    norms = sq_norms.sqrt()
     # squared norms at the rounding level of G count as zero (a g'_i projected to nothing has no direction)
-    floor = n * torch.finfo(gramian.dtype).eps * sq_norms.max()
-    zero = torch.zeros(n, dtype=gramian.dtype, device=gramian.device)
+    floor = n * torch.finfo(dtype).eps * sq_norms.max()
+    # everything that depends only on the visited task j, gathered for all visits at once (visit v: column v);
+    # each pair (i, j) is visited once, so its target is read before and written after the loop
+    norm_j = sq_norms.sqrt()[orders]
+    valid_j = sq_norms[orders] > floor
+    pair_targets = targets.gather(1, orders)
+    sin_target = (1 - pair_targets * pair_targets).clamp(min=0).sqrt()
+    # t·sin φ − φ·sin t = sin(angle(φ) − angle(t)); dividing by sin t gives the multiple of g_j/‖g_j‖·‖g'_i‖
+    denominator = norm_j * sin_target
+    reachable = denominator > 0
+    safe = torch.where(reachable, denominator, 1.0)
+    new_targets = pair_targets.clone()
+    rows_j = gramian[orders]  # (K, visits, K): row v of block i is g_j for the j row i visits at v
     for visit in range(orders.shape[1]):
         j = orders[:, visit]
-        sq_norm_i = torch.einsum("ik,kl,il->i", coeffs, gramian, coeffs).clamp(min=0)  # ‖g'_i‖²
+        sq_norm_i = ((coeffs @ gramian) * coeffs).sum(dim=1).clamp(min=0)  # ‖g'_i‖²
         norm_i = sq_norm_i.sqrt()
-        norm_j = norms[j]
-        dots = (coeffs * gramian[j]).sum(dim=1)  # g'_i · g_j
-        valid = (sq_norm_i > floor) & (sq_norms[j] > floor)
-        scale = torch.where(valid, norm_i * norm_j, torch.ones_like(norm_i))
-        phi = torch.where(valid, dots / scale, zero).clamp(-1.0, 1.0)
-        target = targets[rows, j]
+        dots = (coeffs * rows_j[:, visit]).sum(dim=1)  # g'_i · g_j
+        valid = (sq_norm_i > floor) & valid_j[:, visit]
+        phi = torch.where(valid, dots / torch.where(valid, norm_i * norm_j[:, visit], 1.0), 0.0).clamp(-1.0, 1.0)
+        target = pair_targets[:, visit]
         sin_phi = (1 - phi * phi).clamp(min=0).sqrt()
-        sin_target = (1 - target * target).clamp(min=0).sqrt()
-        # t·sin φ − φ·sin t = sin(angle(φ) − angle(t)); dividing by sin t gives the multiple of g_j/‖g_j‖·‖g'_i‖
-        denominator = norm_j * sin_target
-        adjust = valid & (phi < target) & (denominator > 0)
-        safe = torch.where(adjust, denominator, torch.ones_like(denominator))
-        factor = torch.where(adjust, norm_i * (target * sin_phi - phi * sin_target) / safe, zero)
-        coeffs[rows, j] += factor
+        adjust = valid & (phi < target) & reachable[:, visit]
+        lift = norm_i * (target * sin_phi - phi * sin_target[:, visit]) / safe[:, visit]
+        coeffs.index_put_((rows, j), torch.where(adjust, lift, 0.0), accumulate=True)
         tracked = adjust if ema_update == "on_conflict" else valid
-        targets[rows, j] = torch.where(tracked, (1 - beta) * target + beta * phi, target)
+        new_targets[:, visit] = torch.where(tracked, (1 - beta) * target + beta * phi, target)
+    targets.scatter_(1, orders, new_targets)
     return coeffs, targets
 
 
