@@ -28,8 +28,7 @@ def vaccinate(
     t = φ̂_ij, when φ < t it adds a multiple of the original g_j that lifts the cosine to exactly t. Then
     φ̂_ij ← (1−β)φ̂_ij + βφ (for every visited pair, or only for adjusted ones with ``ema_update="on_conflict"``).
     Pairs with a zero gradient (squared norm at the rounding level K·ε·max_k G_kk) are neither adjusted nor
-    tracked: their cosine is
-    undefined.
+    tracked: their cosine is undefined.
     """
     n = gramian.shape[0]
     dtype, device = gramian.dtype, gramian.device

@@ -33,14 +33,15 @@ def project_conflicting(gramian: Tensor, orders: Tensor) -> Tensor:
     coeffs = torch.eye(n, dtype=gramian.dtype, device=gramian.device)
     rows = torch.arange(n, device=gramian.device)
     orders = orders.to(gramian.device)
-    sq_norms = gramian.diagonal()
+    # what depends only on the visited task j, gathered for all visits at once (visit v: column v)
+    rows_j = gramian[orders]  # (K, visits, K)
+    sq_norms = gramian.diagonal()[orders]
+    nonzero = sq_norms > 0
+    safe = torch.where(nonzero, sq_norms, 1.0)
     for visit in range(orders.shape[1]):
-        j = orders[:, visit]
-        dots = (coeffs * gramian[j]).sum(dim=1)  # g'_i · g_j for every row i
-        denominator = sq_norms[j]
-        safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-        factor = torch.where(denominator > 0, dots.clamp(max=0) / safe, torch.zeros_like(dots))
-        coeffs[rows, j] -= factor
+        dots = (coeffs * rows_j[:, visit]).sum(dim=1)  # g'_i · g_j for every row i
+        factor = torch.where(nonzero[:, visit], dots.clamp(max=0) / safe[:, visit], 0.0)
+        coeffs.index_put_((rows, orders[:, visit]), -factor, accumulate=True)
     return coeffs
 
 
