@@ -64,7 +64,9 @@ def project_simplex(y: Tensor) -> Tensor:
 
 def _check_finite(solver: str, *tensors: Tensor) -> None:
     """Refuse NaN/Inf (a non-finite gradient would otherwise loop to max_iter): one read from the device in all."""
-    finite = torch.stack([torch.isfinite(tensor).all() for tensor in tensors]).all()
+    finite = torch.isfinite(tensors[0]).all()
+    for tensor in tensors[1:]:
+        finite = finite & torch.isfinite(tensor).all()
     if not bool(finite):
         raise ValueError(f"{solver} got non-finite input (NaN or Inf gradients?)")
 

@@ -88,12 +88,13 @@ class MGDA(GradientBalancer):
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
         gramian = matrix.to(torch.float64)
-        normalizers = self._normalizers(gramian, losses)
-        normalized = gramian / torch.outer(normalizers, normalizers)
+        # "none" divides by 1: skip the operations (a step's solver time is mostly per-operation overhead)
+        normalizers = None if self.normalization == "none" else self._normalizers(gramian, losses)
+        normalized = gramian if normalizers is None else gramian / torch.outer(normalizers, normalizers)
         result = min_norm_point(normalized, init=self._warm)
         self._warm = result.x
         weights = self.n_tasks * result.x
-        if self.apply_to == "normalized":
+        if self.apply_to == "normalized" and normalizers is not None:
             weights = weights / normalizers
         note = "" if result.converged else f"min-norm active set stopped after {result.iterations} iterations"
         return Combination(weights=weights.to(matrix.dtype), converged=result.converged, note=note)
