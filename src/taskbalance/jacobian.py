@@ -297,8 +297,8 @@ def resolve_auto(exact: bool, device: torch.device) -> tuple[EnginePath, bool]:
     Features-first whenever it is exact: it runs the heads about once instead of K times. The K products through
     the trunk (or the whole graph when features-first is not exact) go through vmap on accelerators, where one
     batched kernel beats K launches, and one task at a time on the CPU, where vmap gains nothing and its
-    convolution rules (grouped convolutions) cost 20-40% more than K plain backward calls
-    (bench/engine_paths.py).
+    convolution rules (grouped convolutions) cost more than K plain backward calls (the ``engine ... (w = 1)``
+    rows of ``taskbalance bench speed``).
     """
     vmap = device.type != "cpu"
     if exact:
