@@ -30,10 +30,13 @@ def test_peak_memory_counts_live_storages_exactly() -> None:
 
 def test_measure_is_round_robin() -> None:
     calls: list[str] = []
-    steps = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
-    times = measure(steps, repeats=2, device=torch.device("cpu"), warmup=1)  # type: ignore[arg-type]
-    assert calls == ["a", "b"] * 3
-    assert [len(t) for t in times.values()] == [2, 2]
+    names = "abcdef"
+    steps = {name: (lambda name=name: calls.append(name)) for name in names}
+    times = measure(steps, repeats=4, device=torch.device("cpu"), warmup=1)  # type: ignore[arg-type]
+    rounds = [calls[i : i + len(names)] for i in range(0, len(calls), len(names))]
+    assert len(rounds) == 5 and all(sorted(r) == list(names) for r in rounds)  # each step once per round
+    assert len({"".join(r) for r in rounds[1:]}) > 1  # in a shuffled order
+    assert [len(t) for t in times.values()] == [4] * len(names)
 
 
 def _row(name: str, kind: str, k: int = 2, **ratios: float) -> Row:

@@ -165,11 +165,11 @@ def loss_specs() -> list[str]:
 
 
 def entries(case: SpeedCase, device: torch.device, with_torchjd: bool, methods: set[str] | None) -> list[Entry]:
-    """Every step of a case, primed (epoch-based methods in their steady state) and checked to run."""
+    """Every step of a case; epoch-based loss methods are primed into their steady state."""
     out: list[Entry] = []
 
     def add(name: str, kind: Kind, step: Step, balancer: Balancer | None = None, **extra: Any) -> None:
-        if balancer is not None:
+        if balancer is not None and type(balancer.loss).end_epoch is not LossBalancer.end_epoch:
             prime(step, balancer)
         out.append(Entry(name, kind, step, **extra))
 

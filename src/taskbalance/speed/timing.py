@@ -1,12 +1,15 @@
 """Timing steps fairly on a shared machine, and the peak memory of one step.
 
 Steps are timed round-robin (one of each in turn, repeated), so that a slow spell of a shared machine hits every
-step alike, and the median is reported. On the CPU the clock is the process's CPU time, which another job on the
-machine does not inflate the way it inflates wall time; on CUDA it is wall time between synchronisations.
+step alike, and the median is reported. The order is shuffled every round (seeded): a step that runs right after
+a memory-hungry one pays for the pages the allocator gave back, and no step should always be the one that pays.
+On the CPU the clock is the process's CPU time, which another job on the machine does not inflate the way it
+inflates wall time; on CUDA it is wall time between synchronisations.
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -28,8 +31,12 @@ def measure(steps: dict[str, Step], repeats: int, device: torch.device, warmup: 
     for _ in range(warmup):
         for step in steps.values():
             step()
+    order = list(steps)
+    shuffle = random.Random(0).shuffle
     for _ in range(repeats):
-        for name, step in steps.items():
+        shuffle(order)
+        for name in order:
+            step = steps[name]
             if cuda:
                 torch.cuda.synchronize(device)
             start = clock()
