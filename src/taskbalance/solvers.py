@@ -23,8 +23,11 @@ systems (condition up to 1/δ) by about ε/δ; both are 1e-8 relative, far below
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -62,11 +65,16 @@ def project_simplex(y: Tensor) -> Tensor:
     return (y - theta).clamp_min(0)
 
 
-def _check_finite(solver: str, *tensors: Tensor) -> None:
-    """Refuse NaN/Inf (a non-finite gradient would otherwise loop to max_iter): one read from the device in all."""
+def _finite(*tensors: Tensor) -> Tensor:
+    """Whether every entry is finite (NaN/Inf gradients would otherwise loop to max_iter), on the device."""
     finite = torch.isfinite(tensors[0]).all()
     for tensor in tensors[1:]:
         finite = finite & torch.isfinite(tensor).all()
+    return finite
+
+
+def _check_finite_flag(solver: str, finite: Tensor) -> None:
+    """Refuse non-finite input: one read from the device."""
     if not bool(finite):
         raise ValueError(f"{solver} got non-finite input (NaN or Inf gradients?)")
 
@@ -79,11 +87,85 @@ def _regularised(h: Tensor, base: Tensor | None = None) -> Tensor:
     return h + torch.diag(torch.where(top > 0, RIDGE * (diag + RIDGE * top), 1.0))
 
 
-def _active_set(
-    h: Tensor, q: Tensor, lower: Tensor, x0: Tensor, simplex: bool, max_iter: int, exact: Tensor | None = None
-) -> tuple[Tensor, int, bool]:
+class _Systems(NamedTuple):
+    """The scaled, bordered KKT systems of min ½xᵀhx + qᵀx s.t. x ≥ lower (and Σx = 1 when ``simplex``), built once
+    per problem family: a working set masks the rows of its fixed variables to the identity (see _active_set)."""
+
+    h: Tensor
+    h_exact: Tensor
+    full: Tensor  # (2, n, n): [[S h S, −e], [eᵀ, 0]] for h, then for the exact matrix
+    eye: Tensor
+    rhs_free: Tensor  # (B, n): −S q where free, 1/top in the simplex row
+    rhs_fixed: Tensor  # (B, n): lower / S where fixed
+    scale: Tensor
+    top: Tensor
+    q: Tensor
+    lower: Tensor
+    refine: bool
+    simplex: bool
+
+
+def _systems(h: Tensor, q: Tensor, lower: Tensor, simplex: bool, exact: Tensor | None) -> _Systems:
+    batch, k = q.shape
+    dtype, device = h.dtype, h.device
+    scale = h.diagonal().clamp_min(torch.finfo(dtype).tiny).rsqrt()
+    h_exact = h if exact is None else exact
+    n = k + 1 if simplex else k
+    top = scale.max()
+    full = torch.zeros(2, n, n, dtype=dtype, device=device)
+    full[:, :k, :k] = torch.stack([h, h_exact]) * scale[:, None] * scale[None, :]
+    if simplex:
+        e = scale / top
+        full[:, :k, k] = -e
+        full[:, k, :k] = e
+    rhs_free = -scale * q
+    rhs_fixed = lower / scale
+    if simplex:
+        last = (1 / top).expand(batch, 1)
+        rhs_free, rhs_fixed = torch.cat([rhs_free, last], 1), torch.cat([rhs_fixed, last], 1)
+    eye = torch.eye(n, dtype=dtype, device=device)
+    return _Systems(h, h_exact, full, eye, rhs_free, rhs_fixed, scale, top, q, lower, exact is not None, simplex)
+
+
+def _refined(s: _Systems, mask: Tensor, factors: Tensor, pivots: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """(x̂, μ) of the working sets ``mask`` (B, n) from the ridged solution ``z`` (B, n, 1) and its LU factors:
+    refined twice against the exact matrix (iterated Tikhonov) when there is one."""
+    k = s.q.shape[-1]
+    if s.refine:
+        rhs = torch.where(mask, s.rhs_free, s.rhs_fixed)[:, :, None]
+        system_exact = torch.where(mask[:, :, None], s.full[1], s.eye)
+        for _ in range(2):
+            z = z + torch.linalg.lu_solve(factors, pivots, rhs - system_exact @ z)
+    x_hat = s.scale * z[:, :k, 0]
+    mu = z[:, k:, 0] / s.top if s.simplex else torch.zeros_like(s.q[:, :1])
+    return x_hat, mu
+
+
+def _kkt_test(
+    h_exact: Tensor, q: Tensor, lower: Tensor, x_hat: Tensor, mu: Tensor, free: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(feasible, optimal, the fixed variable with the most negative multiplier) of each row's working-set
+    solution; a multiplier counts as negative beyond the rounding error of the terms it sums."""
+    size = 1 + x_hat.abs().amax(dim=-1, keepdim=True)
+    feasible = ((x_hat >= lower - 1e-12 * size) | ~free).all(dim=-1)
+    # multipliers of the bounds in the working set: ∂/∂x_k of the Lagrangian
+    multipliers = x_hat @ h_exact + q - mu
+    terms = x_hat.abs() @ h_exact.abs() + q.abs() + mu.abs()
+    candidates = torch.where(free, torch.inf, multipliers / terms.clamp_min(torch.finfo(x_hat.dtype).tiny))
+    worst_value, worst = candidates.min(dim=-1)
+    return feasible, feasible & (worst_value >= -1e-12), worst
+
+
+def _taken(s: _Systems, x_hat: Tensor, free: Tensor) -> Tensor:
+    """A feasible working-set solution as an iterate: fixed variables exactly on their bound."""
+    x = torch.where(free, torch.maximum(x_hat, s.lower), s.lower)
+    return x / x.sum(dim=-1, keepdim=True) if s.simplex else x
+
+
+def _active_set(s: _Systems, x0: Tensor, max_iter: int) -> tuple[Tensor, int, bool]:
     """Primal active-set method for min ½xᵀhx + qᵀx s.t. x ≥ lower (and Σx = 1 when ``simplex``), one problem per
-    row of ``q`` / ``lower`` / ``x0`` (B, K); ``h`` (K, K) positive definite, float64; ``x0`` feasible.
+    row of ``q`` / ``lower`` / ``x0`` (B, K) (in ``s``, see _systems); ``h`` (K, K) positive definite, float64;
+    ``x0`` feasible.
 
     Each iteration solves the equality-constrained problem with the variables of the working set fixed at their
     bound (Nocedal & Wright, Numerical Optimization, Alg. 16.3): a feasible solution is taken, then the bound
@@ -96,28 +178,10 @@ def _active_set(
     keeping its conditioning and its even split between dependent gradients; multipliers are taken with ``exact``.
     Every iteration reads one boolean from the device (the loop's exit depends on the data).
     """
-    batch, k = q.shape
-    dtype, device = h.dtype, h.device
-    tiny = torch.finfo(dtype).tiny
-    scale = h.diagonal().clamp_min(tiny).rsqrt()
-    h_exact = h if exact is None else exact
-    n = k + 1 if simplex else k
-    top = scale.max()
-    # the bordered, scaled matrices [[S h S, −e], [eᵀ, 0]] (e = scale / top) and the identity that masks them
-    full = torch.zeros(2, n, n, dtype=dtype, device=device)
-    full[0, :k, :k] = h * scale[:, None] * scale[None, :]
-    full[1, :k, :k] = h_exact * scale[:, None] * scale[None, :]
-    if simplex:
-        e = scale / top
-        full[:, :k, k] = -e
-        full[:, k, :k] = e
-    eye = torch.eye(n, dtype=dtype, device=device)
-    # right-hand sides: −S q where free, lower / S where fixed; 1/top in the simplex row
-    rhs_free = torch.cat([-scale * q, torch.ones(batch, n - k, dtype=dtype, device=device) / top], dim=1)
-    rhs_fixed = torch.cat([lower / scale, rhs_free[:, k:]], dim=1)
-    border = torch.ones(batch, n - k, dtype=torch.bool, device=device)
-    abs_h = h_exact.abs()
-    q_abs = q.abs()
+    batch, k = s.q.shape
+    lower = s.lower
+    device = lower.device
+    border = torch.ones(batch, s.eye.shape[0] - k, dtype=torch.bool, device=device)
     x = x0.clone()
     free = x > lower
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -125,34 +189,18 @@ def _active_set(
     iterations = 0
     for iterations in range(1, max_iter + 1):
         mask = torch.cat([free, border], dim=1)
-        system = torch.where(mask[:, :, None], full[0], eye)
-        rhs = torch.where(mask, rhs_free, rhs_fixed)[:, :, None]
-        factors, pivots = torch.linalg.lu_factor(system)
-        z = torch.linalg.lu_solve(factors, pivots, rhs)
-        if exact is not None:
-            system_exact = torch.where(mask[:, :, None], full[1], eye)
-            for _ in range(2):
-                z = z + torch.linalg.lu_solve(factors, pivots, rhs - system_exact @ z)
-        x_hat = scale * z[:, :k, 0]
-        mu = z[:, k:, 0] / top if simplex else torch.zeros_like(q[:, :1])
-        size = 1 + x_hat.abs().amax(dim=-1, keepdim=True)
-        feasible = ((x_hat >= lower - 1e-12 * size) | ~free).all(dim=-1)
-        # multipliers of the bounds in the working set: ∂/∂x_k of the Lagrangian
-        multipliers = x_hat @ h_exact + q - mu
-        # a multiplier counts as negative beyond the rounding error of the terms it sums, coordinate by coordinate
-        terms = x_hat.abs() @ abs_h + q_abs + mu.abs()
-        candidates = torch.where(free, torch.inf, multipliers / terms.clamp_min(tiny))
-        worst_value, worst = candidates.min(dim=-1)
-        optimal = feasible & (worst_value >= -1e-12)
+        system = torch.where(mask[:, :, None], s.full[0], s.eye)
+        rhs = torch.where(mask, s.rhs_free, s.rhs_fixed)[:, :, None]
+        factors, pivots, _ = torch.linalg.lu_factor_ex(system)
+        x_hat, mu = _refined(s, mask, factors, pivots, torch.linalg.lu_solve(factors, pivots, rhs))
+        feasible, optimal, worst = _kkt_test(s.h_exact, s.q, lower, x_hat, mu, free)
         # infeasible: step from x toward x_hat until the first free variable reaches its bound
         step = x_hat - x
         ratio = torch.where(free & (step < 0), (lower - x) / step, torch.inf)
         alpha, block = ratio.min(dim=-1)
         x_step = x + alpha.clamp(0, 1)[:, None] * step
         x_step[rows, block] = lower[rows, block]
-        x_taken = torch.where(free, torch.maximum(x_hat, lower), lower)
-        if simplex:
-            x_taken = x_taken / x_taken.sum(dim=-1, keepdim=True)
+        x_taken = _taken(s, x_hat, free)
         active = ~done
         take = active & feasible
         move = active & ~feasible
@@ -166,20 +214,167 @@ def _active_set(
     return x, iterations, False
 
 
-def _simplex_qp(
-    h: Tensor, q: Tensor, init: Tensor | None, max_iter: int, exact: Tensor | None = None
-) -> tuple[Tensor, int, bool]:
-    """min ½wᵀhw + qᵀw over the simplex; h (K, K) positive definite, q (K,), float64 (``exact``: see _active_set)."""
-    k = q.shape[0]
-    if init is None:
-        x0 = torch.full((k,), 1.0 / k, dtype=h.dtype, device=h.device)
+#: every working set is tried at once up to this many tasks (2^K small systems); the warm start's free set and
+#: its K neighbours up to FLIPS; the active-set iterations beyond (or where those candidates miss the solution)
+ENUMERATE = 6
+FLIPS = 12
+
+
+@functools.lru_cache(maxsize=64)
+def _all_free_sets(k: int, simplex: bool, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Every subset of {0, …, K−1} as a (1, M, K) boolean mask (the empty one left out for the simplex), and the
+    same with the simplex row's border appended (1, M, K + 1)."""
+    bits = (torch.arange(2**k, device=device)[:, None] >> torch.arange(k, device=device)) & 1
+    masks = (bits[1:] if simplex else bits).bool()[None]
+    return masks, torch.cat([masks, torch.ones(*masks.shape[:2], int(simplex), dtype=torch.bool, device=device)], -1)
+
+
+def _enumerated(
+    h: Tensor, exact: Tensor | None, q: Tensor | None, lower: Tensor | None, batch: int, free: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(x, whether it is the solution) per row: :func:`_active_set`'s problem (over the simplex when ``lower`` is
+    None, else x ≥ ``lower`` (B, K); q = 0 when None) from many working sets solved in one batch, without a read.
+
+    With ``free`` None (K ≤ ENUMERATE) every free set is tried, else the free set ``free`` (B, K) of the warm start
+    and the K sets that differ from it in one variable. Each candidate is the equality-constrained solution on its
+    working set, from the same scaled, bordered system an active-set iteration solves; every feasible one is a
+    feasible point of the QP, and the QP's solution is the candidate of its own free set, so the feasible
+    candidate of least objective is the solution whenever its free set is among the candidates (always when all
+    are). Its solution is then refined twice against ``exact`` as in _active_set. Where only the neighbours were
+    tried, the answer must also pass _active_set's KKT test.
+    """
+    k = h.shape[-1]
+    simplex = lower is None
+    n = k + int(simplex)
+    dtype, device = h.dtype, h.device
+    scale = h.diagonal().clamp_min(torch.finfo(dtype).tiny).rsqrt()
+    top = scale.max()
+    full = torch.zeros(2, n, n, dtype=dtype, device=device)
+    full[:, :k, :k] = torch.stack([h, h if exact is None else exact]) * scale[:, None] * scale[None, :]
+    if simplex:
+        e = scale / top
+        full[:, :k, k] = -e
+        full[:, k, :k] = e
+    eye = torch.eye(n, dtype=dtype, device=device)
+    neighbours = free is not None
+    if free is None:
+        masks, rows_mask = _all_free_sets(k, simplex, device)
     else:
+        masks = free[:, None, :] ^ torch.cat([torch.zeros_like(eye[:1, :k]), eye[:k, :k]]).bool()
+        if simplex:  # an empty free set has no solution on the simplex: try the full one instead
+            masks = masks | ~masks.any(dim=-1, keepdim=True)
+        rows_mask = torch.cat([masks, torch.ones_like(masks[..., : n - k])], -1)
+    count = masks.shape[1]
+    factors, pivots, _ = torch.linalg.lu_factor_ex(torch.where(rows_mask[..., None], full[0], eye))
+    # right-hand sides: −S q on free rows, lower / S on fixed ones, 1/top in the simplex row
+    if simplex:
+        last = torch.cat([torch.zeros(k, dtype=dtype, device=device), (1 / top)[None]])
+        rhs = (
+            last
+            if q is None
+            else torch.where(rows_mask, torch.cat([-scale * q, (1 / top).expand(batch, 1)], 1)[:, None], last)
+        )
+    else:
+        assert lower is not None
+        bound = (lower / scale)[:, None]
+        rhs = torch.where(rows_mask, 0.0 if q is None else (-scale * q)[:, None], bound)
+    rhs = rhs.expand(batch, count, n)
+    z = torch.linalg.lu_solve(factors, pivots, rhs[..., None])[..., 0]
+    x = scale * z[..., :k]
+    size = 1 + x.abs().amax(dim=-1, keepdim=True)
+    feasible = ((x >= (0.0 if lower is None else lower[:, None]) - 1e-12 * size) | ~masks).all(dim=-1)
+    if simplex and q is None:
+        value = z[..., k]  # xᵀhx = μ·top·Σx on the simplex: every candidate's value up to the common factor top
+    else:
+        value = ((x @ h) * x).sum(dim=-1) + (0.0 if q is None else 2 * (x * q[:, None]).sum(dim=-1))
+    best = torch.where(feasible, value, torch.inf).argmin(dim=-1)
+    index = (torch.arange(batch, device=device), best)
+    mask = rows_mask.expand(batch, count, n)[index]
+    z = z[index][..., None]
+    if exact is not None:
+        factors = factors.expand(batch, count, n, n)[index]
+        pivots = pivots.expand(batch, count, n)[index]
+        rhs = rhs[index][..., None]
+        system_exact = torch.where(mask[..., None], full[1], eye)
+        for _ in range(2):
+            z = z + torch.linalg.lu_solve(factors, pivots, rhs - system_exact @ z)
+    x = scale * z[:, :k, 0]
+    free = mask[:, :k]
+    found = feasible.any(dim=-1)
+    if neighbours:
+        zeros = torch.zeros_like(x)
+        mu = z[:, k:, 0] / top if simplex else zeros[:, :1]
+        h_exact = h if exact is None else exact
+        found = _kkt_test(h_exact, zeros if q is None else q, zeros if lower is None else lower, x, mu, free)[1]
+    bounds = 0.0 if lower is None else lower
+    x = torch.where(free, x.clamp_min(0) if lower is None else torch.maximum(x, lower), bounds)
+    return (x / x.sum(dim=-1, keepdim=True) if simplex else x), found
+
+
+def _qp(
+    h: Tensor,
+    q: Tensor | None,
+    lower: Tensor | None,
+    batch: int,
+    start: Callable[[], Tensor],
+    max_iter: int,
+    exact: Tensor | None = None,
+    finite: Tensor | None = None,
+    solver: str = "",
+) -> tuple[Tensor, int, bool]:
+    """min ½xᵀhx + qᵀx s.t. x ≥ lower, or over the simplex when ``lower`` is None (q = 0 when None), for
+    ``batch`` problems (rows of q / lower), exactly: the answer of :func:`_active_set` from ``start()``.
+
+    Up to FLIPS tasks the candidate working sets are solved in one batch (:func:`_enumerated`; ``start`` is only
+    called above ENUMERATE tasks); the active-set method takes over, started from their answer, only where that
+    answer is not the solution. One read from the device for that decision, which also carries the caller's
+    ``finite`` check (ValueError naming ``solver`` when it is false).
+    """
+    k = h.shape[-1]
+    dtype, device = h.dtype, h.device
+    zeros = torch.zeros(batch, k, dtype=dtype, device=device)
+    if k > FLIPS:
+        if finite is not None:
+            _check_finite_flag(solver, finite)
+        s = _systems(h, zeros if q is None else q, zeros if lower is None else lower, lower is None, exact)
+        return _active_set(s, start(), max_iter)
+    bounds = zeros if lower is None else lower
+    free = None if k <= ENUMERATE else start() > bounds
+    x, found = _enumerated(h, exact, q, lower, batch, free)
+    check = torch.ones((), dtype=torch.bool, device=device) if finite is None else finite
+    ok, solved = torch.stack([check, found.all()]).tolist()
+    if not ok:
+        raise ValueError(f"{solver} got non-finite input (NaN or Inf gradients?)")
+    if solved:
+        return x, 1, True
+    s = _systems(h, zeros if q is None else q, bounds, lower is None, exact)
+    x, iterations, converged = _active_set(s, x, max_iter - 1)
+    return x, iterations + 1, converged
+
+
+def _simplex_qp(
+    h: Tensor,
+    q: Tensor | None,
+    init: Tensor | None,
+    max_iter: int,
+    exact: Tensor | None = None,
+    finite: Tensor | None = None,
+    solver: str = "",
+) -> tuple[Tensor, int, bool]:
+    """min ½wᵀhw + qᵀw over the simplex; h (K, K) positive definite, q (K,) or None (0), float64 (``exact``,
+    ``finite``: see _qp)."""
+    k = h.shape[0]
+
+    def start() -> Tensor:
+        if init is None:
+            return torch.full((1, k), 1.0 / k, dtype=h.dtype, device=h.device)
         # weights at rounding level (a previous line search leaves some near 1e-18) start on their bound: each
         # one left free would cost an active-set iteration to remove
         x0 = project_simplex(init.to(h))
         x0 = torch.where(x0 > 1e-12 * x0.max(), x0, 0.0)
-        x0 = x0 / x0.sum()
-    x, iterations, converged = _active_set(h, q[None], torch.zeros_like(q)[None], x0[None], True, max_iter, exact)
+        return (x0 / x0.sum())[None]
+
+    x, iterations, converged = _qp(h, None if q is None else q[None], None, 1, start, max_iter, exact, finite, solver)
     return x[0], iterations, converged
 
 
@@ -195,14 +390,11 @@ def min_norm_point(gramian: Tensor, init: Tensor | None = None, max_iter: int | 
     ((Gw)_k ≥ wᵀGw for all k, with equality where w_k > 0).
     """
     k = gramian.shape[-1]
-    _check_finite("min_norm_point", gramian)
     g = gramian.to(torch.float64)
     top = g.diagonal().max().clamp_min(torch.finfo(torch.float64).tiny)
     g = g / top
     limit = _default_iterations(k) if max_iter is None else max_iter
-    w, iterations, converged = _simplex_qp(
-        _regularised(g), torch.zeros(k, dtype=g.dtype, device=g.device), init, limit, exact=g
-    )
+    w, iterations, converged = _simplex_qp(_regularised(g), None, init, limit, g, _finite(gramian), "min_norm_point")
     gw = g @ w
     residual = (w @ gw - gw.min()).clamp_min(0)
     return SolverResult(w.to(gramian.dtype), iterations, residual, converged)
@@ -221,19 +413,23 @@ def lower_bounded_qp(
     over the batch.
     """
     single = lower.dim() == 1
-    _check_finite("lower_bounded_qp", lower, gramian)
     bounds = lower.to(torch.float64).reshape(-1, lower.shape[-1])
     g = gramian.to(torch.float64)
     top = g.diagonal().max().clamp_min(torch.finfo(torch.float64).tiny)
     g = g / top
     limit = _default_iterations(bounds.shape[-1]) if max_iter is None else max_iter
-    start = bounds
-    if init is not None:  # entries within rounding of their bound start on it (each free one costs an iteration)
+
+    def start() -> Tensor:
+        if init is None:
+            return bounds
+        # entries within rounding of their bound start on it (each free one costs an iteration)
         previous = init.to(bounds).reshape(bounds.shape)
         size = 1 + previous.abs().amax(dim=-1, keepdim=True)
-        start = torch.where(previous - bounds > 1e-12 * size, previous, bounds)
-    v, iterations, converged = _active_set(
-        _regularised(g), torch.zeros_like(bounds), bounds, start, False, limit, exact=g
+        return torch.where(previous - bounds > 1e-12 * size, previous, bounds)
+
+    finite = _finite(lower, gramian)
+    v, iterations, converged = _qp(
+        _regularised(g), None, bounds, bounds.shape[0], start, limit, g, finite, "lower_bounded_qp"
     )
     gv = v @ g
     residual = torch.maximum((-gv).clamp_min(0).amax(), ((v - bounds) * gv).abs().amax())
