@@ -360,9 +360,10 @@ def _simplex_qp(
     exact: Tensor | None = None,
     finite: Tensor | None = None,
     solver: str = "",
+    project: bool = True,
 ) -> tuple[Tensor, int, bool]:
     """min ½wᵀhw + qᵀw over the simplex; h (K, K) positive definite, q (K,) or None (0), float64 (``exact``,
-    ``finite``: see _qp)."""
+    ``finite``: see _qp). ``init`` is projected onto Δ unless ``project`` is False (it is on Δ already)."""
     k = h.shape[0]
 
     def start() -> Tensor:
@@ -370,7 +371,7 @@ def _simplex_qp(
             return torch.full((1, k), 1.0 / k, dtype=h.dtype, device=h.device)
         # weights at rounding level (a previous line search leaves some near 1e-18) start on their bound: each
         # one left free would cost an active-set iteration to remove
-        x0 = project_simplex(init.to(h))
+        x0 = project_simplex(init.to(h)) if project else init.to(h)
         x0 = torch.where(x0 > 1e-12 * x0.max(), x0, 0.0)
         return (x0 / x0.sum())[None]
 
@@ -478,6 +479,30 @@ def resolved_norm_sq(gramian: Tensor, w: Tensor) -> tuple[Tensor, bool]:
     return norm_sq, bool(resolved)
 
 
+def _sqp_flags(
+    evals: tuple[Tensor, ...], new: Tensor, w: Tensor, before: Tensor, gap: Tensor, t: Tensor, scale: float, tol: float
+) -> list[bool]:
+    """One read for an SQP iteration of :func:`linear_plus_norm` (``evals``: its evaluation of the line-search
+    point ``new`` and the full step v): whether ``new`` decreased f, progressed, the full step is taken, the
+    step stalled, ``new`` and v leave the KKT gap above tol, and the step was strongly damped."""
+    _, _, values, gaps, resolveds = evals
+    # near the solution f changes below its rounding error, so the line search cannot see the Newton step's gain
+    # while the step still improves w; the full step v is then taken if f stays within rounding and the KKT gap
+    # falls (the Newton convergence the line search would spoil)
+    bound = before + 1e-15 * scale
+    flags = [
+        values[0] <= bound,
+        (gaps[0] < gap) | (values[0] < before - 1e-15 * scale),
+        (values[1] <= bound) & (gaps[1] < gaps[0]) & (gaps[1] < gap) & resolveds[1],
+        (new - w).abs().max() <= 1e-15,
+        resolveds[0] & (gaps[0] > tol),
+        gaps[1] > tol,
+        t < 0.1,
+    ]
+    result: list[bool] = torch.stack(flags).tolist()
+    return result
+
+
 def linear_plus_norm(
     gramian: Tensor, b: Tensor, rho: float | Tensor, init: Tensor | None = None, max_iter: int = 50, tol: float = 1e-9
 ) -> SolverResult:
@@ -525,68 +550,68 @@ def linear_plus_norm(
     scale = lin_max / math.sqrt(top_value) + weight
     tiny = torch.finfo(torch.float64).tiny
     limit = _default_iterations(k)
+    diag = g.diagonal().clamp_min(0)
+    root_diag, diag_top = diag.sqrt(), diag.max()
+    ridge = _regularised(torch.zeros_like(g), g)  # the ridge of every subproblem: relative to G, as a matrix
+
+    def evaluate(points: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(Gw, wᵀGw, f(w), Frank–Wolfe gap, whether Jᵀw is resolved) for each row w of ``points``, at once."""
+        gp = points @ g
+        norm_sq = (points * gp).sum(dim=-1)
+        # as resolved_norm_sq: wᵀGw is distinguishable from 0
+        resolved = (norm_sq > NORM_FLOOR * (points.abs() @ root_diag) ** 2) & (norm_sq > SCALE_FLOOR * diag_top)
+        value = points @ lin + weight * norm_sq.clamp_min(0).sqrt()
+        grad = lin + weight * gp / norm_sq.clamp_min(tiny).sqrt()[:, None]
+        gap = ((points * grad).sum(dim=-1) - grad.amin(dim=-1)).clamp_min(0) / scale
+        return gp, norm_sq, value, gap, resolved
+
     uniform = torch.full((k,), 1.0 / k, dtype=torch.float64, device=device)
     w = uniform if init is None else project_simplex(init.to(g))
-    for start in (uniform, torch.nn.functional.one_hot(g.diagonal().argmax(), k).to(g)):
-        if resolved_norm_sq(g, w)[1]:  # start where f is differentiable
-            break
-        w = start
-
-    def objective(w: Tensor) -> Tensor:
-        return lin @ w + weight * (w @ g @ w).clamp_min(0).sqrt()
-
-    def fw_gap(w: Tensor) -> tuple[Tensor, Tensor]:
-        norm_sq, resolved = _resolved(g, w)
-        grad = lin + weight * (g @ w) / norm_sq.clamp_min(tiny).sqrt()
-        return (w @ grad - grad.min()).clamp_min(0) / scale, resolved
-
-    gap, resolved = fw_gap(w)
-    (go_on,) = torch.stack([resolved & (gap > tol)]).tolist()  # read: the stopping rule depends on the data
+    gw, norm_sq, value, gap, resolved = (item[0] for item in evaluate(w[None]))
+    # read: the stopping rule depends on the data; start where f is differentiable
+    go_on, differentiable = torch.stack([resolved & (gap > tol), resolved]).tolist()
+    if not differentiable:
+        for start in (uniform, torch.nn.functional.one_hot(g.diagonal().argmax(), k).to(g)):
+            w = start
+            gw, norm_sq, value, gap, resolved = (item[0] for item in evaluate(w[None]))
+            go_on, differentiable = torch.stack([resolved & (gap > tol), resolved]).tolist()
+            if differentiable:
+                break
     iterations = 0
     while go_on and iterations < max_iter:
         iterations += 1
-        norm_sq = w @ g @ w
         norm = norm_sq.sqrt()
-        gw = g @ w
         # the model's Hessian is ρ/n·(G − GwwᵀG/n²); the subproblem is solved divided by ρ/n (same minimiser),
         # factored with a ridge and refined against the exact Hessian (no ridge bias: quadratic convergence)
         exact = g - torch.outer(gw, gw) / norm_sq
-        hessian = _regularised(exact, g)
         linear = (norm / weight) * lin + gw - exact @ w
-        v, _, _ = _simplex_qp(hessian, linear, w, limit, exact=exact)
+        v, _, _ = _simplex_qp(exact + ridge, linear, w, limit, exact=exact, project=False)
         step = v - w
         t = _line_search(w, step, g, lin, weight)
-        new = project_simplex(w + t * step)
-        before = lin @ w + weight * norm
-        after = objective(new)
-        if not bool(t >= 0.1):
-            # a strongly damped Newton step: the model is poor (near the kink at Jᵀw = 0). The majorize-minimize step,
-            # argmin bᵀw + ρ(wᵀGw + n²)/(2n) (√ is below its tangent), always decreases f; take the better one.
-            mm, _, _ = _simplex_qp(_regularised(g), (norm / weight) * lin, w, limit)
-            mm_value = objective(mm)
-            better = mm_value < after
-            new, after = torch.where(better, mm, new), torch.where(better, mm_value, after)
-        new_gap, new_resolved = fw_gap(new)
-        # near the solution f changes below its rounding error, so the line search cannot see the Newton step's
-        # gain while the step still improves w; the full step v is then taken if f stays within rounding and the
-        # KKT gap falls (the Newton convergence the line search would spoil). One read per iteration for all of it.
-        full_gap, full_resolved = fw_gap(v)
-        bound = before + 1e-15 * scale
-        flags = torch.stack(
-            [
-                after <= bound,
-                (new_gap < gap) | (after < before - 1e-15 * scale),
-                (objective(v) <= bound) & (full_gap < new_gap) & (full_gap < gap) & full_resolved,
-                (new - w).abs().max() <= 1e-15,
-                new_resolved & (new_gap > tol),
-                full_gap > tol,
-            ]
-        ).tolist()
-        decreased, progress, take_full, stalled, go_new, go_full = flags
+        new = (w + t * step).clamp_min(0)  # a convex combination of two points of Δ: on Δ up to rounding
+        new = new / new.sum()
+        before = value
+
+        evals = evaluate(torch.stack([new, v]))
+        decreased, progress, take_full, stalled, go_new, go_full, damped = _sqp_flags(
+            evals, new, w, before, gap, t, scale, tol
+        )
+        if damped:
+            # a strongly damped Newton step: the model is poor (near the kink at Jᵀw = 0). The majorize-minimize
+            # step, argmin bᵀw + ρ(wᵀGw + n²)/(2n) (√ is below its tangent), always decreases f; take the better one.
+            mm, _, _ = _simplex_qp(g + ridge, (norm / weight) * lin, w, limit, project=False)
+            new = torch.where(evaluate(mm[None])[2][0] < evals[2][0], mm, new)
+            evals = evaluate(torch.stack([new, v]))
+            decreased, progress, take_full, stalled, go_new, go_full, _ = _sqp_flags(
+                evals, new, w, before, gap, t, scale, tol
+            )
+        gps, norm_sqs, f_values, gaps, resolveds = evals
         if take_full:
-            w, gap, resolved, go_on = v, full_gap, full_resolved, go_full
+            w, gap, resolved, go_on = v, gaps[1], resolveds[1], go_full
+            gw, norm_sq, value = gps[1], norm_sqs[1], f_values[1]
         elif decreased and progress and not stalled:
-            w, gap, resolved, go_on = new, new_gap, new_resolved, go_new
+            w, gap, resolved, go_on = new, gaps[0], resolveds[0], go_new
+            gw, norm_sq, value = gps[0], norm_sqs[0], f_values[0]
         else:
             break
     converged = bool(resolved & (gap <= tol))
