@@ -10,7 +10,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from taskbalance import solvers
 from taskbalance.solvers import linear_plus_norm, lower_bounded_qp, min_norm_point, project_simplex
+from tests.models import DEGENERATE_JACOBIANS
 
 F64 = torch.float64
 
@@ -326,3 +328,100 @@ def test_linear_plus_norm_converges_where_f_stalls_at_rounding() -> None:
         private = private / private.norm(dim=1, keepdim=True) * math.sqrt(p)
         log_scales = log_scales + 0.02 * torch.randn(k, generator=gen)
     assert unconverged == 0
+
+
+# -- the batched small-K path against the active-set method ---------------------------------------------------------
+def _general(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route every QP to the active-set method (the batched candidates only serve K <= FLIPS)."""
+    monkeypatch.setattr(solvers, "FLIPS", 0)
+
+
+def _check_min_norm(gram: torch.Tensor, jac: torch.Tensor, init: torch.Tensor | None, exact_w: bool) -> None:
+    fast = min_norm_point(gram, init=init)
+    with pytest.MonkeyPatch.context() as patch:
+        _general(patch)
+        general = min_norm_point(gram, init=init)
+    assert fast.converged and general.converged
+    scale = float(gram.diagonal().max()) + 1e-300
+    w, gw = fast.x, gram @ fast.x
+    assert (w >= 0).all() and abs(float(w.sum()) - 1) <= 1e-12
+    assert (gw >= float(w @ gw) - 1e-9 * scale).all()  # MGDA's KKT: (Gw)_k ≥ wᵀGw, equality on the support
+    assert ((gw - w @ gw) * w).abs().max() <= 1e-9 * scale
+    # the min-norm element Jᵀw is unique even where w is not (dependent gradients)
+    torch.testing.assert_close(w @ jac, general.x @ jac, rtol=0, atol=1e-7 * math.sqrt(scale))
+    if exact_w:
+        torch.testing.assert_close(w, general.x, rtol=0, atol=1e-9)
+
+
+def _check_lower_bounded(gram: torch.Tensor, jac: torch.Tensor, init: torch.Tensor | None, exact_v: bool) -> None:
+    k = gram.shape[0]
+    lower = torch.eye(k, dtype=gram.dtype)
+    fast = lower_bounded_qp(gram, lower, init=init)
+    with pytest.MonkeyPatch.context() as patch:
+        _general(patch)
+        general = lower_bounded_qp(gram, lower, init=init)
+    assert fast.converged and general.converged
+    scale = float(gram.diagonal().max()) + 1e-300
+    v, gv = fast.x, fast.x @ gram
+    # UPGrad's projection conditions: v ≥ u, Jᵀv in the dual cone (Gv ≥ 0), complementarity (v − u)ᵀGv = 0
+    assert (v >= lower - 1e-12).all() and (gv >= -1e-9 * scale).all()
+    assert ((v - lower) * gv).abs().max() <= 1e-9 * scale * (1 + float(v.abs().max()))
+    # the projection Jᵀv onto the dual cone is unique even where v is not
+    torch.testing.assert_close(
+        v @ jac, general.x @ jac, rtol=0, atol=1e-7 * math.sqrt(scale) * (1 + float(v.abs().max()))
+    )
+    if exact_v:
+        torch.testing.assert_close(v, general.x, rtol=0, atol=1e-9)
+
+
+@given(st.integers(0, 2**31), st.integers(1, 12), st.sampled_from([0.0, 1.0, 3.0]), st.booleans())
+def test_batched_small_qps_equal_the_active_set(seed: int, k: int, shift: float, warm: bool) -> None:
+    """All working sets (K <= 6) or the warm start's and its neighbours (K <= 12, with the active set behind them)
+    give the active-set method's answer; on full-rank G the weights themselves agree."""
+    jac = _jacobian(seed, k, k + 3, shift)
+    gram = jac @ jac.T
+    gen = torch.Generator().manual_seed(seed)
+    _check_min_norm(gram, jac, torch.rand(k, generator=gen, dtype=F64) if warm else None, True)
+    init = torch.eye(k, dtype=F64) + torch.rand(k, k, generator=gen, dtype=F64) if warm else None
+    _check_lower_bounded(gram, jac, init, True)
+
+
+@given(st.integers(0, 2**31), st.integers(2, 12), st.integers(1, 4))
+def test_batched_small_qps_on_rank_deficient_gramians(seed: int, k: int, rank: int) -> None:
+    """K > P: G is singular and w is not unique, but Jᵀw (the min-norm element, the dual-cone projection) is."""
+    jac = _jacobian(seed, k, rank, 0.5)
+    gram = jac @ jac.T
+    _check_min_norm(gram, jac, None, False)
+    _check_lower_bounded(gram, jac, None, False)
+
+
+@pytest.mark.parametrize("name", sorted(DEGENERATE_JACOBIANS))
+def test_batched_small_qps_on_degenerate_jacobians(name: str) -> None:
+    jac = DEGENERATE_JACOBIANS[name].to(F64)
+    gram = jac @ jac.T
+    _check_min_norm(gram, jac, None, False)
+    _check_lower_bounded(gram, jac, None, False)
+
+
+@given(st.integers(0, 2**31), st.integers(7, 12))
+def test_neighbour_candidates_fall_back_to_the_active_set(seed: int, k: int) -> None:
+    """A warm start far from the solution (a vertex) leaves the solution's free set out of the candidates: the
+    active set takes over from the best of them, with the same answer."""
+    jac = _jacobian(seed, k, 2 * k, 1.0)
+    gram = jac @ jac.T
+    _check_min_norm(gram, jac, torch.nn.functional.one_hot(torch.tensor(seed % k), k).to(F64), True)
+
+
+@given(st.integers(0, 2**31), st.integers(2, 12), st.floats(0.0, 2.0))
+def test_sqp_subproblems_equal_the_active_set(seed: int, k: int, c: float) -> None:
+    """linear_plus_norm (whose subproblems have a linear term and a singular exact Hessian) gives the same w
+    through the batched subproblems as through the active set."""
+    jac = _jacobian(seed, k, k + 5, 0.5)
+    gram = jac @ jac.T
+    rho = c * float(gram.mean().sqrt())
+    fast = linear_plus_norm(gram, gram.mean(1), rho)
+    with pytest.MonkeyPatch.context() as patch:
+        _general(patch)
+        general = linear_plus_norm(gram, gram.mean(1), rho)
+    assert fast.converged == general.converged
+    torch.testing.assert_close(fast.x, general.x, rtol=0, atol=1e-7)
