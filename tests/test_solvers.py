@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from taskbalance import solvers
-from taskbalance.solvers import linear_plus_norm, lower_bounded_qp, min_norm_point, project_simplex
+from taskbalance.solvers import SolverResult, linear_plus_norm, lower_bounded_qp, min_norm_point, project_simplex
 from tests.models import DEGENERATE_JACOBIANS
 
 F64 = torch.float64
@@ -340,7 +340,10 @@ def _check_min_norm(gram: torch.Tensor, jac: torch.Tensor, init: torch.Tensor | 
     fast = min_norm_point(gram, init=init)
     with pytest.MonkeyPatch.context() as patch:
         _general(patch)
-        general = min_norm_point(gram, init=init)
+        # min_norm_point's own steps, without its closed form for K = 2
+        top = gram.diagonal().max().clamp_min(1e-300)
+        general_w, _, converged = solvers._simplex_qp(solvers._regularised(gram / top), None, init, 1000, gram / top)
+    general = SolverResult(general_w, 0, torch.zeros(()), converged)
     assert fast.converged and general.converged
     scale = float(gram.diagonal().max()) + 1e-300
     w, gw = fast.x, gram @ fast.x
@@ -376,8 +379,9 @@ def _check_lower_bounded(gram: torch.Tensor, jac: torch.Tensor, init: torch.Tens
 
 @given(st.integers(0, 2**31), st.integers(1, 12), st.sampled_from([0.0, 1.0, 3.0]), st.booleans())
 def test_batched_small_qps_equal_the_active_set(seed: int, k: int, shift: float, warm: bool) -> None:
-    """All working sets (K <= 6) or the warm start's and its neighbours (K <= 12, with the active set behind them)
-    give the active-set method's answer; on full-rank G the weights themselves agree."""
+    """The closed form (min-norm point, K = 2), all working sets (K <= 6) or the warm start's and its neighbours
+    (K <= 12, with the active set behind them) give the active-set method's answer; on full-rank G the weights
+    themselves agree."""
     jac = _jacobian(seed, k, k + 3, shift)
     gram = jac @ jac.T
     gen = torch.Generator().manual_seed(seed)

@@ -84,7 +84,8 @@ def _regularised(h: Tensor, base: Tensor | None = None) -> Tensor:
     point is optimal; the identity picks the smallest weights). Decided on the device, without a read."""
     diag = (h if base is None else base).diagonal().clamp_min(0)
     top = diag.max()
-    return h + torch.diag(torch.where(top > 0, RIDGE * (diag + RIDGE * top), 1.0))
+    # (top <= 0) adds the identity exactly when G = 0 (then diag = 0 and the ridge term vanishes)
+    return h + torch.diag(RIDGE * (diag + RIDGE * top) + (top <= 0))
 
 
 class _Systems(NamedTuple):
@@ -229,6 +230,11 @@ def _all_free_sets(k: int, simplex: bool, device: torch.device) -> tuple[Tensor,
     return masks, torch.cat([masks, torch.ones(*masks.shape[:2], int(simplex), dtype=torch.bool, device=device)], -1)
 
 
+@functools.lru_cache(maxsize=64)
+def _identity(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.eye(n, dtype=dtype, device=device)
+
+
 def _enumerated(
     h: Tensor, exact: Tensor | None, q: Tensor | None, lower: Tensor | None, batch: int, free: Tensor | None
 ) -> tuple[Tensor, Tensor]:
@@ -255,7 +261,7 @@ def _enumerated(
         e = scale / top
         full[:, :k, k] = -e
         full[:, k, :k] = e
-    eye = torch.eye(n, dtype=dtype, device=device)
+    eye = _identity(n, dtype, device)
     neighbours = free is not None
     if free is None:
         masks, rows_mask = _all_free_sets(k, simplex, device)
@@ -268,7 +274,7 @@ def _enumerated(
     factors, pivots, _ = torch.linalg.lu_factor_ex(torch.where(rows_mask[..., None], full[0], eye))
     # right-hand sides: −S q on free rows, lower / S on fixed ones, 1/top in the simplex row
     if simplex:
-        last = torch.cat([torch.zeros(k, dtype=dtype, device=device), (1 / top)[None]])
+        last = eye[k] / top
         rhs = (
             last
             if q is None
@@ -282,7 +288,8 @@ def _enumerated(
     z = torch.linalg.lu_solve(factors, pivots, rhs[..., None])[..., 0]
     x = scale * z[..., :k]
     size = 1 + x.abs().amax(dim=-1, keepdim=True)
-    feasible = ((x >= (0.0 if lower is None else lower[:, None]) - 1e-12 * size) | ~masks).all(dim=-1)
+    least = -1e-12 * size if lower is None else lower[:, None] - 1e-12 * size
+    feasible = ((x >= least) | ~masks).all(dim=-1)
     if simplex and q is None:
         value = z[..., k]  # xᵀhx = μ·top·Σx on the simplex: every candidate's value up to the common factor top
     else:
@@ -383,10 +390,27 @@ def _default_iterations(k: int) -> int:
     return 10 * k + 50
 
 
+def _min_norm_pair(g: Tensor) -> Tensor:
+    """The min-norm point of two gradients in closed form (K = 2), the answer the active set gives:
+    w = (t, 1 − t) with t = (g₂ − g₁)ᵀg₂ / ‖g₁ − g₂‖² = b/a (a = nᵀGn, b = −(Gn)₂, n = (1, −1)), taken on the
+    ridged G (a > 0 always) and refined twice against G as the bordered systems are (t ← t + (b₀ − a₀t)/a, the
+    same iterated Tikhonov reduced to the one free direction n); clamped to [0, 1] (a vertex) when the ridged t
+    falls outside."""
+    n = torch.tensor([1.0, -1.0], dtype=g.dtype, device=g.device)
+    hn, gn = _regularised(g) @ n, g @ n
+    a, b, a0, b0 = n @ hn, -hn[1], n @ gn, -gn[1]
+    t = b / a
+    refined = t + (b0 - a0 * t) / a
+    refined = refined + (b0 - a0 * refined) / a
+    t = torch.where((t >= 0) & (t <= 1), refined, t).clamp(0, 1)
+    return torch.stack([t, 1 - t])
+
+
 def min_norm_point(gramian: Tensor, init: Tensor | None = None, max_iter: int | None = None) -> SolverResult:
     """The w ∈ Δ minimising wᵀGw; Jᵀw is then the min-norm element of the convex hull of the rows of J.
 
-    Exact for every K (active set, see the module docstring); ``init`` (K,) warm-starts it (projected onto Δ).
+    Exact for every K (active set, see the module docstring; closed form for K = 2); ``init`` (K,) warm-starts it
+    (projected onto Δ).
     Residual: the Frank–Wolfe gap (wᵀGw − min_k (Gw)_k) / max_k G_kk, which is ≥ 0 and 0 exactly at the KKT point
     ((Gw)_k ≥ wᵀGw for all k, with equality where w_k > 0).
     """
@@ -395,7 +419,13 @@ def min_norm_point(gramian: Tensor, init: Tensor | None = None, max_iter: int | 
     top = g.diagonal().max().clamp_min(torch.finfo(torch.float64).tiny)
     g = g / top
     limit = _default_iterations(k) if max_iter is None else max_iter
-    w, iterations, converged = _simplex_qp(_regularised(g), None, init, limit, g, _finite(gramian), "min_norm_point")
+    if k == 2:
+        w, iterations, converged = _min_norm_pair(g), 1, True
+        _check_finite_flag("min_norm_point", _finite(gramian))
+    else:
+        w, iterations, converged = _simplex_qp(
+            _regularised(g), None, init, limit, g, _finite(gramian), "min_norm_point"
+        )
     gw = g @ w
     residual = (w @ gw - gw.min()).clamp_min(0)
     return SolverResult(w.to(gramian.dtype), iterations, residual, converged)
