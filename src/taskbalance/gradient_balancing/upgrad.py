@@ -61,15 +61,20 @@ class UPGrad(GradientBalancer):
         k = gramian.shape[0]
         eye = torch.eye(k, dtype=torch.float64, device=gramian.device)
         trace = gramian.diagonal().sum()
-        # one read from the device: refuse NaN/Inf early, and the norm_eps case
-        finite, large = torch.stack([torch.isfinite(gramian).all(), trace > self.norm_eps]).tolist()
-        if not finite:
-            raise ValueError("UPGrad got a non-finite Gramian (NaN or Inf gradients)")
-        if not large:
+        # one read from the device for the norm_eps case (torchjd's behaviour), only when it is set
+        if self.norm_eps > 0 and not bool(trace > self.norm_eps):
+            if not bool(torch.isfinite(gramian).all()):
+                raise ValueError("UPGrad got a non-finite Gramian (NaN or Inf gradients)")
             return Combination(weights=torch.ones(k, dtype=matrix.dtype, device=matrix.device))
-        normalized = gramian / trace + self.reg_eps * eye
+        # trace = 0 means G = 0: the projections of e_k are then e_k themselves, weights all 1, without a read
+        normalized = gramian / trace.clamp_min(torch.finfo(torch.float64).tiny)
+        if self.reg_eps > 0:
+            normalized = normalized + self.reg_eps * eye
         warm = self._warm if self._warm is not None and self._warm.shape == (k, k) else None
-        result = lower_bounded_qp(normalized, eye, init=warm)
+        try:  # the solver's one read also refuses NaN/Inf
+            result = lower_bounded_qp(normalized, eye, init=warm)
+        except ValueError as error:
+            raise ValueError("UPGrad got a non-finite Gramian (NaN or Inf gradients)") from error
         self._warm = result.x
         weights = result.x.sum(dim=0)
         note = "" if result.converged else f"dual-cone projections stopped after {result.iterations} iterations"
