@@ -39,9 +39,9 @@ def test_measure_is_round_robin() -> None:
     assert [len(t) for t in times.values()] == [4] * len(names)
 
 
-def _row(name: str, kind: str, k: int = 2, **ratios: float) -> Row:
+def _row(name: str, kind: str, k: int = 2, reads_gramian: bool = True, **ratios: float) -> Row:
     values = {"vs_ew": 1.0, "vs_floor": 1.0, "vs_torchjd": math.nan, "solve_ms": math.nan, **ratios}
-    return Row("m", k, name, kind, 1.0, peak_mb=0.0, **values)
+    return Row("m", k, name, kind, 1.0, peak_mb=0.0, reads_gramian=reads_gramian, **values)
 
 
 def test_targets_name_what_misses() -> None:
@@ -52,6 +52,7 @@ def test_targets_name_what_misses() -> None:
         _row("mgda", "gradient", vs_floor=1.2, vs_torchjd=0.8, solve_ms=0.5),
         _row("upgrad", "gradient", vs_floor=1.05, vs_torchjd=0.95, solve_ms=2.0),
         _row("nashmtl", "gradient", k=40, solve_ms=9.0),
+        _row("graddrop", "gradient", reads_gramian=False, solve_ms=3.0),  # O(K·P) on J: no solver target
         _row("mgda (N = 10)", "amortised", k=40, vs_ew=2.0),  # K > 11: not checked
     ]
     found = {t.label.split(" ")[0]: t for t in targets(rows)}
@@ -85,7 +86,8 @@ def test_run_case_end_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
     assert by_name["igbv2"].kind == "loss" and math.isnan(by_name["igbv2"].peak_mb)  # timed over 3 steps
     assert by_name["mgda_ub"].kind == "representation"
     assert by_name["upgrad (N = 10)"].kind == "amortised" and "dbmtl (N = 10)" not in by_name  # no weights
-    assert by_name["upgrad"].solve_ms > 0 and by_name["upgrad"].peak_mb > 0
+    assert by_name["upgrad"].solve_ms > 0 and by_name["upgrad"].peak_mb > 0 and by_name["upgrad"].reads_gramian
+    assert not by_name["dbmtl"].reads_gramian
     if with_jd:
         assert by_name["torchjd upgrad"].kind == "torchjd" and by_name["upgrad"].vs_torchjd > 0
 

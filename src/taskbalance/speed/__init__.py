@@ -28,6 +28,15 @@ from .timing import measure, median, peak_memory_mb
 
 __all__ = ["CASE_NAMES", "run", "run_case"]
 
+NOTES = """Notes:
+- floor: the fastest of the `floor` rows, measured in the same run; a method below 1.00 is within noise of it.
+- famo: its `after_step` forward under the updated model (part of FAMO's definition) is in its step.
+- igbv2: timed over its SAC period (50 steps) at a full replay buffer (capacity 128 so that it fills during the
+  warm-up; update count and minibatch as at any full buffer): one SAC update per step on average.
+- solve ms: the method's own computation from G (or, marked J, from J: O(K·P) elementwise work, no small problem).
+- peak MiB: memory one step allocates beyond the model and batch (CPU: tensor storages alive at once).
+"""
+
 
 def run_case(
     name: str, device: torch.device, repeats: int, with_torchjd: bool, methods: set[str] | None = None
@@ -53,6 +62,7 @@ def run_case(
                 vs_floor=ms[e.name] / floor,
                 vs_torchjd=1 / jd if not math.isnan(jd) else math.nan,
                 solve_ms=solve_median(e.solve_ms),
+                reads_gramian=e.reads_gramian,
                 peak_mb=peak,
             )
         )
@@ -81,4 +91,5 @@ def run(
         all_rows += rows
         parts.append(f"## {name}: {description}, K = {rows[0].n_tasks}\n\n{case_table(rows)}\n")
     parts.append(f"## Targets\n\n{targets_table(targets(all_rows))}\n")
+    parts.append(NOTES)
     return "\n".join(parts)

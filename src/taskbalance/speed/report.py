@@ -27,6 +27,7 @@ class Row:
     vs_torchjd: float  # nan when there is no torchjd counterpart
     solve_ms: float  # nan for methods without a solver call (loss methods, amortised reuse)
     peak_mb: float
+    reads_gramian: bool = False  # a small K × K problem: the solver target applies
 
 
 def solver_bound(n_tasks: int) -> float:
@@ -39,11 +40,13 @@ def _fmt(value: float, digits: int = 2) -> str:
 
 def case_table(rows: list[Row]) -> str:
     head = "| method | kind | ms/step | × EW | × floor | × torchjd | solve ms | peak MiB |"
+    # solve ms of a method that reads J (DB-MTL, GradDrop, MoCo) is O(K·P) work on J, marked with a J
     lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
             f"| {r.name} | {r.kind} | {r.ms:.2f} | {r.vs_ew:.2f} | {_fmt(r.vs_floor)} | {_fmt(r.vs_torchjd)} | "
-            f"{_fmt(r.solve_ms, 3)} | {_fmt(r.peak_mb, 1)} |"
+            f"{_fmt(r.solve_ms, 3)}{'' if r.reads_gramian or math.isnan(r.solve_ms) else ' (J)'} | "
+            f"{_fmt(r.peak_mb, 1)} |"
         )
     return "\n".join(lines)
 
@@ -75,9 +78,9 @@ def targets(rows: list[Row]) -> list[Target]:
     exact = [r for r in rows if r.kind == "gradient"]
     rep = [r for r in rows if r.kind == "representation"]
     amortised = [r for r in rows if r.kind == "amortised" and r.n_tasks <= 11]
-    solved = [r for r in rows if not math.isnan(r.solve_ms)]
+    solved = [r for r in rows if r.reads_gramian and not math.isnan(r.solve_ms)]
     solver = Target(
-        "solver ≤ 1 ms (K ≤ 10), ≤ 10 ms (K > 10)",
+        "solver from G ≤ 1 ms (K ≤ 10), ≤ 10 ms (K > 10)",
         [f"{r.case}: {r.name} {r.solve_ms:.2f} ms" for r in solved if r.solve_ms > solver_bound(r.n_tasks)],
         len(solved),
     )

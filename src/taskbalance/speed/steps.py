@@ -56,6 +56,8 @@ class Entry:
     solve_ms: list[float] = field(default_factory=list)
     #: the torchjd entry this one is compared with
     torchjd: str = ""
+    #: whether the method solves a small K × K problem from G (the solver target applies), not O(K·P) work on J
+    reads_gramian: bool = False
 
 
 def encoder(model: nn.Module) -> nn.Module:
@@ -201,7 +203,9 @@ def entries(case: SpeedCase, device: torch.device, with_torchjd: bool, methods: 
         kind: Kind = "representation" if preset and preset.balancer.get("engine") == "representation" else "gradient"
         solves: list[float] = []
         _timed_solver(balancer.gradient, solves, device)
-        add(spec, kind, step, balancer, solve_ms=solves, torchjd=f"torchjd {spec}" if spec in jd else "")
+        reads_gramian = balancer.gradient.needs == "gramian"
+        torchjd = f"torchjd {spec}" if spec in jd else ""
+        add(spec, kind, step, balancer, solve_ms=solves, torchjd=torchjd, reads_gramian=reads_gramian)
         if kind == "gradient" and balancer.gradient.needs == "gramian":
             step, balancer = _method(case, spec, device, update_weights_every=AMORTISED_EVERY)
             add(f"{spec} (N = {AMORTISED_EVERY})", "amortised", step, balancer)
