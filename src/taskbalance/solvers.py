@@ -328,6 +328,7 @@ def _qp(
     exact: Tensor | None = None,
     finite: Tensor | None = None,
     solver: str = "",
+    verify: bool = True,
 ) -> tuple[Tensor, int, bool]:
     """min ½xᵀhx + qᵀx s.t. x ≥ lower, or over the simplex when ``lower`` is None (q = 0 when None), for
     ``batch`` problems (rows of q / lower), exactly: the answer of :func:`_active_set` from ``start()``.
@@ -335,7 +336,9 @@ def _qp(
     Up to FLIPS tasks the candidate working sets are solved in one batch (:func:`_enumerated`; ``start`` is only
     called above ENUMERATE tasks); the active-set method takes over, started from their answer, only where that
     answer is not the solution. One read from the device for that decision, which also carries the caller's
-    ``finite`` check (ValueError naming ``solver`` when it is false).
+    ``finite`` check (ValueError naming ``solver`` when it is false). With ``verify`` False and every working set
+    tried (K ≤ ENUMERATE), there is no read: the answer is then a feasible point that is the solution unless
+    rounding left every candidate infeasible (for callers that check optimality themselves, as the SQP does).
     """
     k = h.shape[-1]
     dtype, device = h.dtype, h.device
@@ -348,6 +351,8 @@ def _qp(
     bounds = zeros if lower is None else lower
     free = None if k <= ENUMERATE else start() > bounds
     x, found = _enumerated(h, exact, q, lower, batch, free)
+    if free is None and finite is None and not verify:
+        return x, 1, True
     check = torch.ones((), dtype=torch.bool, device=device) if finite is None else finite
     ok, solved = torch.stack([check, found.all()]).tolist()
     if not ok:
@@ -368,9 +373,10 @@ def _simplex_qp(
     finite: Tensor | None = None,
     solver: str = "",
     project: bool = True,
+    verify: bool = True,
 ) -> tuple[Tensor, int, bool]:
     """min ½wᵀhw + qᵀw over the simplex; h (K, K) positive definite, q (K,) or None (0), float64 (``exact``,
-    ``finite``: see _qp). ``init`` is projected onto Δ unless ``project`` is False (it is on Δ already)."""
+    ``finite``, ``verify``: see _qp). ``init`` is projected onto Δ unless ``project`` is False (on Δ already)."""
     k = h.shape[0]
 
     def start() -> Tensor:
@@ -382,7 +388,9 @@ def _simplex_qp(
         x0 = torch.where(x0 > 1e-12 * x0.max(), x0, 0.0)
         return (x0 / x0.sum())[None]
 
-    x, iterations, converged = _qp(h, None if q is None else q[None], None, 1, start, max_iter, exact, finite, solver)
+    x, iterations, converged = _qp(
+        h, None if q is None else q[None], None, 1, start, max_iter, exact, finite, solver, verify
+    )
     return x[0], iterations, converged
 
 
@@ -493,8 +501,8 @@ NORM_FLOOR = 1e-10
 SCALE_FLOOR = 1e-14
 
 
-def _resolved(gramian: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`resolved_norm_sq` with the flag left on the device (a 0-dim bool tensor)."""
+def resolved_norm_sq_tensor(gramian: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`resolved_norm_sq` with the flag left on the device (a 0-dim bool tensor): no read."""
     norm_sq = w @ gramian @ w
     diag = gramian.diagonal().clamp_min(0)
     bound = (w.abs() @ diag.sqrt()) ** 2
@@ -505,7 +513,7 @@ def resolved_norm_sq(gramian: Tensor, w: Tensor) -> tuple[Tensor, bool]:
     """(‖Jᵀw‖² = wᵀGw, whether it is distinguishable from 0). Computing wᵀGw rounds at about
     ε·(Σ_k |w_k|‖g_k‖)², and the weights themselves are accurate to about 1e-8 (see RIDGE): below NORM_FLOOR
     times the first or SCALE_FLOOR·max_k ‖g_k‖², Jᵀw is numerically 0 (the gradients are Pareto-stationary)."""
-    norm_sq, resolved = _resolved(gramian, w)
+    norm_sq, resolved = resolved_norm_sq_tensor(gramian, w)
     return norm_sq, bool(resolved)
 
 
@@ -514,7 +522,8 @@ def _sqp_flags(
 ) -> list[bool]:
     """One read for an SQP iteration of :func:`linear_plus_norm` (``evals``: its evaluation of the line-search
     point ``new`` and the full step v): whether ``new`` decreased f, progressed, the full step is taken, the
-    step stalled, ``new`` and v leave the KKT gap above tol, and the step was strongly damped."""
+    step stalled, ``new`` and v leave the KKT gap above tol, the step was strongly damped, ``new`` and v are
+    converged (resolved, gap ≤ tol)."""
     _, _, values, gaps, resolveds = evals
     # near the solution f changes below its rounding error, so the line search cannot see the Newton step's gain
     # while the step still improves w; the full step v is then taken if f stays within rounding and the KKT gap
@@ -528,6 +537,8 @@ def _sqp_flags(
         resolveds[0] & (gaps[0] > tol),
         gaps[1] > tol,
         t < 0.1,
+        resolveds[0] & (gaps[0] <= tol),
+        resolveds[1] & (gaps[1] <= tol),
     ]
     result: list[bool] = torch.stack(flags).tolist()
     return result
@@ -545,8 +556,8 @@ def linear_plus_norm(
     the line search can no longer see it). The subproblem is factored with the ridge and refined against the
     exact Hessian (see :func:`_active_set`), so the ridge does not slow the Newton steps down. ``init``
     warm-starts it. With ρ = 0 (or G = 0) the problem is linear: w is uniform over argmin_k b_k. Reads from the
-    device: one for the input check and case analysis, then one per iteration (plus the subproblems' one per
-    active-set iteration).
+    device: one for the input check, the case analysis and the start's gap, then one per iteration (plus, for
+    K > 6, the subproblem's one, see _qp).
 
     Residual: the Frank–Wolfe gap (∇fᵀw − min_k ∇f_k) / (max|b| + ρ·√max G_kk), an upper bound on the
     relative suboptimality; the solver stops when it is ≤ ``tol``. f is not differentiable where Jᵀw = 0, and
@@ -559,52 +570,55 @@ def linear_plus_norm(
     g = gramian.to(torch.float64)
     lin = b.to(torch.float64)
     top = g.diagonal().max()
+    lin_max = lin.abs().max()
+    weight_t = torch.as_tensor(rho, dtype=torch.float64, device=device)
+    # the problem scaled to max G_kk = 1, and the start evaluated, before the one read that checks the input, picks
+    # the case below (ρ and the scales of G and b) and tells whether the start is already the solution
+    g_scaled = g / top
+    root_top = top.sqrt()
+    lin_scaled = lin / root_top
+    diag = g_scaled.diagonal().clamp_min(0)
+    root_diag, diag_top = diag.sqrt(), diag.max()
+    tiny = torch.finfo(torch.float64).tiny
+
+    def evaluate(points: Tensor, weight: float | Tensor, scale: float | Tensor) -> tuple[Tensor, ...]:
+        """(Gw, wᵀGw, f(w), Frank–Wolfe gap, whether Jᵀw is resolved) for each row w of ``points``, at once."""
+        gp = points @ g_scaled
+        norm_sq = (points * gp).sum(dim=-1)
+        # as resolved_norm_sq: wᵀGw is distinguishable from 0
+        resolved = (norm_sq > NORM_FLOOR * (points.abs() @ root_diag) ** 2) & (norm_sq > SCALE_FLOOR * diag_top)
+        value = points @ lin_scaled + weight * norm_sq.clamp_min(0).sqrt()
+        grad = lin_scaled + weight * gp / norm_sq.clamp_min(tiny).sqrt()[:, None]
+        gap = ((points * grad).sum(dim=-1) - grad.amin(dim=-1)).clamp_min(0) / scale
+        return gp, norm_sq, value, gap, resolved
+
+    def status(resolved: Tensor, gap: Tensor) -> list[Tensor]:
+        return [resolved & (gap > tol), resolved, resolved & (gap <= tol)]
+
+    uniform = torch.full((k,), 1.0 / k, dtype=torch.float64, device=device)
+    w = uniform if init is None else project_simplex(init.to(g))
+    gw, norm_sq, value, gap, resolved = (item[0] for item in evaluate(w[None], weight_t, lin_max / root_top + weight_t))
     finite = torch.isfinite(g).all() & torch.isfinite(lin).all()
-    # one read for the input check and the case analysis below, which depends on ρ and on the scale of G and b
-    values: list[float] = torch.stack(
-        [finite.to(torch.float64), torch.as_tensor(rho, dtype=torch.float64, device=device), top, lin.abs().max()]
-    ).tolist()
-    ok, weight, top_value, lin_max = values
+    flags = torch.stack([finite, weight_t, top, lin_max, *status(resolved, gap)]).tolist()
+    ok, weight, top_value, lin_max_value, go_on, differentiable, converged = flags
     if not ok:
         raise ValueError("linear_plus_norm got non-finite input (NaN or Inf gradients?)")
     if not weight >= 0:
         raise ValueError(f"rho must be >= 0, got {weight}")
-    zero = torch.zeros((), dtype=torch.float64, device=device)
     # the norm term below rounding (ρ ≤ 1e-12·max|b|/√max G_kk) is the linear problem
-    if weight == 0 or not top_value > 0 or weight <= 1e-12 * lin_max / math.sqrt(top_value):
+    if weight == 0 or not top_value > 0 or weight <= 1e-12 * lin_max_value / math.sqrt(top_value):
         ties = lin <= lin.min() + 1e-12 * lin_max
         w = ties.to(torch.float64) / ties.sum()
-        return SolverResult(w.to(dtype), 0, zero, True)
-    g = g / top_value
-    lin = lin / math.sqrt(top_value)
-    scale = lin_max / math.sqrt(top_value) + weight
-    tiny = torch.finfo(torch.float64).tiny
+        return SolverResult(w.to(dtype), 0, torch.zeros((), dtype=torch.float64, device=device), True)
+    g, lin = g_scaled, lin_scaled
+    scale = lin_max_value / math.sqrt(top_value) + weight
     limit = _default_iterations(k)
-    diag = g.diagonal().clamp_min(0)
-    root_diag, diag_top = diag.sqrt(), diag.max()
     ridge = _regularised(torch.zeros_like(g), g)  # the ridge of every subproblem: relative to G, as a matrix
-
-    def evaluate(points: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(Gw, wᵀGw, f(w), Frank–Wolfe gap, whether Jᵀw is resolved) for each row w of ``points``, at once."""
-        gp = points @ g
-        norm_sq = (points * gp).sum(dim=-1)
-        # as resolved_norm_sq: wᵀGw is distinguishable from 0
-        resolved = (norm_sq > NORM_FLOOR * (points.abs() @ root_diag) ** 2) & (norm_sq > SCALE_FLOOR * diag_top)
-        value = points @ lin + weight * norm_sq.clamp_min(0).sqrt()
-        grad = lin + weight * gp / norm_sq.clamp_min(tiny).sqrt()[:, None]
-        gap = ((points * grad).sum(dim=-1) - grad.amin(dim=-1)).clamp_min(0) / scale
-        return gp, norm_sq, value, gap, resolved
-
-    uniform = torch.full((k,), 1.0 / k, dtype=torch.float64, device=device)
-    w = uniform if init is None else project_simplex(init.to(g))
-    gw, norm_sq, value, gap, resolved = (item[0] for item in evaluate(w[None]))
-    # read: the stopping rule depends on the data; start where f is differentiable
-    go_on, differentiable = torch.stack([resolved & (gap > tol), resolved]).tolist()
-    if not differentiable:
+    if not differentiable:  # start where f is differentiable
         for start in (uniform, torch.nn.functional.one_hot(g.diagonal().argmax(), k).to(g)):
             w = start
-            gw, norm_sq, value, gap, resolved = (item[0] for item in evaluate(w[None]))
-            go_on, differentiable = torch.stack([resolved & (gap > tol), resolved]).tolist()
+            gw, norm_sq, value, gap, resolved = (item[0] for item in evaluate(w[None], weight, scale))
+            go_on, differentiable, converged = torch.stack(status(resolved, gap)).tolist()
             if differentiable:
                 break
     iterations = 0
@@ -615,34 +629,33 @@ def linear_plus_norm(
         # factored with a ridge and refined against the exact Hessian (no ridge bias: quadratic convergence)
         exact = g - torch.outer(gw, gw) / norm_sq
         linear = (norm / weight) * lin + gw - exact @ w
-        v, _, _ = _simplex_qp(exact + ridge, linear, w, limit, exact=exact, project=False)
+        v, _, _ = _simplex_qp(exact + ridge, linear, w, limit, exact=exact, project=False, verify=False)
         step = v - w
         t = _line_search(w, step, g, lin, weight)
         new = (w + t * step).clamp_min(0)  # a convex combination of two points of Δ: on Δ up to rounding
         new = new / new.sum()
         before = value
 
-        evals = evaluate(torch.stack([new, v]))
-        decreased, progress, take_full, stalled, go_new, go_full, damped = _sqp_flags(
+        evals = evaluate(torch.stack([new, v]), weight, scale)
+        decreased, progress, take_full, stalled, go_new, go_full, damped, ok_new, ok_full = _sqp_flags(
             evals, new, w, before, gap, t, scale, tol
         )
         if damped:
             # a strongly damped Newton step: the model is poor (near the kink at Jᵀw = 0). The majorize-minimize
             # step, argmin bᵀw + ρ(wᵀGw + n²)/(2n) (√ is below its tangent), always decreases f; take the better one.
-            mm, _, _ = _simplex_qp(g + ridge, (norm / weight) * lin, w, limit, project=False)
-            new = torch.where(evaluate(mm[None])[2][0] < evals[2][0], mm, new)
-            evals = evaluate(torch.stack([new, v]))
-            decreased, progress, take_full, stalled, go_new, go_full, _ = _sqp_flags(
+            mm, _, _ = _simplex_qp(g + ridge, (norm / weight) * lin, w, limit, project=False, verify=False)
+            new = torch.where(evaluate(mm[None], weight, scale)[2][0] < evals[2][0], mm, new)
+            evals = evaluate(torch.stack([new, v]), weight, scale)
+            decreased, progress, take_full, stalled, go_new, go_full, _, ok_new, ok_full = _sqp_flags(
                 evals, new, w, before, gap, t, scale, tol
             )
         gps, norm_sqs, f_values, gaps, resolveds = evals
         if take_full:
-            w, gap, resolved, go_on = v, gaps[1], resolveds[1], go_full
+            w, gap, resolved, go_on, converged = v, gaps[1], resolveds[1], go_full, ok_full
             gw, norm_sq, value = gps[1], norm_sqs[1], f_values[1]
         elif decreased and progress and not stalled:
-            w, gap, resolved, go_on = new, gaps[0], resolveds[0], go_new
+            w, gap, resolved, go_on, converged = new, gaps[0], resolveds[0], go_new, ok_new
             gw, norm_sq, value = gps[0], norm_sqs[0], f_values[0]
         else:
             break
-    converged = bool(resolved & (gap <= tol))
-    return SolverResult(w.to(dtype), iterations, gap, converged)
+    return SolverResult(w.to(dtype), iterations, gap, bool(converged))
