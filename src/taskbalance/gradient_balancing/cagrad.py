@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from ..solvers import linear_plus_norm, resolved_norm_sq
+from ..solvers import linear_plus_norm, resolved_norm_sq_tensor
 from .base import Combination, GradientBalancer
 
 RESCALES = (0, 1, 2)
@@ -18,13 +18,14 @@ def rescale_divisor(rescale: int, c: float) -> float:
     return (1.0, 1.0 + c * c, 1.0 + c)[rescale]
 
 
-def conflict_averse_weights(gramian: Tensor, radius: Tensor, w: Tensor, divisor: float) -> tuple[Tensor, bool]:
+def conflict_averse_weights(gramian: Tensor, radius: Tensor, w: Tensor, divisor: float) -> tuple[Tensor, Tensor]:
     """Weights of d = K·(g₀ + (radius/‖g_w‖)·g_w)/divisor, i.e. (1 + K·radius·w/‖g_w‖)/divisor, and whether ‖g_w‖
-    is resolved by G. Where it is not (g_w ≈ 0: the gradients are Pareto-stationary) d = K·g₀/divisor. float64.
+    is resolved by G (a 0-dim bool tensor: no read here). Where it is not (g_w ≈ 0: the gradients are
+    Pareto-stationary) d = K·g₀/divisor. float64.
     """
     k = gramian.shape[0]
-    norm_sq, resolved = resolved_norm_sq(gramian, w)
-    factor = radius / norm_sq.sqrt() if resolved else torch.zeros_like(radius)
+    norm_sq, resolved = resolved_norm_sq_tensor(gramian, w)
+    factor = torch.where(resolved, radius / norm_sq.clamp_min(torch.finfo(norm_sq.dtype).tiny).sqrt(), 0.0)
     return (1 + k * factor * w) / divisor, resolved
 
 
@@ -77,7 +78,8 @@ class CAGrad(GradientBalancer):
         self._warm = result.x.to(torch.float64)
         weights, resolved = conflict_averse_weights(gramian, radius, self._warm, rescale_divisor(self.rescale, self.c))
         converged, note = result.converged, ""
-        if not resolved and bool(radius > 0):
+        stationary = bool((~resolved & (radius > 0)).item())  # one read
+        if stationary:
             converged = False
             note = "0 is in the hull of the gradients (Pareto-stationary): d is not unique; returned K·g₀ (rescaled)"
         elif not converged:

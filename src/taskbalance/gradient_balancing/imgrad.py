@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from ..solvers import linear_plus_norm, min_norm_point, resolved_norm_sq
+from ..solvers import linear_plus_norm, min_norm_point, resolved_norm_sq_tensor
 from .base import Combination, GradientBalancer
 from .cagrad import RESCALES, conflict_averse_weights, rescale_divisor
 
@@ -62,16 +62,16 @@ class IMGrad(GradientBalancer):
         self._warm_mgda = None
 
     def imbalance_cosine(self, gramian: Tensor) -> tuple[Tensor, Tensor, bool]:
-        """(s = cos(g₀, g_m), the MGDA weights of g_m, whether the min-norm solve converged); float64 G."""
+        """(s = cos(g₀, g_m), the MGDA weights of g_m, whether the min-norm solve converged); float64 G. No read:
+        s = 0 where ‖g₀‖ or ‖g_m‖ is not resolved by G (Pareto-stationary), decided on the device."""
         mgda = min_norm_point(gramian, init=self._warm_mgda)
         w_m = mgda.x
         k = gramian.shape[0]
-        mean_norm_sq, mean_resolved = resolved_norm_sq(gramian, torch.full_like(w_m, 1 / k))
-        min_norm_sq, min_resolved = resolved_norm_sq(gramian, w_m)
-        if not (mean_resolved and min_resolved):
-            return torch.zeros((), dtype=gramian.dtype, device=gramian.device), w_m, mgda.converged
+        mean_norm_sq, mean_resolved = resolved_norm_sq_tensor(gramian, torch.full_like(w_m, 1 / k))
+        min_norm_sq, min_resolved = resolved_norm_sq_tensor(gramian, w_m)
         inner = (gramian @ w_m).mean()  # g₀ᵀg_m
-        cosine = (inner / (mean_norm_sq * min_norm_sq).sqrt()).clamp(-1, 1)
+        product = (mean_norm_sq * min_norm_sq).clamp_min(torch.finfo(gramian.dtype).tiny)
+        cosine = torch.where(mean_resolved & min_resolved, (inner / product.sqrt()).clamp(-1, 1), 0.0)
         return cosine, w_m, mgda.converged
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
@@ -87,7 +87,8 @@ class IMGrad(GradientBalancer):
             gramian, radius, self._warm, rescale_divisor(self.rescale, self.alpha)
         )
         converged, note = result.converged and mgda_converged, ""
-        if not resolved and bool(radius > 0):
+        stationary = bool((~resolved & (radius > 0)).item())  # one read
+        if stationary:
             converged = False
             note = "the solved g_w is 0 (Pareto-stationary gradients): d is not unique; returned K·g₀ (rescaled)"
         elif not converged:
