@@ -613,7 +613,6 @@ def linear_plus_norm(
     g, lin = g_scaled, lin_scaled
     scale = lin_max_value / math.sqrt(top_value) + weight
     limit = _default_iterations(k)
-    ridge = _regularised(torch.zeros_like(g), g)  # the ridge of every subproblem: relative to G, as a matrix
     if not differentiable:  # start where f is differentiable
         for start in (uniform, torch.nn.functional.one_hot(g.diagonal().argmax(), k).to(g)):
             w = start
@@ -622,6 +621,8 @@ def linear_plus_norm(
             if differentiable:
                 break
     iterations = 0
+    # the ridge of every subproblem, relative to G (as a matrix), built only when there is one
+    ridge = _regularised(torch.zeros_like(g), g) if go_on and max_iter > 0 else g
     while go_on and iterations < max_iter:
         iterations += 1
         norm = norm_sq.sqrt()
