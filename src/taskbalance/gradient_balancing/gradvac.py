@@ -49,22 +49,34 @@ def vaccinate(
     denominator = norm_j * sin_target
     reachable = denominator > 0
     safe = torch.where(reachable, denominator, 1.0)
-    new_targets = pair_targets.clone()
     rows_j = gramian[orders]  # (K, visits, K): row v of block i is g_j for the j row i visits at v
-    for visit in range(orders.shape[1]):
-        j = orders[:, visit]
+    zero, one = torch.zeros((), dtype=dtype, device=device), torch.ones((), dtype=dtype, device=device)
+    # the visits' columns as Python lists (indexing a list is free, a tensor slice is an operation per visit)
+    columns = zip(
+        orders.unbind(1),
+        rows_j.unbind(1),
+        norm_j.unbind(1),
+        valid_j.unbind(1),
+        pair_targets.unbind(1),
+        sin_target.unbind(1),
+        reachable.unbind(1),
+        safe.unbind(1),
+        strict=True,
+    )
+    tracked_targets = []
+    for j, row_j, norm, valid_pair, target, sin_t, reach, safe_denominator in columns:
         sq_norm_i = ((coeffs @ gramian) * coeffs).sum(dim=1).clamp(min=0)  # ‖g'_i‖²
         norm_i = sq_norm_i.sqrt()
-        dots = (coeffs * rows_j[:, visit]).sum(dim=1)  # g'_i · g_j
-        valid = (sq_norm_i > floor) & valid_j[:, visit]
-        phi = torch.where(valid, dots / torch.where(valid, norm_i * norm_j[:, visit], 1.0), 0.0).clamp(-1.0, 1.0)
-        target = pair_targets[:, visit]
+        dots = (coeffs * row_j).sum(dim=1)  # g'_i · g_j
+        valid = (sq_norm_i > floor) & valid_pair
+        phi = torch.where(valid, dots / torch.where(valid, norm_i * norm, one), zero).clamp(-1.0, 1.0)
         sin_phi = (1 - phi * phi).clamp(min=0).sqrt()
-        adjust = valid & (phi < target) & reachable[:, visit]
-        lift = norm_i * (target * sin_phi - phi * sin_target[:, visit]) / safe[:, visit]
-        coeffs.index_put_((rows, j), torch.where(adjust, lift, 0.0), accumulate=True)
+        adjust = valid & (phi < target) & reach
+        lift = norm_i * (target * sin_phi - phi * sin_t) / safe_denominator
+        coeffs.index_put_((rows, j), torch.where(adjust, lift, zero), accumulate=True)
         tracked = adjust if ema_update == "on_conflict" else valid
-        new_targets[:, visit] = torch.where(tracked, (1 - beta) * target + beta * phi, target)
+        tracked_targets.append(torch.where(tracked, (1 - beta) * target + beta * phi, target))
+    new_targets = torch.stack(tracked_targets, dim=1) if tracked_targets else pair_targets
     targets.scatter_(1, orders, new_targets)
     return coeffs, targets
 
