@@ -64,6 +64,8 @@ def solve_fair_weights(
     cosines = (vectors * torch.where(significant, eigenvalues, 0.0)) @ vectors.T
     b = rel.pow(1 / alpha - 1)
     steps = _STEPS.to(device)
+    first = steps == 1  # the full step
+    infinity = torch.tensor(torch.inf, dtype=torch.float64, device=device)
     bound = 1e12 ** (alpha / (1 + alpha))
 
     def objective(v: Tensor) -> Tensor:  # F along the last axis (evaluates a batch of candidates at once)
@@ -85,15 +87,17 @@ def solve_fair_weights(
         hessian = cosines + torch.diag(target / (alpha * v))
         step, info = torch.linalg.solve_ex(hessian, gradient)  # info > 0: numerically singular (v → ∞)
         delta = -step
-        # largest step keeping v > 0 (fraction to the boundary), then Armijo backtracking over a batch of steps
-        ratios = torch.where(delta < 0, -v / torch.where(delta < 0, delta, -1.0), torch.inf)
-        longest = torch.clamp(0.99 * ratios.min(), max=1.0)
+        # largest step keeping v > 0 (fraction to the boundary): −v/δ where δ < 0
+        longest = torch.clamp(0.99 * torch.where(step > 0, v / step, infinity).min(), max=1.0)
+        # Armijo backtracking over a batch of steps, F at v evaluated with them (row 0 is v itself)
         candidates = v + (longest * steps)[:, None] * delta
-        current = objective(v)
+        values = objective(torch.cat([v[None], candidates]))
+        current = values[0]
         slope = gradient @ delta  # −λ², λ the Newton decrement
-        decrease = objective(candidates) <= current + 1e-4 * longest * steps * slope
         # near the solution the predicted decrease λ²/2 drowns in the rounding of F: take the (full) Newton step
-        decrease[0] |= -slope <= 1e-8 * (1 + current.abs())
+        decrease = (values[1:] <= current + 1e-4 * longest * steps * slope) | (
+            first & (-slope <= 1e-8 * (1 + current.abs()))
+        )
         stalled = ~decrease.any() | (info > 0)
         v = torch.where(stalled, v, candidates[torch.argmax(decrease.to(torch.int64))])
     else:
