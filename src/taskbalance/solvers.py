@@ -231,6 +231,12 @@ def _all_free_sets(k: int, simplex: bool, device: torch.device) -> tuple[Tensor,
 
 
 @functools.lru_cache(maxsize=64)
+def _flips(k: int, device: torch.device) -> Tensor:
+    """(K + 1, K) boolean: no change, then each single variable flipped."""
+    return torch.cat([torch.zeros(1, k, dtype=torch.bool, device=device), torch.eye(k, device=device).bool()])
+
+
+@functools.lru_cache(maxsize=64)
 def _identity(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.eye(n, dtype=dtype, device=device)
 
@@ -266,7 +272,7 @@ def _enumerated(
     if free is None:
         masks, rows_mask = _all_free_sets(k, simplex, device)
     else:
-        masks = free[:, None, :] ^ torch.cat([torch.zeros_like(eye[:1, :k]), eye[:k, :k]]).bool()
+        masks = free[:, None, :] ^ _flips(k, device)
         if simplex:  # an empty free set has no solution on the simplex: try the full one instead
             masks = masks | ~masks.any(dim=-1, keepdim=True)
         rows_mask = torch.cat([masks, torch.ones_like(masks[..., : n - k])], -1)
@@ -329,6 +335,7 @@ def _qp(
     finite: Tensor | None = None,
     solver: str = "",
     verify: bool = True,
+    support: Callable[[], Tensor] | None = None,
 ) -> tuple[Tensor, int, bool]:
     """min ½xᵀhx + qᵀx s.t. x ≥ lower, or over the simplex when ``lower`` is None (q = 0 when None), for
     ``batch`` problems (rows of q / lower), exactly: the answer of :func:`_active_set` from ``start()``.
@@ -336,7 +343,9 @@ def _qp(
     Up to FLIPS tasks the candidate working sets are solved in one batch (:func:`_enumerated`; ``start`` is only
     called above ENUMERATE tasks); the active-set method takes over, started from their answer, only where that
     answer is not the solution. One read from the device for that decision, which also carries the caller's
-    ``finite`` check (ValueError naming ``solver`` when it is false). With ``verify`` False and every working set
+    ``finite`` check (ValueError naming ``solver`` when it is false). ``support()``, when given, is a cheaper
+    guess of the free set of ``start()`` (B, K): the candidates' free sets are built around it, and the answer
+    does not depend on it. With ``verify`` False and every working set
     tried (K ≤ ENUMERATE), there is no read: the answer is then a feasible point that is the solution unless
     rounding left every candidate infeasible (for callers that check optimality themselves, as the SQP does).
     """
@@ -349,7 +358,7 @@ def _qp(
         s = _systems(h, zeros if q is None else q, zeros if lower is None else lower, lower is None, exact)
         return _active_set(s, start(), max_iter)
     bounds = zeros if lower is None else lower
-    free = None if k <= ENUMERATE else start() > bounds
+    free = None if k <= ENUMERATE else (start() > bounds if support is None else support())
     x, found = _enumerated(h, exact, q, lower, batch, free)
     if free is None and finite is None and not verify:
         return x, 1, True
@@ -388,8 +397,13 @@ def _simplex_qp(
         x0 = torch.where(x0 > 1e-12 * x0.max(), x0, 0.0)
         return (x0 / x0.sum())[None]
 
+    def support() -> Tensor:  # start()'s free set where init is on Δ already (a previous solution), else a guess
+        if init is None:
+            return torch.ones(1, k, dtype=torch.bool, device=h.device)
+        return (init > 1e-12 * init.max())[None]
+
     x, iterations, converged = _qp(
-        h, None if q is None else q[None], None, 1, start, max_iter, exact, finite, solver, verify
+        h, None if q is None else q[None], None, 1, start, max_iter, exact, finite, solver, verify, support
     )
     return x[0], iterations, converged
 
