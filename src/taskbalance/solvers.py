@@ -12,7 +12,11 @@ the input's dtype. The quadratic programs are solved exactly (up to rounding) by
 its answer is the solution of the equality-constrained problem on the final active set, so a warm start changes
 the number of iterations, not the result. The loops stop on data-dependent tests, so each iteration reads a
 boolean or two from the device (a synchronisation on CUDA, microseconds against the K backward passes that
-produced G); the problem data never leave it.
+produced G); the problem data never leave it. Small problems skip the loop, since the cost of a solve at small
+K is the number of torch operations, not arithmetic: up to K = 6 every working set is solved in one batch and
+the feasible candidate of least objective is the answer; up to K = 12 the warm start's working set and its K
+neighbours are, with the active set behind them; the min-norm point of two gradients has a closed form. Each
+gives the active-set method's answer, with one read per solve (the finite check) or none.
 
 Every problem is made strictly convex by a relative ridge G + δ·(diag G + δ·max diag G), δ = 1e-8: it
 perturbs each gradient by a private orthogonal component of relative size 1e-4 in norm, which picks, among
