@@ -491,3 +491,50 @@ def test_new_grads_share_memory_with_nothing(path: str) -> None:
         for p in model.trunk.parameters():
             p.grad.zero_()  # type: ignore[union-attr]
         torch.testing.assert_close(method.state, state)
+
+
+class RecordingJacobian(GradientBalancer):
+    """Keeps a copy of every J it is given, and where J lived."""
+
+    needs: ClassVar[Literal["gramian", "jacobian"]] = "jacobian"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Tensor] = []
+        self.addresses: list[int] = []
+
+    def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
+        self.seen.append(matrix.clone())
+        self.addresses.append(matrix.data_ptr())
+        return Combination(weights=torch.ones(self.n_tasks, dtype=matrix.dtype))
+
+
+@pytest.mark.parametrize("with_features", [False, True])
+def test_reused_buffers_give_each_step_its_own_jacobian(with_features: bool) -> None:
+    # the loop's outputs and J are reused from step to step (no fresh pages); each step must still see exactly
+    # what a fresh engine computes, and gradients handed to .grad earlier must not change later
+    import copy
+
+    from tests.models import TinyMTL, make_data, task_losses
+
+    model = TinyMTL()
+    engine, recorder = Engine("loop" if not with_features else "auto"), RecordingJacobian()
+    recorder.setup(3)
+    kept: list[tuple[list[Tensor], list[Tensor]]] = []
+    for seed in range(3):
+        x, y = make_data(seed=seed)
+        twin, fresh = copy.deepcopy(model), RecordingJacobian()
+        fresh.setup(3)
+        _, twin_losses = task_losses(twin, x, y)
+        Engine("loop")(twin_losses, list(twin.encoder.parameters()), [], fresh)
+        model.zero_grad(set_to_none=True)
+        z, losses = task_losses(model, x, y)
+        shared, heads = list(model.encoder.parameters()), list(model.heads.parameters())
+        engine(losses, shared, heads, recorder, z if with_features else None)
+        torch.testing.assert_close(recorder.seen[-1], fresh.seen[0])
+        grads = [cast(Tensor, p.grad) for p in shared]
+        kept.append((grads, [g.clone() for g in grads]))
+    assert len(set(recorder.addresses)) == 1  # one buffer for every step
+    for grads, snapshot in kept:
+        for g, s in zip(grads, snapshot, strict=True):
+            assert torch.equal(g, s)

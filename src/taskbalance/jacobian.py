@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from ._engine_heads import features_jacobian
-from ._engine_vjp import EngineFallbackWarning, VmapMemo, batched_vjp, streaming_gramian
+from ._engine_vjp import BlockBuffers, EngineFallbackWarning, VmapMemo, batched_vjp, streaming_gramian
 from ._graph import leaves_before, task_split
 from .gradient_balancing.base import Combination, GradientBalancer
 
@@ -124,6 +124,7 @@ class Engine:
             raise ValueError(f"unknown engine path {path!r}; choose from {', '.join(ENGINE_PATHS)}")
         self.path: EnginePath = path
         self.memo = VmapMemo()
+        self.buffers = BlockBuffers()
         self.last_path = ""
 
     @property
@@ -132,8 +133,9 @@ class Engine:
         return bool(self.memo.failed)
 
     def reset(self) -> None:
-        """Forget what was learnt about vmap on the model."""
+        """Forget what was learnt about vmap on the model, and free the reused buffers."""
         self.memo = VmapMemo()
+        self.buffers.clear()
         self.last_path = ""
 
     def __repr__(self) -> str:
@@ -170,11 +172,20 @@ class Engine:
         else:
             eye = torch.eye(balanced.shape[0], dtype=balanced.dtype, device=balanced.device)
             inputs = [*shared, *task_params]
-            grads = batched_vjp(balanced, inputs, eye, self.memo, kind="whole", final=True, try_vmap=path != "loop")
+            grads = batched_vjp(
+                balanced,
+                inputs,
+                eye,
+                self.memo,
+                kind="whole",
+                final=True,
+                try_vmap=path != "loop",
+                buffers=self.buffers,
+            )
             blocks = grads[: len(shared)]
             task_grads = [None if g is None else g.sum(0) for g in grads[len(shared) :]]
         self.last_path = path
-        combination = _apply_jacobian(balanced, shared, blocks, method)
+        combination = _apply_jacobian(balanced, shared, blocks, method, self.buffers)
         _accumulate(task_params, task_grads, owned=path != "features")  # sums over K, unless captured
         return combination
 
@@ -212,7 +223,9 @@ class Engine:
         """Per-task blocks of θ, and ∇ Σ ℓ̃ of head-side then trunk-side task parameters."""
         jz, head_grads = self._features_jacobian(balanced, features, split)
         inputs = [*shared, *split.trunk_side]
-        grads = batched_vjp(features, inputs, jz, self.memo, kind="trunk", final=True, try_vmap=trunk_vmap)
+        grads = batched_vjp(
+            features, inputs, jz, self.memo, kind="trunk", final=True, try_vmap=trunk_vmap, buffers=self.buffers
+        )
         trunk_grads = [None if g is None else g.sum(0) for g in grads[len(shared) :]]
         return grads[: len(shared)], [*head_grads, *trunk_grads]
 
@@ -324,7 +337,11 @@ def apply_gradient_method(
 
 # -- applying a combination ----------------------------------------------------------------------------------------
 def _apply_jacobian(
-    balanced: Tensor, shared: Sequence[Tensor], blocks: Sequence[Tensor | None], method: GradientBalancer
+    balanced: Tensor,
+    shared: Sequence[Tensor],
+    blocks: Sequence[Tensor | None],
+    method: GradientBalancer,
+    buffers: BlockBuffers | None = None,
 ) -> Combination:
     """The method's combination of the per-parameter blocks (K, *p.shape), and the clipped update into ``θ.grad``.
 
@@ -343,7 +360,10 @@ def _apply_jacobian(
         updates = [(weights.to(b.dtype) @ b.reshape(n, -1)).view(p.shape) for b, p in zip(full, shared, strict=True)]
         _accumulate(shared, updates, owned=True)
         return combination
-    jacobian = torch.cat([b.reshape(n, -1) for b in full], dim=1)
+    rows = [b.reshape(n, -1) for b in full]
+    size = sum(r.shape[1] for r in rows)
+    # J is valid during the method's call only (a method keeps copies, never J itself): reused across steps
+    jacobian = torch.cat(rows, dim=1, out=None if buffers is None else buffers.get(("J",), (n, size), rows[0]))
     combination = _combine(method, jacobian, balanced.detach())
     if combination.direction is not None:
         _check_direction(combination.direction, jacobian.shape[1], "the shared parameters")

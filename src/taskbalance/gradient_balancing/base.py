@@ -74,7 +74,11 @@ class GradientBalancer(nn.Module):
         """Forget all history (EMAs, warm starts, step counters)."""
 
     def forward(self, matrix: Tensor, losses: Tensor) -> Combination:
-        """Combine: ``matrix`` is G (K × K) or J (K × P) as :attr:`needs` says; ``losses`` are ℓ̃, detached."""
+        """Combine: ``matrix`` is G (K × K) or J (K × P) as :attr:`needs` says; ``losses`` are ℓ̃, detached.
+
+        ``matrix`` is the engine's buffer, valid during the call only (the next step overwrites it): a method
+        keeps what it derives from it (an EMA, a copy), never the tensor itself.
+        """
         if self.n_tasks == 0:
             raise RuntimeError(f"{type(self).__name__} is not set up: wrap it in taskbalance.Balancer")
         return self.combine(matrix, losses)
