@@ -39,6 +39,24 @@ def test_measure_is_round_robin() -> None:
     assert [len(t) for t in times.values()] == [4] * len(names)
 
 
+def test_cheap_steps_are_repeated_within_a_timed_call() -> None:
+    counts = {"cheap": 0, "costly": 0}
+
+    def cheap() -> None:
+        counts["cheap"] += 1
+
+    def costly() -> None:
+        counts["costly"] += 1
+        sum(range(200_000))  # a few ms of CPU time
+
+    times = measure(
+        {"cheap": cheap, "costly": costly}, repeats=2, device=torch.device("cpu"), warmup=1, min_call_ms=1e3
+    )
+    assert counts["cheap"] == 1 + 2 * 50  # capped at 50 per call
+    assert 1 + 2 < counts["costly"] <= 1 + 2 * 50
+    assert all(t >= 0 for t in times["cheap"])
+
+
 def _row(name: str, kind: str, k: int = 2, reads_gramian: bool = True, **ratios: float) -> Row:
     values = {"vs_ew": 1.0, "vs_floor": 1.0, "vs_torchjd": math.nan, "solve_ms": math.nan, **ratios}
     return Row("m", k, name, kind, 1.0, peak_mb=0.0, reads_gramian=reads_gramian, **values)

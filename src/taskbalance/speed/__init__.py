@@ -28,6 +28,9 @@ from .timing import measure, median, peak_memory_mb
 
 __all__ = ["CASE_NAMES", "run", "run_case"]
 
+#: cheap steps are run back to back up to this many ms per timed call (noise of a shared CPU is per call)
+MIN_CALL_MS = 200.0
+
 NOTES = """Notes:
 - floor: the fastest of the `floor` rows, measured in the same run; a method below 1.00 is within noise of it.
 - famo: its `after_step` forward under the updated model (part of FAMO's definition) is in its step.
@@ -44,7 +47,7 @@ def run_case(
     """Time every entry of one case round-robin: (the case's description, one row per entry)."""
     case = build(name, device)
     timed = entries(case, device, with_torchjd, methods)
-    times = measure({e.name: e.step for e in timed}, repeats, device, warmup=1)
+    times = measure({e.name: e.step for e in timed}, repeats, device, warmup=1, min_call_ms=MIN_CALL_MS)
     ms = {e.name: median(times[e.name]) / e.period for e in timed}
     floor = min(ms[e.name] for e in timed if e.kind == "floor")
     rows = []

@@ -9,6 +9,7 @@ inflates wall time; on CUDA it is wall time between synchronisations.
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import time
@@ -23,27 +24,40 @@ from torch.utils._pytree import tree_flatten
 Step = Callable[[], None]
 
 
-def measure(steps: dict[str, Step], repeats: int, device: torch.device, warmup: int = 3) -> dict[str, list[float]]:
-    """Milliseconds of every step over ``repeats`` rounds, after ``warmup`` untimed rounds."""
+def measure(
+    steps: dict[str, Step], repeats: int, device: torch.device, warmup: int = 3, min_call_ms: float = 0.0
+) -> dict[str, list[float]]:
+    """Milliseconds per call of every step over ``repeats`` rounds, after ``warmup`` untimed rounds.
+
+    With ``min_call_ms``, a step faster than that is run several times in a row per timed call (as many as reach
+    it, from its last warm-up time) and the call's time divided by that count: cheap steps then get the same
+    clock resolution and the same share of a slow spell as expensive ones.
+    """
     cuda = device.type == "cuda"
     clock = time.perf_counter if cuda else time.process_time
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(warmup):
-        for step in steps.values():
+
+    def timed(step: Step, count: int) -> float:
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = clock()
+        for _ in range(count):
             step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        return 1e3 * (clock() - start) / count
+
+    inner = dict.fromkeys(steps, 1)
+    for _ in range(warmup):
+        for name, step in steps.items():
+            elapsed = timed(step, 1)
+            inner[name] = max(1, min(50, math.ceil(min_call_ms / max(elapsed, 1e-3))))
+    times: dict[str, list[float]] = {name: [] for name in steps}
     order = list(steps)
     shuffle = random.Random(0).shuffle
     for _ in range(repeats):
         shuffle(order)
         for name in order:
-            step = steps[name]
-            if cuda:
-                torch.cuda.synchronize(device)
-            start = clock()
-            step()
-            if cuda:
-                torch.cuda.synchronize(device)
-            times[name].append(1e3 * (clock() - start))
+            times[name].append(timed(steps[name], inner[name]))
     return times
 
 
