@@ -388,6 +388,14 @@ def test_batched_small_qps_equal_the_active_set(seed: int, k: int, shift: float,
     _check_min_norm(gram, jac, torch.rand(k, generator=gen, dtype=F64) if warm else None, True)
     init = torch.eye(k, dtype=F64) + torch.rand(k, k, generator=gen, dtype=F64) if warm else None
     _check_lower_bounded(gram, jac, init, True)
+    # a single problem (up to K = 12 through the neighbours of its warm start)
+    lower = torch.rand(k, generator=gen, dtype=F64)
+    single = lower_bounded_qp(gram, lower, init=None if init is None else init[0])
+    with pytest.MonkeyPatch.context() as patch:
+        _general(patch)
+        general = lower_bounded_qp(gram, lower, init=None if init is None else init[0])
+    assert single.converged and float(single.residual) <= 1e-9
+    torch.testing.assert_close(single.x, general.x, rtol=0, atol=1e-9)
 
 
 @given(st.integers(0, 2**31), st.integers(2, 12), st.integers(1, 4))

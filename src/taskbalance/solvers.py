@@ -15,8 +15,9 @@ boolean or two from the device (a synchronisation on CUDA, microseconds against 
 produced G); the problem data never leave it. Small problems skip the loop, since the cost of a solve at small
 K is the number of torch operations, not arithmetic: up to K = 6 every working set is solved in one batch and
 the feasible candidate of least objective is the answer; up to K = 12 the warm start's working set and its K
-neighbours are, with the active set behind them; the min-norm point of two gradients has a closed form. Each
-gives the active-set method's answer, with one read per solve (the finite check) or none.
+neighbours are, for a single problem (not UPGrad's batch), with the active set behind them; the min-norm point
+of two gradients has a closed form. Each gives the active-set method's answer, with one read per solve (the
+finite check) or none.
 
 Every problem is made strictly convex by a relative ridge G + δ·(diag G + δ·max diag G), δ = 1e-8: it
 perturbs each gradient by a private orthogonal component of relative size 1e-4 in norm, which picks, among
@@ -220,7 +221,7 @@ def _active_set(s: _Systems, x0: Tensor, max_iter: int) -> tuple[Tensor, int, bo
 
 
 #: every working set is tried at once up to this many tasks (2^K small systems); the warm start's free set and
-#: its K neighbours up to FLIPS; the active-set iterations beyond (or where those candidates miss the solution)
+#: its K neighbours up to FLIPS (single problems); the active-set iterations beyond (or where those miss)
 ENUMERATE = 6
 FLIPS = 12
 
@@ -344,19 +345,21 @@ def _qp(
     """min ½xᵀhx + qᵀx s.t. x ≥ lower, or over the simplex when ``lower`` is None (q = 0 when None), for
     ``batch`` problems (rows of q / lower), exactly: the answer of :func:`_active_set` from ``start()``.
 
-    Up to FLIPS tasks the candidate working sets are solved in one batch (:func:`_enumerated`; ``start`` is only
-    called above ENUMERATE tasks); the active-set method takes over, started from their answer, only where that
-    answer is not the solution. One read from the device for that decision, which also carries the caller's
-    ``finite`` check (ValueError naming ``solver`` when it is false). ``support()``, when given, is a cheaper
-    guess of the free set of ``start()`` (B, K): the candidates' free sets are built around it, and the answer
-    does not depend on it. With ``verify`` False and every working set
-    tried (K ≤ ENUMERATE), there is no read: the answer is then a feasible point that is the solution unless
-    rounding left every candidate infeasible (for callers that check optimality themselves, as the SQP does).
+    Up to ENUMERATE tasks, and up to FLIPS for a single problem, the candidate working sets are solved in one
+    batch (:func:`_enumerated`; ``start`` is only called above ENUMERATE tasks); the active-set method takes over,
+    started from their answer, only where that answer is not the solution. One read from the device for that
+    decision, which also carries the caller's ``finite`` check (ValueError naming ``solver`` when it is false).
+    ``support()``, when given, is a cheaper guess of the free set of ``start()`` (B, K): the candidates' free sets
+    are built around it, and the answer does not depend on it. With ``verify`` False and every working set tried
+    (K ≤ ENUMERATE), there is no read: the answer is then a feasible point that is the solution unless rounding
+    left every candidate infeasible (for callers that check optimality themselves, as the SQP does).
     """
     k = h.shape[-1]
     dtype, device = h.dtype, h.device
     zeros = torch.zeros(batch, k, dtype=dtype, device=device)
-    if k > FLIPS:
+    # the neighbours pay for a single problem; for a batch (UPGrad's K) the active set's one or two warm iterations
+    # on B systems cost less than B·(K + 1) candidates (measured: K = 7–12, B = K)
+    if k > FLIPS or (k > ENUMERATE and batch > 1):
         if finite is not None:
             _check_finite_flag(solver, finite)
         s = _systems(h, zeros if q is None else q, zeros if lower is None else lower, lower is None, exact)
