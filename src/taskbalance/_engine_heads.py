@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from ._engine_vjp import VmapMemo, batched_vjp
+from ._engine_vjp import BlockBuffers, VmapMemo, batched_vjp
 from ._graph import TaskSplit
 
 
@@ -36,18 +36,22 @@ def features_jacobian(
     head_params: Sequence[Tensor],
     split: TaskSplit | None,
     memo: VmapMemo,
+    buffers: BlockBuffers | None = None,
 ) -> tuple[Tensor, list[Tensor | None]]:
-    """(J_z of shape (K, *features.shape), ∇ Σ_k ℓ̃_k for each of ``head_params``). The graph is kept."""
+    """(J_z of shape (K, *features.shape), ∇ Σ_k ℓ̃_k for each of ``head_params``). The graph is kept.
+
+    With ``buffers``, the captured J_z is written into a buffer reused from step to step (valid until the next call).
+    """
     n = balanced.shape[0]
     eye = torch.eye(n, dtype=balanced.dtype, device=balanced.device)
     if split is not None and split.diagonal:
-        return _captured_pass(balanced, features, head_params, split, torch.ones_like(balanced))
+        return _captured_pass(balanced, features, head_params, split, torch.ones_like(balanced), buffers)
     if split is not None:
         stack_out = GradientEdge(split.stack, 0)
         mixing = batched_vjp(balanced, [stack_out], eye, memo, kind="mixing", final=False)[0]
         # a stack of K scalars gives M of shape (K, K); a stack of K head outputs (then reduced) does not split
         if mixing is not None and mixing.shape == (n, n):
-            per_loss, _ = _captured_pass(stack_out, features, [], split, torch.ones_like(mixing[0]))
+            per_loss, _ = _captured_pass(stack_out, features, [], split, torch.ones_like(mixing[0]), buffers)
             jz = (mixing.to(features.dtype) @ per_loss.reshape(n, -1)).reshape(n, *features.shape)
             if not head_params:
                 return jz, []
@@ -66,6 +70,7 @@ def _captured_pass(
     head_params: Sequence[Tensor],
     split: TaskSplit,
     ones: Tensor,
+    buffers: BlockBuffers | None = None,
 ) -> tuple[Tensor, list[Tensor | None]]:
     """One backward of Σ ``output`` down to z and ``head_params``, keeping what each consumer of z sends to z.
 
@@ -82,7 +87,13 @@ def _captured_pass(
     finally:
         for handle in handles:
             handle.remove()
-    per_task = torch.stack([torch.zeros_like(features) if d is None else d for d in captured])
+    shape = (len(captured), *features.shape)
+    per_task = features.new_empty(shape) if buffers is None else buffers.get(("captured",), shape, features)
+    for k, d in enumerate(captured):
+        if d is None:
+            per_task[k].zero_()
+        else:
+            per_task[k].copy_(d)
     return per_task, list(grads[1:])
 
 

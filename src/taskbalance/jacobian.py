@@ -233,7 +233,7 @@ class Engine:
         self, balanced: Tensor, features: Tensor, split: _FeatureCut
     ) -> tuple[Tensor, list[Tensor | None]]:
         tasks = task_split(balanced, features, balanced.shape[0])
-        return features_jacobian(balanced, features, split.head_side, tasks, self.memo)
+        return features_jacobian(balanced, features, split.head_side, tasks, self.memo, self.buffers)
 
     def _gramian(
         self,
