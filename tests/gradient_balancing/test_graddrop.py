@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import taskbalance as tb
+from taskbalance.gradient_balancing import graddrop
 from taskbalance.gradient_balancing.base import Combination
 from taskbalance.gradient_balancing.graddrop import GradDrop, sign_dropout
 from tests.models import DEGENERATE_JACOBIANS, TinyMTL, make_data, task_losses
@@ -49,6 +50,42 @@ def test_each_coordinate_is_one_signed_part(seed: int, k: int, p: int) -> None:
     positive, negative = jacobian.clamp(min=0).sum(dim=0), jacobian.clamp(max=0).sum(dim=0)
     assert ((update == positive) | (update == negative)).all()
     torch.testing.assert_close(update[: p // 3], jacobian[:, : p // 3].sum(dim=0))
+
+
+def _dense_sign_dropout(jacobian: torch.Tensor, uniform: torch.Tensor, leak: float) -> torch.Tensor:
+    """The formula of :class:`GradDrop` written out with K × P masks, as a reference for the blocked version."""
+    total, mass = jacobian.sum(dim=0), jacobian.abs().sum(dim=0)
+    purity = 0.5 * (1 + torch.where(mass > 0, total / torch.where(mass > 0, mass, 1.0), 0.0))
+    positive = uniform < purity
+    keep = (positive & (jacobian > 0)) | (~positive & (jacobian < 0))
+    return (jacobian * (leak + (1 - leak) * keep.to(jacobian.dtype))).sum(dim=0)
+
+
+@given(
+    st.integers(0, 2**31),
+    st.integers(1, 6),
+    st.integers(1, 40),
+    st.sampled_from([0.0, 0.3, 1.0]),
+    st.integers(1, 50),
+)
+def test_column_blocks_give_the_dense_formula(seed: int, k: int, p: int, leak: float, block: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    jacobian = torch.randn(k, p, generator=generator, dtype=torch.float64)
+    jacobian[:, ::4] = 0.0  # columns of zeros, where the update must be 0
+    uniform = torch.rand(p, generator=generator, dtype=torch.float64)
+    original = jacobian.clone()
+    with pytest.MonkeyPatch.context() as patch:  # blocks of a few columns, the last one ragged
+        patch.setitem(graddrop._BLOCK_ELEMENTS, "cpu", block)
+        update = sign_dropout(jacobian, uniform.clone(), leak)
+    assert torch.equal(jacobian, original)  # J is the engine's buffer: read, never written
+    torch.testing.assert_close(update, _dense_sign_dropout(jacobian, uniform, leak))
+
+
+def test_scratch_is_not_state() -> None:
+    method = _method(3, seed=1)
+    _step(method, torch.randn(3, 100, generator=torch.Generator().manual_seed(2)))
+    assert method._scratch is not None
+    assert method.state_dict()["_extra_state"] == {"n_tasks": 3, "seed": method.seed, "step": 1}
 
 
 def test_positive_sign_is_chosen_with_probability_p() -> None:

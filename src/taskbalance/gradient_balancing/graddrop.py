@@ -16,16 +16,57 @@ from torch import Tensor
 from .._random import new_generator
 from .base import Combination, GradientBalancer
 
+# Columns are processed in blocks of about this many elements, so the per-block temporaries stay in the CPU's L2
+# cache and J is read from memory once; on an accelerator the blocks only bound the scratch memory.
+_BLOCK_ELEMENTS = {"cpu": 2**17}
+_DEVICE_BLOCK_ELEMENTS = 2**22
 
-def sign_dropout(jacobian: Tensor, uniform: Tensor, leak: float = 0.0) -> Tensor:
-    """Σ_k g_k ⊙ (ℓ + (1 − ℓ) M_k) for the uniform draws U (P,) (see :class:`GradDrop`)."""
-    total = jacobian.sum(dim=0)
-    mass = jacobian.abs().sum(dim=0)
-    ratio = torch.where(mass > 0, total / torch.where(mass > 0, mass, 1.0), 0.0)
-    purity = 0.5 * (1 + ratio)
-    positive = uniform < purity  # the positive sign wins with probability P, else the negative one
-    keep = (positive & (jacobian > 0)) | (~positive & (jacobian < 0))
-    return (jacobian * (leak + (1 - leak) * keep.to(jacobian.dtype))).sum(dim=0)
+
+def _block_columns(matrix: Tensor) -> int:
+    """Columns per block for ``matrix`` (K × P)."""
+    elements = _BLOCK_ELEMENTS.get(matrix.device.type, _DEVICE_BLOCK_ELEMENTS)
+    return max(1, min(matrix.shape[1], elements // max(matrix.shape[0], 1)))
+
+
+def signed_sums(jacobian: Tensor, scratch: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(Σ_k max(g_k, 0), Σ_k min(g_k, 0)) per column, reading J once.
+
+    ``scratch`` (at least K × block columns, J's dtype and device) holds the clamped block; None allocates it.
+    """
+    k, p = jacobian.shape
+    width = _block_columns(jacobian)
+    if scratch is None:
+        scratch = jacobian.new_empty(k * width)
+    positive, negative = jacobian.new_empty(p), jacobian.new_empty(p)
+    for start in range(0, p, width):
+        stop = min(start + width, p)
+        block = jacobian[:, start:stop]
+        clamped = scratch[: k * (stop - start)].view(k, stop - start)
+        torch.clamp(block, min=0, out=clamped)
+        torch.sum(clamped, dim=0, out=positive[start:stop])
+        torch.clamp(block, max=0, out=clamped)
+        torch.sum(clamped, dim=0, out=negative[start:stop])
+    return positive, negative
+
+
+def sign_dropout(jacobian: Tensor, uniform: Tensor, leak: float = 0.0, scratch: Tensor | None = None) -> Tensor:
+    """Σ_k g_k ⊙ (ℓ + (1 − ℓ) M_k) for the uniform draws U (P,) (see :class:`GradDrop`).
+
+    With S⁺ = Σ_k max(g_k, 0) and S⁻ = Σ_k min(g_k, 0) per coordinate, Σ_k |g_k| = S⁺ − S⁻ and the purity is
+    P = ½ (1 + (S⁺ + S⁻)/(S⁺ − S⁻)) = S⁺/(S⁺ − S⁻), so U < P reads U·(S⁺ − S⁻) < S⁺ (no division; where every
+    g_k is 0 both sides are 0 and the kept sum is 0 whichever sign wins). The masked sum is S⁺ where the
+    positive sign wins and S⁻ where the negative one does, and the leak adds ℓ of the rest:
+    ℓ (S⁺ + S⁻) + (1 − ℓ) S^±. So J is read once (:func:`signed_sums`) and nothing of J's size is allocated.
+    """
+    positive, negative = signed_sums(jacobian, scratch)
+    mass = positive - negative
+    wins = torch.mul(uniform, mass, out=mass) < positive  # the positive sign wins with probability P
+    kept = torch.where(wins, positive, negative)
+    if leak == 0:
+        return kept
+    if leak == 1:
+        return positive.add_(negative)
+    return kept.mul_(1 - leak).add_(positive.add_(negative), alpha=leak)
 
 
 class GradDrop(GradientBalancer):
@@ -60,8 +101,9 @@ class GradDrop(GradientBalancer):
     Differences from the reference code, and why: the reference keeps the positive sign where P > U and the
     negative one where P < U, so where U = P exactly (e.g. U = 0 at a coordinate whose gradients are all
     negative, which ``torch.rand`` draws with probability 2⁻²⁴ per coordinate) it drops every gradient; we keep
-    exactly one sign everywhere. It adds ε = 1e-7 to Σ|g| (scale-dependent); we set P = ½ exactly where all
-    gradients are zero. It averages the masked gradients and multiplies by K; we sum, which is the same.
+    exactly one sign everywhere. It adds ε = 1e-7 to Σ|g| (scale-dependent); we need none, comparing
+    U·Σ|g| < Σ max(g, 0) (where all gradients are zero the update is 0 whichever sign wins). It averages the
+    masked gradients and multiplies by K; we sum, which is the same.
     """
 
     name: ClassVar[str] = "graddrop"
@@ -77,6 +119,7 @@ class GradDrop(GradientBalancer):
         self.seed = new_generator(seed).initial_seed()
         self.step = 0
         self._generator: torch.Generator | None = None
+        self._scratch: Tensor | None = None  # a block of J's size, reused between steps (not state)
 
     def reset(self) -> None:
         self.step = 0
@@ -87,7 +130,16 @@ class GradDrop(GradientBalancer):
         self._generator.manual_seed((self.seed + self.step) % 2**63)
         self.step += 1
         uniform = torch.rand(matrix.shape[1], generator=self._generator, device=matrix.device, dtype=matrix.dtype)
-        return Combination(direction=sign_dropout(matrix, uniform, self.leak))
+        size = matrix.shape[0] * _block_columns(matrix)
+        scratch = self._scratch
+        if (
+            scratch is None
+            or scratch.numel() < size
+            or scratch.dtype != matrix.dtype
+            or scratch.device != matrix.device
+        ):
+            scratch = self._scratch = matrix.new_empty(size)
+        return Combination(direction=sign_dropout(matrix, uniform, self.leak, scratch))
 
     def get_extra_state(self) -> dict[str, Any]:
         state = super().get_extra_state()
