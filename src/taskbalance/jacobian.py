@@ -30,7 +30,8 @@ gradient leaves the device. Paths (``Balancer(engine=...)``):
 ``"auto"``            (default) the cheapest exact path that is safe: ``"features"`` when ``features`` is given and
                       every path from θ to ℓ̃ goes through it (checked on the autograd graph), else ``"batched"``.
                       On the CPU the K products go one task at a time rather than through vmap, which is slower
-                      there (:func:`resolve_auto`); the heads are still run once.
+                      there (:func:`resolve_auto`); the heads are still run once. For a method that reads only G,
+                      ``"gramian"`` when J (K × P) would take more than half the memory available on the device.
 
 Clipping: the shared update u is scaled by min(1, max_norm / ‖u‖). On the Gramian path ‖Jᵀw‖ = √(wᵀGw), so w
 is scaled before the update backward.
@@ -55,6 +56,7 @@ __all__ = [
     "EngineFallbackWarning",
     "EnginePath",
     "apply_gradient_method",
+    "available_memory",
     "clip_update",
     "resolve_auto",
 ]
@@ -159,7 +161,8 @@ class Engine:
             raise ValueError(f"engine {path!r} needs features through which every shared path runs: {split.reason}")
         trunk_vmap = True
         if path == "auto":
-            path, trunk_vmap = resolve_auto(split.exact, balanced.device)
+            size = balanced.shape[0] * sum(p.numel() * p.element_size() for p in shared)
+            path, trunk_vmap = resolve_auto(split.exact, balanced.device, size, method.needs == "gramian")
         if path == "representation":
             assert features is not None
             return self._representation(balanced, shared, features, split, method)
@@ -304,16 +307,43 @@ class Engine:
         return combination
 
 
-def resolve_auto(exact: bool, device: torch.device) -> tuple[EnginePath, bool]:
+#: "auto" keeps J only while it takes at most this share of the memory available on its device
+JACOBIAN_MEMORY_SHARE = 0.5
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (CUDA: the driver's free memory; CPU: Linux MemAvailable)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo", encoding="ascii") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def resolve_auto(
+    exact: bool, device: torch.device, jacobian_bytes: int = 0, reads_gramian: bool = False
+) -> tuple[EnginePath, bool]:
     """What ``"auto"`` runs: (path, whether the K products through the trunk go through vmap).
 
     Features-first whenever it is exact: it runs the heads about once instead of K times. The K products through
     the trunk (or the whole graph when features-first is not exact) go through vmap on accelerators, where one
     batched kernel beats K launches, and one task at a time on the CPU, where vmap gains nothing and its
     convolution rules (grouped convolutions) cost more than K plain backward calls (the ``engine ... (w = 1)``
-    rows of ``taskbalance bench speed``).
+    rows of ``taskbalance bench speed``). A method that reads only G gets the Gramian path, which never holds J,
+    when J (``jacobian_bytes``) would take more than :data:`JACOBIAN_MEMORY_SHARE` of the available memory: one
+    more trunk backward instead of running out of memory.
     """
     vmap = device.type != "cpu"
+    if reads_gramian and jacobian_bytes > 2**28:  # below 256 MB J is never the problem: skip the query
+        available = available_memory(device)
+        if available is not None and jacobian_bytes > JACOBIAN_MEMORY_SHARE * available:
+            return "gramian", vmap
     if exact:
         return "features", vmap
     return ("batched" if vmap else "loop"), vmap
