@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import taskbalance as tb
+from taskbalance.gradient_balancing import moco
 from taskbalance.gradient_balancing.base import Combination
 from taskbalance.gradient_balancing.moco import MoCo
 from taskbalance.solvers import project_simplex
@@ -94,6 +95,51 @@ def test_task_permutation_equivariance(seed: int, k: int, p: int) -> None:
         jacobian = torch.randn(k, p, generator=generator, dtype=torch.float64)
         torch.testing.assert_close(_step(permuted, jacobian[perm]), _step(plain, jacobian))
         torch.testing.assert_close(permuted.lambd, plain.lambd[perm])
+
+
+@given(
+    st.integers(0, 2**31),
+    st.integers(1, 5),
+    st.integers(1, 30),
+    st.integers(1, 40),
+    st.booleans(),
+    st.sampled_from([0.3, 0.8, 1.0]),
+)
+def test_column_blocks_give_the_dense_recursion(
+    seed: int, k: int, p: int, block: int, normalize: bool, beta: float
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    lambda_update = "softmax" if normalize else "projection"
+    method = _method(k, beta=beta, rho=0.1, normalize=normalize, lambda_update=lambda_update)
+    y, lam = torch.zeros(k, p, dtype=torch.float64), torch.full((k,), 1 / k, dtype=torch.float64)
+    for t in range(1, 4):  # the dense recursion of the docstring, with y yᵀ formed
+        jacobian = torch.randn(k, p, generator=generator, dtype=torch.float64)
+        losses = torch.rand(k, generator=generator, dtype=torch.float64) + 0.5
+        original = jacobian.clone()
+        with pytest.MonkeyPatch.context() as patch:  # blocks of a few columns, the last one ragged
+            patch.setattr(moco, "_BLOCK_ELEMENTS", block)
+            update = _step(method, jacobian, losses)
+        assert torch.equal(jacobian, original)  # J is the engine's buffer: read, never written
+        g = jacobian / (torch.linalg.vector_norm(jacobian, dim=1, keepdim=True) + 1e-8) * losses[:, None]
+        y = y - beta / t**0.5 * (y - (g if normalize else jacobian))
+        stepped = lam - 0.1 / t**0.5 * (y @ y.T + 0.1 * torch.eye(k, dtype=torch.float64)) @ lam
+        lam = torch.softmax(stepped, dim=0) if normalize else project_simplex(stepped)
+        torch.testing.assert_close(method.tracked, y)
+        torch.testing.assert_close(method.lambd, lam)
+        torch.testing.assert_close(update, k * lam @ y)
+
+
+def test_saved_state_is_not_changed_by_later_steps() -> None:
+    # y is updated in place, so the state handed out (and the state loaded) must be copies
+    generator = torch.Generator().manual_seed(3)
+    method, fresh = _method(2), _method(2)
+    _step(method, torch.randn(2, 6, generator=generator))
+    state = method.state_dict()
+    saved = state["_extra_state"]["tracked"].clone()
+    fresh.load_state_dict(state)
+    _step(method, torch.randn(2, 6, generator=generator))
+    _step(fresh, torch.randn(2, 6, generator=generator))
+    assert torch.equal(state["_extra_state"]["tracked"], saved)
 
 
 def test_sum_convention_holds_once_the_tracking_has_caught_up() -> None:

@@ -17,6 +17,10 @@ from .base import Combination, GradientBalancer
 
 LambdaUpdate = Literal["projection", "softmax"]
 
+# On the CPU the columns of J and y are processed in blocks of about this many elements, so that a block of y is
+# updated and read twice while it is in cache (see MoCo._track); elsewhere in one block.
+_BLOCK_ELEMENTS = 2**18
+
 
 class MoCo(GradientBalancer):
     """Multi-objective gradient Correction: at step t = 1, 2, …
@@ -44,7 +48,9 @@ class MoCo(GradientBalancer):
             code); default False, the paper's algorithm.
         max_norm: clip the norm of the update (default None).
 
-    State (in ``state_dict()``): y (K × P, created at the first step on J's device), λ, the step t.
+    State (in ``state_dict()``): y (K × P, created at the first step on J's device, then updated in place, so
+    ``state_dict()`` holds a copy of it), λ, the step t. One step reads J once and y twice (no temporary of J's
+    size: see ``_track``).
 
     Differences from the reference code, and why: LibMTL's softmax and gradient normalisation are options (off by
     default, see above). The sum convention holds only asymptotically: y starts at 0, so the first updates are
@@ -90,36 +96,73 @@ class MoCo(GradientBalancer):
         self.lambd = torch.full((self.n_tasks,), 1 / max(self.n_tasks, 1), dtype=torch.float64)
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
-        jacobian = matrix
-        if self.normalize:
-            norms = torch.linalg.vector_norm(jacobian, dim=1, keepdim=True)
-            jacobian = jacobian / (norms + 1e-8) * losses.to(jacobian.dtype)[:, None]
-        if self.tracked is not None and self.tracked.shape != jacobian.shape:
+        if self.tracked is not None and self.tracked.shape != matrix.shape:
             raise ValueError(
-                f"MoCo tracks gradients of shape {tuple(self.tracked.shape)} but got {tuple(jacobian.shape)}: the "
+                f"MoCo tracks gradients of shape {tuple(self.tracked.shape)} but got {tuple(matrix.shape)}: the "
                 "shared parameters (or, on the representation path, the batch size) must not change between steps"
             )
         self.step += 1
         beta_t = self.beta / self.step**self.beta_sigma
         gamma_t = self.gamma / self.step**self.gamma_sigma
-        tracked = torch.zeros_like(jacobian) if self.tracked is None else self.tracked.to(jacobian)
-        tracked = tracked - beta_t * (tracked - jacobian)
-        lambd = self.lambd.to(device=jacobian.device, dtype=jacobian.dtype)
-        stepped = lambd - gamma_t * (tracked @ (tracked.T @ lambd) + self.rho * lambd)
+        lambd = self.lambd.to(device=matrix.device, dtype=matrix.dtype)
+        tracked, curvature = self._track(matrix, losses, beta_t, lambd)
+        stepped = lambd - gamma_t * (curvature + self.rho * lambd)
         lambd = project_simplex(stepped) if self.lambda_update == "projection" else torch.softmax(stepped, dim=0)
-        self.tracked, self.lambd = tracked, lambd
+        self.lambd = lambd
         weights = self.n_tasks * lambd
-        return Combination(weights=weights, direction=weights @ tracked)
+        return Combination(weights=weights, direction=torch.mv(tracked.T, weights))
+
+    def _track(self, jacobian: Tensor, losses: Tensor, beta_t: float, lambd: Tensor) -> tuple[Tensor, Tensor]:
+        """y ← y − β_t (y − J) in place, and y yᵀ λ, in one pass over J and y.
+
+        The columns go in blocks (:data:`_BLOCK_ELEMENTS` elements on the CPU) so that the block of y just updated
+        is still in cache for yᵀλ and y (yᵀλ); y yᵀ itself (K² P multiply-adds) is never formed. The first step
+        starts from y = 0, i.e. y = β_1 J, without a zero buffer. With ``normalize``, J's rows are scaled by
+        c_k = ℓ̃_k / (‖g_k‖ + 1e-8) on the fly: y ← (1 − β_t) y + β_t c_k g_k, no scaled copy of J.
+        """
+        k, p = jacobian.shape
+        scale: Tensor | None = None
+        if self.normalize:
+            norms = torch.linalg.vector_norm(jacobian, dim=1)
+            scale = (beta_t * losses.to(jacobian.dtype) / (norms + 1e-8))[:, None]
+        tracked = self.tracked
+        if tracked is None:
+            tracked = self.tracked = torch.empty_like(jacobian)
+            first = True
+        else:
+            if tracked.device != jacobian.device or tracked.dtype != jacobian.dtype:
+                tracked = self.tracked = tracked.to(jacobian)
+            first = False
+        width = max(1, min(p, _BLOCK_ELEMENTS // max(k, 1))) if jacobian.device.type == "cpu" else max(p, 1)
+        projection = jacobian.new_empty(width)  # the block of yᵀλ
+        curvature = torch.zeros_like(lambd)
+        for start in range(0, p, width):
+            stop = min(start + width, p)
+            block, target = tracked[:, start:stop], jacobian[:, start:stop]
+            if scale is not None:
+                if first:
+                    torch.mul(target, scale, out=block)
+                else:
+                    block.mul_(1 - beta_t).addcmul_(target, scale)
+            elif first:
+                torch.mul(target, beta_t, out=block)
+            else:
+                block.lerp_(target, beta_t)
+            part = projection[: stop - start]
+            torch.mv(block.T, lambd, out=part)
+            curvature.addmv_(block, part)
+        return tracked, curvature
 
     def get_extra_state(self) -> dict[str, Any]:
         state = super().get_extra_state()
-        state.update(step=self.step, tracked=self.tracked, lambd=self.lambd)
+        tracked = None if self.tracked is None else self.tracked.clone()  # y is updated in place by the next step
+        state.update(step=self.step, tracked=tracked, lambd=self.lambd)
         return state
 
     def set_extra_state(self, state: Any) -> None:
         super().set_extra_state(state)
         self.step = int(state["step"])
-        self.tracked = state["tracked"]
+        self.tracked = None if state["tracked"] is None else state["tracked"].clone()
         self.lambd = state["lambd"]
 
     def extra_repr(self) -> str:
