@@ -62,6 +62,23 @@ def test_ema_schedule_and_max_norm_rescaling(seed: int, k: int, beta: float, bet
         torch.testing.assert_close((alpha[:, None] * ema).norm(dim=1), norms.max().expand(k), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.9])
+def test_the_engine_buffer_is_neither_kept_nor_written(beta: float) -> None:
+    # the engine passes the same J buffer every step and overwrites it in between (GradientBalancer.forward)
+    method, buffer = _method(3, beta=beta), torch.empty(3, 5, dtype=F64)
+    ema = torch.zeros(3, 5, dtype=F64)
+    for t in range(3):
+        jac = _jacobian(10 + t, 3, 5)
+        buffer.copy_(jac)
+        direction = _direction(method, buffer)
+        assert torch.equal(buffer, jac)
+        ema = beta * ema + (1 - beta) * jac
+        buffer.fill_(float("nan"))  # the next step's gradients are being written
+        norms = ema.norm(dim=1)
+        torch.testing.assert_close(direction, (norms.max() / (norms + 1e-8)) @ ema)
+    torch.testing.assert_close(method.state_dict()["_extra_state"]["ema"], ema)
+
+
 @given(st.integers(0, 2**31), st.integers(2, 5))
 def test_task_permutation_equivariance(seed: int, k: int) -> None:
     perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed))

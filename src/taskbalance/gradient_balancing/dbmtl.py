@@ -61,14 +61,17 @@ class DBMTL(GradientBalancer):
             )
         self._step += 1
         beta_t = self.beta / self._step**self.beta_sigma
-        if self._ema is None:
-            self._ema = torch.zeros_like(matrix)
-        elif self._ema.device != matrix.device or self._ema.dtype != matrix.dtype:
-            self._ema = self._ema.to(device=matrix.device, dtype=matrix.dtype)
-        self._ema.lerp_(matrix, 1 - beta_t)
+        # One pass for the EMA (read J, update ĝ in place), one for the norms, one for Σ_k α_k ĝ_k: the norms
+        # must all be known before any α_k, and no temporary of J's size is made.
+        if self._ema is None:  # from the zero buffer: ĝ = (1 − β_1)·g, without writing the zeros first
+            self._ema = torch.mul(matrix, 1 - beta_t)
+        else:
+            if self._ema.device != matrix.device or self._ema.dtype != matrix.dtype:
+                self._ema = self._ema.to(device=matrix.device, dtype=matrix.dtype)
+            self._ema.lerp_(matrix, 1 - beta_t)
         norms = torch.linalg.vector_norm(self._ema, dim=1)
         scales = norms.max() / (norms + 1e-8)
-        return Combination(direction=scales @ self._ema)
+        return Combination(direction=torch.mv(self._ema.T, scales))  # faster than scales @ ĝ at small K
 
     def get_extra_state(self) -> dict[str, Any]:
         ema = None if self._ema is None else self._ema.clone()
