@@ -220,3 +220,43 @@ def test_bad_options() -> None:
         _agent(hidden=(0,))
     with pytest.raises(TypeError, match="Squash"):
         SAC(2, 2, nn.Identity())  # type: ignore[arg-type]
+
+
+def test_fused_adam_matches_the_foreach_kernel() -> None:
+    """The fused Adam kernel (the CPU default here) computes the per-parameter Adam step of the foreach one."""
+    fresh = SAC(3, 3, SoftmaxSquash(3.0), hidden=(16,), buffer_size=32, seed=4)
+    fused = SAC(3, 3, SoftmaxSquash(3.0), hidden=(16,), buffer_size=32, seed=4)
+    assert fused.critic_optimizer.param_groups[0]["fused"] is True
+    looped = SAC(3, 3, SoftmaxSquash(3.0), hidden=(16,), buffer_size=32, seed=4)
+    looped._adam_kernel = lambda: (None, True)  # type: ignore[method-assign]
+    looped._build_optimizers()
+    assert looped.critic_optimizer.param_groups[0]["foreach"] is True
+    for agent in (fused, looped):
+        _fill_square(agent, 20)
+        for _ in range(30):
+            agent.update(8)
+    for (name, x), y in zip(fused.named_parameters(), looped.parameters(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=name)
+        assert not torch.equal(x, fresh.get_parameter(name)), f"{name} did not move"
+
+
+def test_checkpoint_with_other_adam_flags_loads_with_this_agents_kernel() -> None:
+    """A state saved with the per-parameter loop (PyTorch's CPU default, and this agent's before) resumes exactly."""
+    a = SAC(3, 3, SoftmaxSquash(3.0), hidden=(8,), buffer_size=32, seed=5)
+    _fill_square(a, 20)
+    for _ in range(3):
+        a.update(6)
+    state = _save_load(a)
+    for opt in state["_extra_state"]["optimizers"].values():
+        for group in opt["param_groups"]:
+            group["fused"], group["foreach"] = None, None
+    b = SAC(3, 3, SoftmaxSquash(3.0), hidden=(8,), buffer_size=32, seed=99)
+    b.load_state_dict(state)
+    for opt in (b.actor_optimizer, b.critic_optimizer, b.alpha_optimizer):
+        assert opt.param_groups[0]["fused"] is True
+    for agent in (a, b):
+        for _ in range(3):
+            agent.update(6)
+    for (key, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        if isinstance(x, Tensor):
+            assert torch.equal(x, y), key
