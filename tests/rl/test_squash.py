@@ -122,3 +122,22 @@ def test_bad_options() -> None:
         SoftmaxSquash(0.0)
     with pytest.raises(ValueError, match="'simplex' or 'reference'"):
         SoftmaxSquash(2.0, density="tanh")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("squash", [SoftmaxSquash(3.0), SoftmaxSquash(1.0, density="reference"), TanhSquash(-1.0, 3.0)])
+def test_sample_is_the_squashed_draw_and_its_log_prob(squash: SoftmaxSquash | TanhSquash) -> None:
+    """sample(μ, log σ, ε) = (f(u), log_prob(u, μ, log σ)) at u = μ + σε, values and gradients."""
+    _, mean, log_std = _draw(3, seed=7, batch=6)
+    noise = torch.randn(6, 3, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    mean.requires_grad_(True)
+    log_std.requires_grad_(True)
+    action, log_prob = squash.sample(mean, log_std, noise)
+    u = mean + log_std.exp() * noise
+    expected_action, expected_log_prob = squash(u), squash.log_prob(u, mean, log_std)
+    torch.testing.assert_close(action, expected_action)
+    torch.testing.assert_close(log_prob, expected_log_prob)
+    weights = torch.linspace(-1.0, 2.0, 6, dtype=torch.float64)
+    grads = torch.autograd.grad((log_prob * weights).sum() + action.pow(2).sum(), (mean, log_std))
+    expected = torch.autograd.grad((expected_log_prob * weights).sum() + expected_action.pow(2).sum(), (mean, log_std))
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e)

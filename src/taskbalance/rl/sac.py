@@ -230,8 +230,7 @@ class SAC(nn.Module):
     def policy(self, state: Tensor) -> tuple[Tensor, Tensor]:
         """A reparameterised sample a ~ π(·|s) and log π(a|s) (differentiable w.r.t. the actor)."""
         mean, log_std = self.actor(state)
-        u = mean + log_std.exp() * self._noise(mean)
-        return self.squash(u), self.squash.log_prob(u, mean, log_std)
+        return self.squash.sample(mean, log_std, self._noise(mean))
 
     @torch.no_grad()
     def act(self, state: Tensor, deterministic: bool = False) -> Tensor:
@@ -249,20 +248,22 @@ class SAC(nn.Module):
         self.buffer.add(state, action, reward, next_state, done)
 
     # -- learning --------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def td_target(self, reward: Tensor, next_state: Tensor, done: Tensor) -> Tensor:
         """y = r + γ (1 − d) (min_i Q̄_i(s', a') − α log π(a'|s')) with a fresh a' ~ π(·|s')."""
+        return self._td_target(reward, next_state, done, self.alpha)
+
+    @torch.no_grad()
+    def _td_target(self, reward: Tensor, next_state: Tensor, done: Tensor, alpha: Tensor) -> Tensor:
         next_action, next_log_prob = self.policy(next_state)
         q1, q2 = self.critic_target(next_state, next_action)
-        soft_value = torch.min(q1, q2) - self.alpha * next_log_prob
-        target: Tensor = reward + self.gamma * (1.0 - done) * soft_value
-        return target
+        soft_value = torch.min(q1, q2).sub_(alpha * next_log_prob)
+        return torch.addcmul(reward, 1.0 - done, soft_value, value=self.gamma)
 
     def update(self, batch_size: int) -> UpdateInfo:
         """One SAC gradient update of critics, actor, α and the target critics on a sampled minibatch."""
         batch = self.buffer.sample(batch_size, self.generator)
         alpha = self.alpha
-        target = self.td_target(batch.reward, batch.next_state, batch.done)
+        target = self._td_target(batch.reward, batch.next_state, batch.done, alpha)
 
         q1, q2 = self.critic(batch.state, batch.action)
         critic_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
@@ -273,17 +274,18 @@ class SAC(nn.Module):
         action, log_prob = self.policy(batch.state)
         q1_pi, q2_pi = self.critic(batch.state, action)
         actor_loss = (alpha * log_prob - torch.min(q1_pi, q2_pi)).mean()
+        # The actor and α losses share no parameter (α's sees log π detached, the actor's the α from before this
+        # update): one backward pass gives each its own gradient. inputs=: the critics' .grad stays untouched.
         self.actor_optimizer.zero_grad(set_to_none=True)
-        # inputs=: this loss trains the actor only; the critics' .grad stays untouched
-        torch.autograd.backward(actor_loss, inputs=self._actor_params)
-        self.actor_optimizer.step()
-
         alpha_loss = None
         if self.learn_alpha:
             alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
             self.alpha_optimizer.zero_grad(set_to_none=True)
-            torch.autograd.backward(alpha_loss)
+            torch.autograd.backward((actor_loss, alpha_loss), inputs=[*self._actor_params, self.log_alpha])
             self.alpha_optimizer.step()
+        else:
+            torch.autograd.backward(actor_loss, inputs=self._actor_params)
+        self.actor_optimizer.step()
 
         self.soft_update()
         self.n_updates += 1

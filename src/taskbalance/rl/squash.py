@@ -44,6 +44,16 @@ class Squash(nn.Module, ABC):
     def log_prob(self, u: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
         """log π(a) for a = f(u), u ~ N(mean, diag exp(log_std)²); shape = u's without the last dimension."""
 
+    def sample(self, mean: Tensor, log_std: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """(a, log π(a)) for the reparameterised u = mean + exp(log_std)·noise (SAC's every draw).
+
+        A map may override this to compute the density from the noise directly (fewer tensor operations in the
+        update, where it runs twice per step and is differentiated once): same value as
+        ``(self(u), self.log_prob(u, mean, log_std))`` up to rounding.
+        """
+        u = mean + log_std.exp() * noise
+        return self(u), self.log_prob(u, mean, log_std)
+
 
 class TanhSquash(Squash):
     """a = c + h·tanh(u) into the box [low, high], c = (high + low)/2, h = (high − low)/2.
@@ -111,20 +121,30 @@ class SoftmaxSquash(Squash):
     def log_prob(self, u: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
         if self.density == "reference":
             return gaussian_log_prob(u, mean, log_std) - log_tanh_derivative(u).sum(-1)
+        return self._simplex_log_prob(u, u - mean, log_std)
+
+    def sample(self, mean: Tensor, log_std: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        if self.density == "reference":
+            return super().sample(mean, log_std, noise)
+        d = log_std.exp() * noise  # u − μ, without the round trip through u
+        u = mean + d
+        return self(u), self._simplex_log_prob(u, d, log_std)
+
+    def _simplex_log_prob(self, u: Tensor, d: Tensor, log_std: Tensor) -> Tensor:
+        """The ``"simplex"`` log π(a) of the class docstring, given u and d = u − μ.
+
+        The per-coordinate terms −½ z_k² − log σ_k − log softmax(u)_k are added before one sum over k, and the
+        constants −(K−1)/2·log 2π + ½ log K + log(s/K) − K·log s are folded into one number: the same density
+        with fewer tensor operations (it runs in every SAC update, forward and backward).
+        """
         k = u.shape[-1]
-        d = u - mean
         precision_log = -2.0 * log_std  # log σ⁻²
         d_bar = (torch.softmax(precision_log, dim=-1) * d).sum(-1, keepdim=True)
         z = (d - d_bar) * torch.exp(-log_std)
-        log_p_v = (
-            -0.5 * z.pow(2).sum(-1)
-            - 0.5 * (k - 1) * _LOG_2PI
-            - log_std.sum(-1)
-            + 0.5 * math.log(k)
-            - 0.5 * torch.logsumexp(precision_log, dim=-1)
-        )
-        log_a = math.log(self.scale) + torch.log_softmax(u, dim=-1)
-        return log_p_v + math.log(self.scale / k) - log_a.sum(-1)
+        per_coordinate = torch.addcmul(-(log_std + torch.log_softmax(u, dim=-1)), z, z, value=-0.5)
+        constant = -0.5 * (k - 1) * _LOG_2PI + 0.5 * math.log(k) + math.log(self.scale / k) - k * math.log(self.scale)
+        log_p = torch.sub(per_coordinate.sum(-1), torch.logsumexp(precision_log, dim=-1), alpha=0.5)
+        return log_p + constant
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, density={self.density!r}"
