@@ -30,13 +30,15 @@ def uninitialised_linear(in_features: int, out_features: int) -> nn.Linear:
 def mlp(sizes: Sequence[int], out_activation: bool) -> nn.Sequential:
     """Linear layers between consecutive ``sizes`` with ReLU between them (and after the last if asked).
 
-    Parameters are left uninitialised: call :func:`init_linear_` on every layer.
+    The ReLUs work in place on the linear layer's fresh output (its backward needs only its inputs): the same
+    values without a new activation tensor per layer, ~5-10% of a SAC update on the CPU. Parameters are left
+    uninitialised: call :func:`init_linear_` on every layer.
     """
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
         layers.append(uninitialised_linear(sizes[i], sizes[i + 1]))
         if i < len(sizes) - 2 or out_activation:
-            layers.append(nn.ReLU())
+            layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 
 
