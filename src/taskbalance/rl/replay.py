@@ -77,8 +77,9 @@ class ReplayBuffer(nn.Module):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         index = torch.randint(0, self.size, (batch_size,), generator=generator).to(self.states.device)
+        # index_select: the same rows as t[index], through a plain gather (advanced indexing costs ~3x on the CPU)
         return Batch(
-            self.states[index], self.actions[index], self.rewards[index], self.next_states[index], self.dones[index]
+            *(t.index_select(0, index) for t in (self.states, self.actions, self.rewards, self.next_states, self.dones))
         )
 
     def get_extra_state(self) -> dict[str, Any]:
