@@ -98,7 +98,8 @@ def targets_table(found: list[Target]) -> str:
     lines = ["| target | holds | rows checked | misses |", "|---|---|---:|---|"]
     for t in found:
         misses = "; ".join(t.misses) if t.misses else ""
-        lines.append(f"| {t.label} | {'yes' if t.holds else 'no'} | {t.checked} | {misses} |")
+        holds = "n/a" if t.checked == 0 else "yes" if t.holds else "no"
+        lines.append(f"| {t.label} | {holds} | {t.checked} | {misses} |")
     return "\n".join(lines)
 
 
