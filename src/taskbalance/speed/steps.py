@@ -8,7 +8,6 @@ forward under the updated model, part of its definition. Each step owns a copy o
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -22,7 +21,7 @@ from ..gradient_balancing.base import Combination, GradientBalancer
 from ..loss_balancing.base import LossBalancer
 from . import torchjd_steps
 from .cases import SpeedCase
-from .timing import Step
+from .timing import Step, timed_call
 
 Kind = Literal["ew", "floor", "loss", "gradient", "representation", "amortised", "torchjd"]
 
@@ -68,20 +67,13 @@ def encoder(model: nn.Module) -> nn.Module:
 
 
 def _timed_solver(method: GradientBalancer, record: list[float], device: torch.device) -> None:
-    """Record the time of every ``combine`` call of ``method``: CPU time of the process on the CPU; on CUDA the
-    wall time with the device synchronised before and after (the solver's whole cost, host and device)."""
+    """Record the time of every ``combine`` call of ``method`` (:func:`~.timing.timed_call`: on CUDA the solver's
+    whole cost, host and device)."""
     combine = method.combine
-    cuda = device.type == "cuda"
-    clock = time.perf_counter if cuda else time.process_time
 
     def timed(matrix: Tensor, losses: Tensor) -> Combination:
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = clock()
-        result = combine(matrix, losses)
-        if cuda:
-            torch.cuda.synchronize(device)
-        record.append(1e3 * (clock() - start))
+        result, ms = timed_call(lambda: combine(matrix, losses), device)
+        record.append(ms)
         return result
 
     method.combine = timed  # type: ignore[method-assign]

@@ -14,7 +14,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -22,6 +22,22 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 Step = Callable[[], None]
+
+
+T = TypeVar("T")
+
+
+def timed_call(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
+    """(fn(), its milliseconds): process CPU time on the CPU; on CUDA wall time between synchronisations."""
+    cuda = device.type == "cuda"
+    clock = time.perf_counter if cuda else time.process_time
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = clock()
+    result = fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return result, 1e3 * (clock() - start)
 
 
 def measure(
@@ -33,18 +49,13 @@ def measure(
     it, from its last warm-up time) and the call's time divided by that count: cheap steps then get the same
     clock resolution and the same share of a slow spell as expensive ones.
     """
-    cuda = device.type == "cuda"
-    clock = time.perf_counter if cuda else time.process_time
 
     def timed(step: Step, count: int) -> float:
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = clock()
-        for _ in range(count):
-            step()
-        if cuda:
-            torch.cuda.synchronize(device)
-        return 1e3 * (clock() - start) / count
+        def run() -> None:
+            for _ in range(count):
+                step()
+
+        return timed_call(run, device)[1] / count
 
     inner = dict.fromkeys(steps, 1)
     for _ in range(warmup):
