@@ -107,24 +107,21 @@ def loop_vjp(
     """
     n = cotangents.shape[0]
     out: list[Tensor | None] = [None] * len(inputs)
-    filled = [[False] * n for _ in inputs]
     for k in range(n):
         last = final and k == n - 1
         grads = torch.autograd.grad(outputs, inputs, cotangents[k], retain_graph=not last, allow_unused=True)
         for i, g in enumerate(grads):
-            if g is None:
-                continue
             block = out[i]
-            if block is None:
+            if g is None:
+                if block is not None:  # the input is unused by task k: a zero row
+                    block[k].zero_()
+                continue
+            if block is None:  # first task that uses the input: earlier tasks get zero rows
                 shape = (n, *g.shape)
                 block = out[i] = g.new_empty(shape) if buffers is None else buffers.get((kind, i), shape, g)
+                block[:k].zero_()
             block[k].copy_(g)
-            filled[i][k] = True
         del grads
-    for block, rows in zip(out, filled, strict=True):
-        if block is not None:
-            for k in (k for k, done in enumerate(rows) if not done):
-                block[k].zero_()
     return out
 
 

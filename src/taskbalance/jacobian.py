@@ -161,8 +161,9 @@ class Engine:
             raise ValueError(f"engine {path!r} needs features through which every shared path runs: {split.reason}")
         trunk_vmap = True
         if path == "auto":
-            size = balanced.shape[0] * sum(p.numel() * p.element_size() for p in shared)
-            path, trunk_vmap = resolve_auto(split.exact, balanced.device, size, method.needs == "gramian")
+            reads_gramian = method.needs == "gramian"
+            size = balanced.shape[0] * sum(p.numel() * p.element_size() for p in shared) if reads_gramian else 0
+            path, trunk_vmap = resolve_auto(split.exact, balanced.device, size, reads_gramian)
         if path == "representation":
             assert features is not None
             return self._representation(balanced, shared, features, split, method)

@@ -15,6 +15,7 @@ costs and why.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable
 
 import torch
@@ -24,7 +25,7 @@ from . import torchjd_steps
 from .cases import CASE_NAMES, build
 from .report import Row, case_table, solve_median, targets, targets_table
 from .steps import entries
-from .timing import measure, median, peak_memory_mb
+from .timing import measure, peak_memory_mb
 
 __all__ = ["CASE_NAMES", "run", "run_case"]
 
@@ -48,12 +49,11 @@ def run_case(
     case = build(name, device)
     timed = entries(case, device, with_torchjd, methods)
     times = measure({e.name: e.step for e in timed}, repeats, device, warmup=1, min_call_ms=MIN_CALL_MS)
-    ms = {e.name: median(times[e.name]) / e.period for e in timed}
+    ms = {e.name: statistics.median(times[e.name]) / e.period for e in timed}
     floor = min(ms[e.name] for e in timed if e.kind == "floor")
     rows = []
     for e in timed:
         peak = peak_memory_mb(e.step, device) if e.period == 1 else math.nan
-        jd = ms[e.torchjd] / ms[e.name] if e.torchjd in ms else math.nan
         rows.append(
             Row(
                 case=name,
@@ -63,7 +63,7 @@ def run_case(
                 ms=ms[e.name],
                 vs_ew=ms[e.name] / ms["ew"],
                 vs_floor=ms[e.name] / floor,
-                vs_torchjd=1 / jd if not math.isnan(jd) else math.nan,
+                vs_torchjd=ms[e.name] / ms[e.torchjd] if e.torchjd in ms else math.nan,
                 solve_ms=solve_median(e.solve_ms),
                 reads_gramian=e.reads_gramian,
                 peak_mb=peak,

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
-
-from .timing import median
 
 #: the issue's bounds: on a ratio to EW, to the cost floor, or to torchjd, measured in the same run
 LOSS_TARGET = 1.05
@@ -104,4 +103,4 @@ def targets_table(found: list[Target]) -> str:
 
 
 def solve_median(values: list[float]) -> float:
-    return median(values) if values else math.nan
+    return statistics.median(values) if values else math.nan

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import random
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -70,10 +69,6 @@ def measure(
         for name in order:
             times[name].append(timed(steps[name], inner[name]))
     return times
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 class PeakMemory(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch leaves it untyped
