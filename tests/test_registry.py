@@ -34,7 +34,7 @@ def test_every_name_builds_and_backpropagates(name: str) -> None:
         ("nashmtl", "Equal", "NashMTL"),
         ("dbmtl", "ScaleInvariant", "DBMTL"),
         ("igbv1+dbmtl", "IGBv1", "DBMTL"),
-        ("uw_si", "Uncertainty", "Sum"),
+        ("uw_si", "UW", "Sum"),
         ("rlw_si+cagrad", "RLW", "CAGrad"),
     ],
 )

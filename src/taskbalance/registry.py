@@ -24,15 +24,15 @@ from .loss_balancing.base import LossBalancer
 LOSS_METHODS: dict[str, str] = {
     "ew": "equal:Equal",
     "si": "scale_invariant:ScaleInvariant",
-    "uw": "uncertainty:Uncertainty",
+    "uw": "uw:UW",
     "dwa": "dwa:DWA",
     "rlw": "rlw:RLW",
     "gls": "gls:GLS",
     "imtl_l": "imtl_l:IMTLL",
     "famo": "famo:FAMO",
     "stch": "stch:STCH",
-    "igbv1": "igb:IGBv1",
-    "igbv2": "igb_rl:IGBv2",
+    "igbv1": "igbv1:IGBv1",
+    "igbv2": "igbv2:IGBv2",
 }
 
 #: gradient-level methods: name -> "module:Class" under taskbalance.gradient_balancing
@@ -49,7 +49,7 @@ GRADIENT_METHODS: dict[str, str] = {
     "upgrad": "upgrad:UPGrad",
     "fairgrad": "fairgrad:FairGrad",
     "moco": "moco:MoCo",
-    "config": "config:ConFIG",
+    "config": "con_fig:ConFIG",
     "gradnorm": "gradnorm:GradNorm",
     "dbmtl": "dbmtl:DBMTL",
     "imgrad": "imgrad:IMGrad",

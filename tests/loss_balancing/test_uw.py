@@ -15,7 +15,7 @@ positive = st.floats(min_value=1e-3, max_value=1e3)
 
 
 def test_hand_computed_values_and_gradient() -> None:
-    method = tb.Uncertainty(n_tasks=2)
+    method = tb.UW(n_tasks=2)
     losses = torch.tensor([2.0, 4.0])
     out = method(losses)
     torch.testing.assert_close(out.losses, torch.tensor([1.0, 2.0]))
@@ -26,7 +26,7 @@ def test_hand_computed_values_and_gradient() -> None:
 
 
 def test_libmtl_init_and_log_variant() -> None:
-    method = tb.Uncertainty(init=-0.5, log_losses=True, n_tasks=2)
+    method = tb.UW(init=-0.5, log_losses=True, n_tasks=2)
     assert method.takes_log
     losses = torch.tensor([1.0, math.e])
     precision = 0.5 * math.exp(0.5)
@@ -42,7 +42,7 @@ def test_optimum_in_s_is_log_of_the_loss(values: list[float], use_log: bool) -> 
     losses = torch.tensor(values, dtype=torch.float64)
     if use_log:
         losses = losses + 1.0  # log L > 0 so that s* = log log L exists
-    method = tb.Uncertainty(log_losses=use_log, n_tasks=len(values)).double()
+    method = tb.UW(log_losses=use_log, n_tasks=len(values)).double()
     f = torch.log(losses) if use_log else losses
     with torch.no_grad():
         method.log_var.copy_(torch.log(f))
@@ -72,7 +72,7 @@ def test_parameters_reset_in_place() -> None:
 
 def test_bad_options_and_device_mismatch() -> None:
     with pytest.raises(ValueError, match="finite"):
-        tb.Uncertainty(init=float("nan"))
-    method = tb.Uncertainty(n_tasks=2)
+        tb.UW(init=float("nan"))
+    method = tb.UW(n_tasks=2)
     with pytest.raises(ValueError, match=r"balancer.to\(device\)"):
         method(torch.ones(2, device="meta"))

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import taskbalance as tb
-from taskbalance.gradient_balancing.config import ConFIG
+from taskbalance.gradient_balancing.con_fig import ConFIG
 from tests.models import DEGENERATE_JACOBIANS, TinyMTL, make_data, task_losses
 
 

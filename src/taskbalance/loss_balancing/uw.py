@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .base import Balanced, LossBalancer, log_losses
 
 
-class Uncertainty(LossBalancer):
+class UW(LossBalancer):
     """ℓ̃_k = f_k / (2 e^{s_k}) + s_k / 2 with learnable s_k = log σ_k², f_k = L_k (or log L_k).
 
     Paper: Kendall, Gal, Cipolla, "Multi-Task Learning Using Uncertainty to Weigh Losses for Scene Geometry and
