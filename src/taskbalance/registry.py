@@ -2,23 +2,25 @@
 
 A spec is ``"<loss>"``, ``"<gradient>"`` or ``"<loss>+<gradient>"``, optionally followed by keyword options in
 brackets, routed as :func:`make`'s keywords are: ``"nashmtl[update_weights_every=10]"``,
-``"igbv1+cagrad[c=0.5,max_norm=1.0]"`` (values are Python literals, else strings). A bare gradient name runs with
+``"igbv1+cagrad[c=0.5,max_norm=1.0]"``. Each value is read by the type its method declares for it
+(:mod:`taskbalance.spec_options`: ``log_losses=false`` is False, ``c=abc`` is refused). A bare gradient name runs with
 EW at the loss level unless a preset says otherwise (``dbmtl`` = ``si+dbmtl``). The tables below are the one place that
 maps a paper's name to its module: ``loss_balancing/<module>.py`` or ``gradient_balancing/<module>.py``.
 """
 
 from __future__ import annotations
 
-import ast
 import importlib
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .balancer import Balancer
 from .gradient_balancing.base import GradientBalancer
 from .loss_balancing.base import LossBalancer
+from .spec_options import parameter_types, read_option, split_top_level
 
 #: loss-level methods: name -> "module:Class" under taskbalance.loss_balancing
 LOSS_METHODS: dict[str, str] = {
@@ -107,8 +109,12 @@ def gradient_class(name: str) -> type[GradientBalancer]:
     return _load(GRADIENT_METHODS, "gradient_balancing", name)
 
 
-def _accepts(cls: type[Any]) -> set[str]:
-    params = inspect.signature(cls.__init__).parameters
+#: the Balancer's options that a spec or a keyword of :func:`make` may set
+BALANCER_OPTIONS = frozenset({"engine", "check_finite", "update_weights_every"})
+
+
+def _accepts(init: Any) -> set[str]:
+    params = inspect.signature(init).parameters
     return {n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
@@ -119,8 +125,8 @@ def _unknown(name: str) -> ValueError:
 _WITH_OPTIONS = re.compile(r"^(?P<spec>[^\[\]]*?)\s*\[(?P<options>[^\[\]]*)\]\s*$")
 
 
-def split_options(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"name[k=v,...]"`` → (``"name"``, {k: v}); values are Python literals (``10``, ``0.5``, ``None``) or strings."""
+def split_options(spec: str) -> tuple[str, dict[str, str]]:
+    """``"name[k=v,...]"`` → (``"name"``, {k: "v"}): the values as written, read by type in :func:`make`."""
     match = _WITH_OPTIONS.match(spec)
     if match is None:
         if "[" in spec or "]" in spec:
@@ -128,30 +134,20 @@ def split_options(spec: str) -> tuple[str, dict[str, Any]]:
                 f"options go in one pair of brackets at the end of a spec, e.g. 'cagrad[c=0.5]'; got {spec!r}"
             )
         return spec, {}
-    options: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in match["options"].split(","))):
+    options: dict[str, str] = {}
+    for part in split_top_level(match["options"]):
         key, sep, text = part.partition("=")
         if not sep or not key.strip().isidentifier():
             raise ValueError(f"spec options are key=value pairs, got {part!r} in {spec!r}")
-        try:
-            options[key.strip()] = ast.literal_eval(text.strip())
-        except (ValueError, SyntaxError):
-            options[key.strip()] = text.strip()
+        if key.strip() in options:
+            raise ValueError(f"option {key.strip()!r} is given twice in {spec!r}")
+        options[key.strip()] = text.strip()
     return match["spec"], options
 
 
 def split_specs(text: str) -> list[str]:
     """A comma-separated list of specs, where commas inside a spec's brackets do not separate."""
-    specs, depth, current = [], 0, ""
-    for char in text:
-        depth += (char == "[") - (char == "]")
-        if char == "," and depth == 0:
-            specs.append(current.strip())
-            current = ""
-        else:
-            current += char
-    specs.append(current.strip())
-    return [s for s in specs if s]
+    return split_top_level(text)
 
 
 def _parse(spec: str) -> tuple[str, dict[str, Any], str, dict[str, Any], dict[str, Any]]:
@@ -203,27 +199,34 @@ def make(
     more than one (FAMO's and MoCo's ``gamma``) is an error: pass it in ``loss_options`` / ``gradient_options``.
     """
     spec, inline = split_options(spec)
-    options = {**inline, **options}
     loss_name, preset_loss, grad_name, preset_grad, balancer_options = _parse(spec)
     loss_cls, grad_cls = loss_class(loss_name), gradient_class(grad_name)
     loss_options = {**preset_loss, **(loss_options or {})}
     grad_options = {**preset_grad, **(gradient_options or {})}
-    targets = {
-        "loss": _accepts(loss_cls),
-        "gradient": _accepts(grad_cls),
-        "balancer": {"engine", "check_finite", "update_weights_every"},
+    owners: dict[str, tuple[Callable[..., Any], str, dict[str, Any]]] = {
+        "loss": (loss_cls.__init__, loss_name, loss_options),
+        "gradient": (grad_cls.__init__, grad_name, grad_options),
+        "balancer": (Balancer.__init__, "Balancer", balancer_options),
     }
-    for key, value in options.items():
-        owners = [level for level, accepted in targets.items() if key in accepted]
-        if not owners:
-            accepted = sorted(set().union(*targets.values()))
-            raise TypeError(f"option {key!r} is not accepted by {spec!r}; accepted: {', '.join(accepted)}")
-        if len(owners) > 1:
+    accepted = {
+        "loss": _accepts(loss_cls.__init__),
+        "gradient": _accepts(grad_cls.__init__),
+        "balancer": BALANCER_OPTIONS,
+    }
+    for key, value in {**inline, **options}.items():
+        levels = [level for level, names in accepted.items() if key in names]
+        if not levels:
+            names = sorted(set().union(*accepted.values()))
+            raise TypeError(f"option {key!r} is not accepted by {spec!r}; accepted: {', '.join(names)}")
+        if len(levels) > 1:
             raise TypeError(
-                f"option {key!r} is ambiguous in {spec!r} (accepted by {' and '.join(owners)}); "
+                f"option {key!r} is ambiguous in {spec!r} (accepted by {' and '.join(levels)}); "
                 "pass it in loss_options= or gradient_options="
             )
-        {"loss": loss_options, "gradient": grad_options, "balancer": balancer_options}[owners[0]][key] = value
+        init, owner, target = owners[levels[0]]
+        if key not in options:  # written in the spec: read it by the type the owner declares
+            value = read_option(value, parameter_types(init).get(key, Any), option=key, owner=owner)
+        target[key] = value
     return Balancer(
         loss=loss_cls(**loss_options), gradient=grad_cls(**grad_options), n_tasks=n_tasks, **balancer_options
     )
