@@ -8,7 +8,6 @@ stops σ_k from growing without bound.
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +35,7 @@ class UW(LossBalancer):
     the regression form for all tasks, which only rescales that task's σ.
     """
 
-    name: ClassVar[str] = "uw"
+    options = ("log_losses", "init")
 
     def __init__(self, log_losses: bool = False, init: float = 0.0, n_tasks: int | None = None) -> None:
         super().__init__()
@@ -50,6 +49,7 @@ class UW(LossBalancer):
             self.setup(n_tasks)
 
     def reset(self) -> None:
+        super().reset()
         if self.log_var.shape != (self.n_tasks,):
             self.log_var = nn.Parameter(torch.full((self.n_tasks,), self.init))
         else:
@@ -67,6 +67,3 @@ class UW(LossBalancer):
         precision = 0.5 * torch.exp(-self.log_var)
         balanced = precision * values + 0.5 * self.log_var
         return Balanced(losses=balanced, weights=precision.detach().to(losses.dtype))
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, log_losses={self.log_losses}, init={self.init}"
