@@ -194,20 +194,9 @@ class IGBv2(LossBalancer):
         agent_seed = int(torch.randint(0, 2**62, (1,), generator=self._generator).item())
         if self._agent is None:
             squash = SoftmaxSquash(float(self.n_tasks), density=self.log_prob)
-            agent = SAC(
-                self.n_tasks,
-                self.n_tasks,
-                squash,
-                hidden=self.hidden,
-                gamma=self.gamma,
-                tau=self.tau,
-                actor_lr=self.lr,
-                critic_lr=self.lr,
-                alpha_lr=self.lr,
-                init_alpha=self.init_alpha,
-                buffer_size=self.buffer_size,
-                seed=agent_seed,
-            )
+            shared: dict[str, Any] = {name: getattr(self, name) for name in ("hidden", "gamma", "tau", "init_alpha")}
+            shared.update(dict.fromkeys(("actor_lr", "critic_lr", "alpha_lr"), self.lr))
+            agent = SAC(self.n_tasks, self.n_tasks, squash, buffer_size=self.buffer_size, seed=agent_seed, **shared)
             object.__setattr__(self, "_agent", agent)
         else:
             self._agent.seed = agent_seed
