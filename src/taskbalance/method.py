@@ -140,7 +140,7 @@ class Declared(nn.Module):
     def _check_state(self, state: Any) -> None:
         """Raise one ValueError unless ``state`` was saved by this class, with these options, and is complete."""
         cls = type(self).__name__
-        if not isinstance(state, Mapping) or _CLASS not in state or _OPTIONS not in state:
+        if not isinstance(state, Mapping) or _CLASS not in state or not isinstance(state.get(_OPTIONS), Mapping):
             raise ValueError(
                 f"not a saved {cls} state: it does not say which method and options it is for "
                 "(saved by another class, or by a version of taskbalance before states said so)"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..method import Method
 
@@ -64,6 +64,16 @@ class LossBalancer(Method):
 def log_losses(losses: Tensor) -> Tensor:
     """log L_k, for strictly positive losses (the Balancer checks positivity before calling a method)."""
     return torch.log(losses)
+
+
+def task_parameter(current: nn.Parameter, n_tasks: int, value: float) -> nn.Parameter:
+    """K learnable numbers equal to ``value``, for a reset: ``current`` refilled in place when it already has K
+    entries (so an optimizer built on it keeps tracking it), else a new parameter."""
+    if current.shape != (n_tasks,):
+        return nn.Parameter(torch.full((n_tasks,), value))
+    with torch.no_grad():
+        current.fill_(value)
+    return current
 
 
 def random_softmax_weights(n_tasks: int, generator: torch.Generator, like: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import Balanced, LossBalancer
+from .base import Balanced, LossBalancer, task_parameter
 
 
 class IMTLL(LossBalancer):
@@ -44,12 +44,7 @@ class IMTLL(LossBalancer):
 
     def reset(self) -> None:
         super().reset()
-        if self.log_scale.shape != (self.n_tasks,):
-            self.log_scale = nn.Parameter(torch.full((self.n_tasks,), self.init))
-        else:
-            # in place, so an optimizer built on the parameter keeps tracking it
-            with torch.no_grad():
-                self.log_scale.fill_(self.init)
+        self.log_scale = task_parameter(self.log_scale, self.n_tasks, self.init)
 
     def balance(self, losses: Tensor) -> Balanced:
         if self.log_scale.device != losses.device:

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import Balanced, LossBalancer, log_losses
+from .base import Balanced, LossBalancer, log_losses, task_parameter
 
 
 class UW(LossBalancer):
@@ -50,12 +50,7 @@ class UW(LossBalancer):
 
     def reset(self) -> None:
         super().reset()
-        if self.log_var.shape != (self.n_tasks,):
-            self.log_var = nn.Parameter(torch.full((self.n_tasks,), self.init))
-        else:
-            # in place, so an optimizer built on the parameter keeps tracking it
-            with torch.no_grad():
-                self.log_var.fill_(self.init)
+        self.log_var = task_parameter(self.log_var, self.n_tasks, self.init)
 
     def balance(self, losses: Tensor) -> Balanced:
         if self.log_var.device != losses.device:
