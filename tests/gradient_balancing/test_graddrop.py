@@ -85,7 +85,8 @@ def test_scratch_is_not_state() -> None:
     method = _method(3, seed=1)
     _step(method, torch.randn(3, 100, generator=torch.Generator().manual_seed(2)))
     assert method._scratch is not None
-    assert method.state_dict()["_extra_state"] == {"n_tasks": 3, "seed": method.seed, "step": 1}
+    identity = {"method": "GradDrop", "options": {"n_tasks": 3, "max_norm": None, "leak": 0.0}}
+    assert method.state_dict()["_extra_state"] == {**identity, "seed": method.seed, "step": 1}
 
 
 def test_positive_sign_is_chosen_with_probability_p() -> None:

@@ -69,7 +69,7 @@ def test_state_round_trip_and_clear() -> None:
     for key, value in fresh.state_dict().items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(restored.state_dict()[key], value)
-    with pytest.raises(ValueError, match="capacity 4"):
+    with pytest.raises(ValueError, match=r"state is for ReplayBuffer\(capacity=4\)"):
         ReplayBuffer(capacity=5, state_dim=2, action_dim=1).load_state_dict(buffer.state_dict())
 
 

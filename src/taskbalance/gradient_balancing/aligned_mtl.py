@@ -73,8 +73,8 @@ class AlignedMTL(GradientBalancer):
       parameters: that is this class used through the engine's representation path, not a separate method.
     """
 
-    name: ClassVar[str] = "aligned_mtl"
     needs: ClassVar[Literal["gramian", "jacobian"]] = "gramian"
+    options = ("scale",)
 
     def __init__(self, scale: Scale = "min", max_norm: float | None = None) -> None:
         super().__init__(max_norm=max_norm)
@@ -84,6 +84,3 @@ class AlignedMTL(GradientBalancer):
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
         return Combination(weights=balance_transformation(matrix, self.scale).sum(dim=1))
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, scale={self.scale!r}"

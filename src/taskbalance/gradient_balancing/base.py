@@ -14,9 +14,11 @@ is a convex combination multiply by K, as the reference implementations do.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
-from torch import Tensor, nn
+from torch import Tensor
+
+from ..method import Method
 
 
 @dataclass(frozen=True)
@@ -45,33 +47,22 @@ class Combination:
             raise ValueError("a Combination needs weights or a direction")
 
 
-class GradientBalancer(nn.Module):
+class GradientBalancer(Method):
     """Base class of every gradient-balancing method.
 
-    Subclasses set :attr:`name` and :attr:`needs`, implement :meth:`combine`, and keep any state they have in
-    ``state_dict()`` (tensors as buffers or through ``get_extra_state``). ``max_norm`` (None = no clipping)
-    bounds the norm of the shared update, as the Nash-MTL reference code does.
+    Subclasses set :attr:`needs`, implement :meth:`combine`, and declare their ``options`` and ``state`` (see
+    :mod:`taskbalance.method`), from which ``state_dict()``, repr and the load checks follow. ``max_norm``
+    (None = no clipping) bounds the norm of the shared update, as the Nash-MTL reference code does.
     """
 
-    name: ClassVar[str] = ""
     needs: ClassVar[Literal["gramian", "jacobian"]] = "jacobian"
+    options: ClassVar[tuple[str, ...]] = ("max_norm",)
 
     def __init__(self, max_norm: float | None = None) -> None:
         super().__init__()
         if max_norm is not None and not max_norm > 0:
             raise ValueError(f"max_norm must be positive or None, got {max_norm}")
         self.max_norm = max_norm
-        self.n_tasks = 0
-
-    def setup(self, n_tasks: int) -> None:
-        """Bind the method to K tasks. Called once by the Balancer."""
-        if self.n_tasks not in (0, n_tasks):
-            raise ValueError(f"{type(self).__name__} was set up for {self.n_tasks} tasks, not {n_tasks}")
-        self.n_tasks = n_tasks
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget all history (EMAs, warm starts, step counters)."""
 
     def forward(self, matrix: Tensor, losses: Tensor) -> Combination:
         """Combine: ``matrix`` is G (K × K) or J (K × P) as :attr:`needs` says; ``losses`` are ℓ̃, detached.
@@ -79,19 +70,8 @@ class GradientBalancer(nn.Module):
         ``matrix`` is the engine's buffer, valid during the call only (the next step overwrites it): a method
         keeps what it derives from it (an EMA, a copy), never the tensor itself.
         """
-        if self.n_tasks == 0:
-            raise RuntimeError(f"{type(self).__name__} is not set up: wrap it in taskbalance.Balancer")
+        self._require_setup()
         return self.combine(matrix, losses)
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"n_tasks": self.n_tasks}
-
-    def set_extra_state(self, state: Any) -> None:
-        if state["n_tasks"] != self.n_tasks:
-            raise ValueError(f"state is for {state['n_tasks']} tasks but {type(self).__name__} has {self.n_tasks}")
-
-    def extra_repr(self) -> str:
-        return f"n_tasks={self.n_tasks}, max_norm={self.max_norm}"

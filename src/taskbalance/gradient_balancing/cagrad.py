@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from ..method import fields
 from ..solvers import linear_plus_norm, resolved_norm_sq_tensor
 from .base import Combination, GradientBalancer
 
@@ -54,8 +55,10 @@ class CAGrad(GradientBalancer):
         max_norm: optional bound on the norm of the shared update (None: no clipping).
     """
 
-    name: ClassVar[str] = "cagrad"
     needs: ClassVar[Literal["gramian", "jacobian"]] = "gramian"
+    options = ("c", "rescale")
+    state = fields(_warm=None)
+    _warm: Tensor | None  # the previous step's solution, the next solve's start
 
     def __init__(self, c: float = 0.4, rescale: int = 1, max_norm: float | None = None) -> None:
         super().__init__(max_norm=max_norm)
@@ -65,10 +68,6 @@ class CAGrad(GradientBalancer):
             raise ValueError(f"rescale must be 0, 1 or 2, got {rescale!r}")
         self.c = float(c)
         self.rescale = rescale
-        self._warm: Tensor | None = None
-
-    def reset(self) -> None:
-        self._warm = None
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
         gramian = matrix.to(torch.float64)
@@ -85,13 +84,3 @@ class CAGrad(GradientBalancer):
         elif not converged:
             note = f"CAGrad's dual not solved to tolerance (relative KKT gap {float(result.residual):.1e})"
         return Combination(weights=weights.to(matrix.dtype), converged=converged, note=note)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "warm": self._warm}
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self._warm = state["warm"]
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, c={self.c}, rescale={self.rescale}"

@@ -75,7 +75,6 @@ class ConFIG(GradientBalancer):
       momentum variant M-ConFIG) are not implemented.
     """
 
-    name: ClassVar[str] = "config"
     needs: ClassVar[Literal["gramian", "jacobian"]] = "gramian"
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from ..method import fields
 from .base import Combination, GradientBalancer
 
 
@@ -36,8 +37,11 @@ class DBMTL(GradientBalancer):
         max_norm: optional bound on the norm of the shared update (None: no clipping, as the reference).
     """
 
-    name: ClassVar[str] = "dbmtl"
     needs: ClassVar[Literal["gramian", "jacobian"]] = "jacobian"
+    options = ("beta", "beta_sigma")
+    state = fields(_step=0, _ema=None)
+    _step: int
+    _ema: Tensor | None  # ĝ (K × P), updated in place
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.0, max_norm: float | None = None) -> None:
         super().__init__(max_norm=max_norm)
@@ -47,11 +51,6 @@ class DBMTL(GradientBalancer):
             raise ValueError(f"beta_sigma must be >= 0, got {beta_sigma}")
         self.beta = float(beta)
         self.beta_sigma = float(beta_sigma)
-        self.reset()
-
-    def reset(self) -> None:
-        self._step = 0
-        self._ema: Tensor | None = None
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
         if self._ema is not None and self._ema.shape != matrix.shape:
@@ -72,15 +71,3 @@ class DBMTL(GradientBalancer):
         norms = torch.linalg.vector_norm(self._ema, dim=1)
         scales = norms.max() / (norms + 1e-8)
         return Combination(direction=torch.mv(self._ema.T, scales))  # faster than scales @ ĝ at small K
-
-    def get_extra_state(self) -> dict[str, Any]:
-        ema = None if self._ema is None else self._ema.clone()
-        return {**super().get_extra_state(), "step": self._step, "ema": ema}
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self._step = int(state["step"])
-        self._ema = None if state["ema"] is None else state["ema"].clone()
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, beta={self.beta}, beta_sigma={self.beta_sigma}"

@@ -8,11 +8,12 @@ keeps w > 0 solves it exactly and needs only G.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from ..method import fields
 from .base import Combination, GradientBalancer
 
 #: step sizes tried by the backtracking line search, as fractions of the largest step that keeps v > 0
@@ -147,8 +148,10 @@ class FairGrad(GradientBalancer):
     - No sum convention: the solution is not linear in the gradients (K equal gradients give √K·g/‖g‖ for α = 1).
     """
 
-    name: ClassVar[str] = "fairgrad"
     needs: ClassVar[Literal["gramian", "jacobian"]] = "gramian"
+    options = ("alpha", "tol", "max_iter")
+    state = fields(_warm=None)
+    _warm: Tensor | None  # the previous step's solution, the next solve's start
 
     def __init__(
         self, alpha: float = 1.0, tol: float = 1e-6, max_iter: int = 100, max_norm: float | None = 1.0
@@ -163,23 +166,9 @@ class FairGrad(GradientBalancer):
         self.alpha = float(alpha)
         self.tol = float(tol)
         self.max_iter = max_iter
-        self._warm: Tensor | None = None
-
-    def reset(self) -> None:
-        self._warm = None
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
         weights, self._warm, converged, note = solve_fair_weights(
             matrix, self.alpha, self.tol, self.max_iter, init=self._warm
         )
         return Combination(weights=weights, converged=converged, note=note)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "warm": self._warm}
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self._warm = state.get("warm")
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, alpha={self.alpha}, tol={self.tol}, max_iter={self.max_iter}"

@@ -8,12 +8,13 @@ so it reads J itself.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from .._random import new_generator
+from ..method import fields
 from .base import Combination, GradientBalancer
 
 # Columns are processed in blocks of about this many elements, so that a block's temporaries stay in cache and J
@@ -110,8 +111,10 @@ class GradDrop(GradientBalancer):
     masked gradients and multiplies by K; we sum, which is the same.
     """
 
-    name: ClassVar[str] = "graddrop"
     needs: ClassVar[Literal["gramian", "jacobian"]] = "jacobian"
+    options = ("leak", "seed")
+    state = fields("seed", step=0)
+    step: int  # steps so far: U is drawn from seed + step
 
     def __init__(self, leak: float = 0.0, seed: int | None = None, max_norm: float | None = None) -> None:
         super().__init__(max_norm=max_norm)
@@ -121,13 +124,9 @@ class GradDrop(GradientBalancer):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
         self.leak = float(leak)
         self.seed = new_generator(seed).initial_seed()
-        self.step = 0
         self._generator: torch.Generator | None = None
         self._uniform: Tensor | None = None  # U, (P,), reused between steps (not state: redrawn from the seed)
         self._scratch: Tensor | None = None  # a block's temporaries, reused between steps (not state)
-
-    def reset(self) -> None:
-        self.step = 0
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
         if self._generator is None or self._generator.device != matrix.device:
@@ -146,16 +145,3 @@ class GradDrop(GradientBalancer):
         if buffer is None or buffer.numel() != size or buffer.dtype != like.dtype or buffer.device != like.device:
             return like.new_empty(size)
         return buffer
-
-    def get_extra_state(self) -> dict[str, Any]:
-        state = super().get_extra_state()
-        state.update(seed=self.seed, step=self.step)
-        return state
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self.seed = int(state["seed"])
-        self.step = int(state["step"])
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, leak={self.leak}, seed={self.seed}"

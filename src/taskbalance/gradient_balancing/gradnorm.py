@@ -8,11 +8,12 @@ between the weighted gradient norms and such targets. It needs only the norms �
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from ..method import fields
 from .base import Combination, GradientBalancer
 
 
@@ -55,8 +56,11 @@ class GradNorm(GradientBalancer):
     - Clamping w at 0 before renormalising is ours: an Adam step could otherwise make a weight negative.
     """
 
-    name: ClassVar[str] = "gradnorm"
     needs: ClassVar[Literal["gramian", "jacobian"]] = "gramian"
+    options = ("alpha", "lr")
+    state = fields("weights", "exp_avg", "exp_avg_sq", initial_losses=None, adam_step=0)
+    initial_losses: Tensor | None  # ℓ̃(0), the losses of the first step
+    adam_step: int
 
     _BETAS = (0.9, 0.999)
     _EPS = 1e-8
@@ -72,11 +76,10 @@ class GradNorm(GradientBalancer):
         self.reset()
 
     def reset(self) -> None:
+        super().reset()
         self.weights = torch.ones(self.n_tasks, dtype=torch.float64)
-        self.initial_losses: Tensor | None = None
         self.exp_avg = torch.zeros(self.n_tasks, dtype=torch.float64)
         self.exp_avg_sq = torch.zeros(self.n_tasks, dtype=torch.float64)
-        self.adam_step = 0
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
         device = matrix.device
@@ -108,25 +111,3 @@ class GradNorm(GradientBalancer):
         corrected1 = 1 - beta1**self.adam_step
         corrected2 = math.sqrt(1 - beta2**self.adam_step)
         return weights - self.lr / corrected1 * self.exp_avg / (self.exp_avg_sq.sqrt() / corrected2 + self._EPS)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        state = super().get_extra_state()
-        state.update(
-            weights=self.weights,
-            initial_losses=self.initial_losses,
-            exp_avg=self.exp_avg,
-            exp_avg_sq=self.exp_avg_sq,
-            adam_step=self.adam_step,
-        )
-        return state
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self.weights = state["weights"]
-        self.initial_losses = state["initial_losses"]
-        self.exp_avg = state["exp_avg"]
-        self.exp_avg_sq = state["exp_avg_sq"]
-        self.adam_step = int(state["adam_step"])
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, alpha={self.alpha}, lr={self.lr}"

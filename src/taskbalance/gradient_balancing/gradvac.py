@@ -7,12 +7,13 @@ gradients stay linear combinations of the original ones, so the method runs on t
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from .._random import new_generator
+from ..method import fields
 from .base import Combination, GradientBalancer
 from .pcgrad import random_orders
 
@@ -115,8 +116,9 @@ class GradVac(GradientBalancer):
       where the reference divides by 1e-8.
     """
 
-    name: ClassVar[str] = "gradvac"
     needs: ClassVar[Literal["gramian", "jacobian"]] = "gramian"
+    options = ("beta", "ema_update", "seed")
+    state = fields("seed", "_generator", "targets")
 
     def __init__(
         self,
@@ -139,6 +141,7 @@ class GradVac(GradientBalancer):
         self.targets = torch.zeros(0, 0)
 
     def reset(self) -> None:
+        super().reset()
         self._generator.manual_seed(self.seed)
         self.targets = torch.zeros(self.n_tasks, self.n_tasks)  # moved to G's device and dtype at first use
 
@@ -147,17 +150,3 @@ class GradVac(GradientBalancer):
         coeffs, targets = vaccinate(matrix, orders, self.targets, self.beta, self.ema_update)
         self.targets = targets
         return Combination(weights=coeffs.sum(dim=0))
-
-    def get_extra_state(self) -> dict[str, Any]:
-        state = super().get_extra_state()
-        state.update(seed=self.seed, generator=self._generator.get_state(), targets=self.targets)
-        return state
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self.seed = int(state["seed"])
-        self._generator.set_state(state["generator"])
-        self.targets = state["targets"]
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, beta={self.beta}, ema_update={self.ema_update!r}, seed={self.seed}"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from ..method import fields
 from ..solvers import linear_plus_norm, min_norm_point, resolved_norm_sq_tensor
 from .base import Combination, GradientBalancer
 from .cagrad import RESCALES, conflict_averse_weights, rescale_divisor
@@ -43,8 +44,11 @@ class IMGrad(GradientBalancer):
         max_norm: optional bound on the norm of the shared update (None: no clipping).
     """
 
-    name: ClassVar[str] = "imgrad"
     needs: ClassVar[Literal["gramian", "jacobian"]] = "gramian"
+    options = ("alpha", "rescale")
+    state = fields(_warm=None, _warm_mgda=None)
+    _warm: Tensor | None  # the previous step's solutions (CAGrad's dual, MGDA's), the next solves' starts
+    _warm_mgda: Tensor | None
 
     def __init__(self, alpha: float = 0.8, rescale: int = 1, max_norm: float | None = None) -> None:
         super().__init__(max_norm=max_norm)
@@ -54,12 +58,6 @@ class IMGrad(GradientBalancer):
             raise ValueError(f"rescale must be 0, 1 or 2, got {rescale!r}")
         self.alpha = float(alpha)
         self.rescale = rescale
-        self._warm: Tensor | None = None
-        self._warm_mgda: Tensor | None = None
-
-    def reset(self) -> None:
-        self._warm = None
-        self._warm_mgda = None
 
     def imbalance_cosine(self, gramian: Tensor) -> tuple[Tensor, Tensor, bool]:
         """(s = cos(g₀, g_m), the MGDA weights of g_m, whether the min-norm solve converged); float64 G. No read:
@@ -94,14 +92,3 @@ class IMGrad(GradientBalancer):
         elif not converged:
             note = f"IMGrad's objective not solved to tolerance (relative KKT gap {float(result.residual):.1e})"
         return Combination(weights=weights.to(matrix.dtype), converged=converged, note=note)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "warm": self._warm, "warm_mgda": self._warm_mgda}
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self._warm = state["warm"]
-        self._warm_mgda = state["warm_mgda"]
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, alpha={self.alpha}, rescale={self.rescale}"

@@ -41,7 +41,6 @@ class IMTLG(GradientBalancer):
         max_norm: optional bound on the norm of the shared update (None: no clipping).
     """
 
-    name: ClassVar[str] = "imtl_g"
     needs: ClassVar[Literal["gramian", "jacobian"]] = "gramian"
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from ..method import fields
 from ..solvers import min_norm_point
 from .base import Combination, GradientBalancer
 
@@ -48,8 +49,10 @@ class MGDA(GradientBalancer):
         max_norm: optional bound on the norm of the shared update (None: no clipping, the paper's setting).
     """
 
-    name: ClassVar[str] = "mgda"
     needs: ClassVar[Literal["gramian", "jacobian"]] = "gramian"
+    options = ("normalization", "apply_to")
+    state = fields(_warm=None)
+    _warm: Tensor | None  # the previous step's solution, the next solve's start
 
     def __init__(
         self,
@@ -64,10 +67,6 @@ class MGDA(GradientBalancer):
             raise ValueError(f"apply_to must be 'raw' or 'normalized', got {apply_to!r}")
         self.normalization: Normalization = normalization
         self.apply_to = apply_to
-        self._warm: Tensor | None = None
-
-    def reset(self) -> None:
-        self._warm = None
 
     def _normalizers(self, gramian: Tensor, losses: Tensor) -> Tensor:
         norms = gramian.diagonal().clamp_min(0).sqrt()
@@ -98,13 +97,3 @@ class MGDA(GradientBalancer):
             weights = weights / normalizers
         note = "" if result.converged else f"min-norm active set stopped after {result.iterations} iterations"
         return Combination(weights=weights.to(matrix.dtype), converged=result.converged, note=note)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "warm": self._warm}
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self._warm = state["warm"]
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, normalization={self.normalization!r}, apply_to={self.apply_to!r}"

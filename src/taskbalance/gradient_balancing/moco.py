@@ -7,11 +7,12 @@ weights λ by one projected gradient step per iteration instead of solving the m
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from ..method import fields
 from ..solvers import project_simplex
 from .base import Combination, GradientBalancer
 
@@ -57,8 +58,11 @@ class MoCo(GradientBalancer):
     shorter than Σ_k g_k (β_1 = β). Everything stays on J's device; the authors' code projects λ with NumPy.
     """
 
-    name: ClassVar[str] = "moco"
     needs: ClassVar[Literal["gramian", "jacobian"]] = "jacobian"
+    options = ("beta", "beta_sigma", "gamma", "gamma_sigma", "rho", "lambda_update", "normalize")
+    state = fields("lambd", step=0, tracked=None)
+    step: int
+    tracked: Tensor | None  # y (K × P), updated in place
 
     def __init__(
         self,
@@ -91,8 +95,7 @@ class MoCo(GradientBalancer):
         self.reset()
 
     def reset(self) -> None:
-        self.step = 0
-        self.tracked: Tensor | None = None
+        super().reset()
         self.lambd = torch.full((self.n_tasks,), 1 / max(self.n_tasks, 1), dtype=torch.float64)
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
@@ -152,22 +155,3 @@ class MoCo(GradientBalancer):
             torch.mv(block.T, lambd, out=part)
             curvature.addmv_(block, part)
         return tracked, curvature
-
-    def get_extra_state(self) -> dict[str, Any]:
-        state = super().get_extra_state()
-        tracked = None if self.tracked is None else self.tracked.clone()  # y is updated in place by the next step
-        state.update(step=self.step, tracked=tracked, lambd=self.lambd)
-        return state
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self.step = int(state["step"])
-        self.tracked = None if state["tracked"] is None else state["tracked"].clone()
-        self.lambd = state["lambd"]
-
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, beta={self.beta}, beta_sigma={self.beta_sigma}, gamma={self.gamma}, "
-            f"gamma_sigma={self.gamma_sigma}, rho={self.rho}, lambda_update={self.lambda_update!r}, "
-            f"normalize={self.normalize}"
-        )

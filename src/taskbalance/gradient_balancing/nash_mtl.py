@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from ..method import fields
 from .base import Combination, GradientBalancer
 
 #: the Newton solve stops when max_k |α_k(Gα)_k − 1| is below this
@@ -89,18 +90,16 @@ class NashMTL(GradientBalancer):
         optim_niter: maximum Newton steps per solve (≥ 1).
     """
 
-    name: ClassVar[str] = "nashmtl"
     needs: ClassVar[Literal["gramian", "jacobian"]] = "gramian"
+    options = ("optim_niter",)
+    state = fields(_beta=None)
+    _beta: Tensor | None  # the last solution (β of the cosine problem), the next solve's start
 
     def __init__(self, max_norm: float | None = 1.0, optim_niter: int = 20) -> None:
         super().__init__(max_norm=max_norm)
         if not isinstance(optim_niter, int) or optim_niter < 1:
             raise ValueError(f"optim_niter must be an int >= 1, got {optim_niter!r}")
         self.optim_niter = optim_niter
-        self.reset()
-
-    def reset(self) -> None:
-        self._beta: Tensor | None = None
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
         gramian = matrix.to(torch.float64)
@@ -147,13 +146,3 @@ class NashMTL(GradientBalancer):
             )
         self._beta = full_beta if converged and not dropped else None
         return Combination(weights=alpha.to(matrix.dtype), converged=converged and not dropped, note="; ".join(notes))
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "beta": self._beta}
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self._beta = state["beta"]
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, optim_niter={self.optim_niter}"

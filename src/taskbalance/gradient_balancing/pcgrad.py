@@ -6,12 +6,13 @@ stay linear combinations of the original ones, and the update is Jᵀw for a w c
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from .._random import new_generator
+from ..method import fields
 from .base import Combination, GradientBalancer
 
 
@@ -73,8 +74,9 @@ class PCGrad(GradientBalancer):
       orders on every device.
     """
 
-    name: ClassVar[str] = "pcgrad"
     needs: ClassVar[Literal["gramian", "jacobian"]] = "gramian"
+    options = ("seed",)
+    state = fields("seed", "_generator")
 
     def __init__(self, seed: int | None = None, max_norm: float | None = None) -> None:
         super().__init__(max_norm=max_norm)
@@ -84,22 +86,10 @@ class PCGrad(GradientBalancer):
         self.seed = self._generator.initial_seed()
 
     def reset(self) -> None:
+        super().reset()
         self._generator.manual_seed(self.seed)
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
         orders = random_orders(self.n_tasks, self._generator)
         weights = project_conflicting(matrix, orders).sum(dim=0)
         return Combination(weights=weights)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        state = super().get_extra_state()
-        state.update(seed=self.seed, generator=self._generator.get_state())
-        return state
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self.seed = int(state["seed"])
-        self._generator.set_state(state["generator"])
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, seed={self.seed}"

@@ -18,7 +18,6 @@ from .base import Combination, GradientBalancer
 class Sum(GradientBalancer):
     """Update = Σ_k g_k (weights all 1). Defaults: no clipping."""
 
-    name: ClassVar[str] = "sum"
     needs: ClassVar[Literal["gramian", "jacobian"]] = "gramian"
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from ..method import fields
 from ..solvers import lower_bounded_qp
 from .base import Combination, GradientBalancer
 
@@ -40,8 +41,10 @@ class UPGrad(GradientBalancer):
         max_norm: optional bound on the norm of the shared update (None: no clipping).
     """
 
-    name: ClassVar[str] = "upgrad"
     needs: ClassVar[Literal["gramian", "jacobian"]] = "gramian"
+    options = ("norm_eps", "reg_eps")
+    state = fields(_warm=None)
+    _warm: Tensor | None  # the previous step's solution, the next solve's start
 
     def __init__(self, norm_eps: float = 0.0, reg_eps: float = 0.0, max_norm: float | None = None) -> None:
         super().__init__(max_norm=max_norm)
@@ -51,10 +54,6 @@ class UPGrad(GradientBalancer):
             raise ValueError(f"reg_eps must be >= 0, got {reg_eps}")
         self.norm_eps = float(norm_eps)
         self.reg_eps = float(reg_eps)
-        self._warm: Tensor | None = None
-
-    def reset(self) -> None:
-        self._warm = None
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
         gramian = matrix.to(torch.float64)
@@ -79,13 +78,3 @@ class UPGrad(GradientBalancer):
         weights = result.x.sum(dim=0)
         note = "" if result.converged else f"dual-cone projections stopped after {result.iterations} iterations"
         return Combination(weights=weights.to(matrix.dtype), converged=result.converged, note=note)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "warm": self._warm}
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self._warm = state.get("warm")
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, norm_eps={self.norm_eps}, reg_eps={self.reg_eps}"

@@ -8,10 +8,11 @@ level can differentiate ℓ̃ and runs can log the weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from ..method import Method
 
 
 @dataclass(frozen=True)
@@ -29,40 +30,20 @@ class Balanced:
     weights: Tensor
 
 
-class LossBalancer(nn.Module):
+class LossBalancer(Method):
     """Base class of every loss-balancing method.
 
-    Subclasses implement :meth:`balance` and, if they keep state, :meth:`reset`, :meth:`get_extra_state` and
-    :meth:`set_extra_state` (non-tensor state and lazily created tensors) so that ``state_dict()`` captures
-    everything. They are ``nn.Module``s so that learnable weights (UW, IMTL-L) are ordinary parameters, and
-    ``balancer.to(device)`` moves them.
-
-    ``n_tasks`` is given by :class:`~taskbalance.Balancer` through :meth:`setup` (or directly to the constructor
-    of methods that create parameters).
+    Subclasses implement :meth:`balance` and declare their ``options`` and ``state`` (see
+    :mod:`taskbalance.method`), from which ``state_dict()``, repr and the load checks follow. They are
+    ``nn.Module``s so that learnable weights (UW, IMTL-L) are ordinary parameters, and ``balancer.to(device)``
+    moves them.
     """
 
-    name: ClassVar[str] = ""
     #: whether the method takes log L_k (losses must then be strictly positive)
     takes_log: bool = False
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.n_tasks = 0
-
-    # -- lifecycle -------------------------------------------------------------------------------------------
-    def setup(self, n_tasks: int) -> None:
-        """Bind the method to K tasks. Called once by the Balancer; creates parameters and state."""
-        if self.n_tasks not in (0, n_tasks):
-            raise ValueError(f"{type(self).__name__} was set up for {self.n_tasks} tasks, not {n_tasks}")
-        self.n_tasks = n_tasks
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget all history (epoch counters, baselines, buffers) and re-initialise parameters."""
-
     def forward(self, losses: Tensor) -> Balanced:
-        if self.n_tasks == 0:
-            raise RuntimeError(f"{type(self).__name__} is not set up: wrap it in taskbalance.Balancer")
+        self._require_setup()
         return self.balance(losses)
 
     def balance(self, losses: Tensor) -> Balanced:  # pragma: no cover - abstract
@@ -79,21 +60,20 @@ class LossBalancer(nn.Module):
         Only FAMO uses it; the default does nothing.
         """
 
-    # -- state -----------------------------------------------------------------------------------------------
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"n_tasks": self.n_tasks}
-
-    def set_extra_state(self, state: Any) -> None:
-        if state["n_tasks"] != self.n_tasks:
-            raise ValueError(f"state is for {state['n_tasks']} tasks but {type(self).__name__} has {self.n_tasks}")
-
-    def extra_repr(self) -> str:
-        return f"n_tasks={self.n_tasks}"
-
 
 def log_losses(losses: Tensor) -> Tensor:
     """log L_k, for strictly positive losses (the Balancer checks positivity before calling a method)."""
     return torch.log(losses)
+
+
+def task_parameter(current: nn.Parameter, n_tasks: int, value: float) -> nn.Parameter:
+    """K learnable numbers equal to ``value``, for a reset: ``current`` refilled in place when it already has K
+    entries (so an optimizer built on it keeps tracking it), else a new parameter."""
+    if current.shape != (n_tasks,):
+        return nn.Parameter(torch.full((n_tasks,), value))
+    with torch.no_grad():
+        current.fill_(value)
+    return current
 
 
 def random_softmax_weights(n_tasks: int, generator: torch.Generator, like: Tensor) -> Tensor:

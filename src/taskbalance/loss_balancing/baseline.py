@@ -17,7 +17,7 @@ from torch import Tensor
 class EpochMeanBaseline:
     """Running mean of the raw losses during epoch ``base_epoch``; frozen as :attr:`value` at its end.
 
-    Plain state object (not a module): its owner stores :meth:`state` in its own extra state.
+    Plain state object (not a module): its owner declares it as a state field, which saves :meth:`state_dict`.
     """
 
     def __init__(self, base_epoch: int = 1) -> None:
@@ -62,7 +62,7 @@ class EpochMeanBaseline:
             self.value = self.value.to(losses.device)
         return losses.detach() / self.value.to(losses.dtype)
 
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "base_epoch": self.base_epoch,
             "epoch": self.epoch,
@@ -71,7 +71,7 @@ class EpochMeanBaseline:
             "value": None if self.value is None else self.value.cpu(),
         }
 
-    def load(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.base_epoch = int(state["base_epoch"])
         self.epoch = int(state["epoch"])
         self._sum = state["sum"]

@@ -7,11 +7,11 @@ Only loss ratios enter, so the weights do not depend on the tasks' loss scales.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from ..method import fields
 from .base import Balanced, LossBalancer, log_losses
 
 
@@ -35,7 +35,12 @@ class DWA(LossBalancer):
     starts with a buffer of ones); we follow the paper and the authors' mtan code, as LibMTL does.
     """
 
-    name: ClassVar[str] = "dwa"
+    options = ("temperature", "log_losses")
+    state = fields(_sum=None, _count=0, _previous=None, _weights=None)
+    _sum: Tensor | None  # raw losses summed over this epoch, and how many steps
+    _count: int
+    _previous: Tensor | None  # mean raw losses of the last closed epoch
+    _weights: Tensor | None  # this epoch's weights (None: the first two epochs)
 
     def __init__(self, temperature: float = 2.0, log_losses: bool = False) -> None:
         super().__init__()
@@ -44,12 +49,6 @@ class DWA(LossBalancer):
         self.temperature = float(temperature)
         self.log_losses = bool(log_losses)
         self.takes_log = self.log_losses
-
-    def reset(self) -> None:
-        self._sum: Tensor | None = None
-        self._count = 0
-        self._previous: Tensor | None = None  # mean raw losses of the last closed epoch
-        self._weights: Tensor | None = None
 
     def balance(self, losses: Tensor) -> Balanced:
         raw = losses.detach().to(torch.float64)
@@ -75,23 +74,3 @@ class DWA(LossBalancer):
         self._previous = mean
         self._sum = None
         self._count = 0
-
-    def get_extra_state(self) -> dict[str, Any]:
-        state = super().get_extra_state()
-        state.update(
-            sum=None if self._sum is None else self._sum.cpu(),
-            count=self._count,
-            previous=None if self._previous is None else self._previous.cpu(),
-            weights=None if self._weights is None else self._weights.cpu(),
-        )
-        return state
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self._sum = state["sum"]
-        self._count = int(state["count"])
-        self._previous = state["previous"]
-        self._weights = state["weights"]
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, temperature={self.temperature}, log_losses={self.log_losses}"

@@ -8,7 +8,6 @@ scalarisation.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -23,25 +22,22 @@ class Equal(LossBalancer):
         weights: K fixed non-negative weights; default all 1 (EW).
     """
 
-    name: ClassVar[str] = "ew"
+    options = ("weights",)
 
     def __init__(self, weights: Sequence[float] | None = None) -> None:
         super().__init__()
         if weights is not None and any(not w >= 0 for w in weights):
             raise ValueError(f"fixed weights must be non-negative and finite, got {list(weights)}")
-        self.fixed = None if weights is None else [float(w) for w in weights]
+        self.weights = None if weights is None else [float(w) for w in weights]
 
     def setup(self, n_tasks: int) -> None:
-        if self.fixed is not None and len(self.fixed) != n_tasks:
-            raise ValueError(f"got {len(self.fixed)} fixed weights for {n_tasks} tasks")
+        if self.weights is not None and len(self.weights) != n_tasks:
+            raise ValueError(f"got {len(self.weights)} fixed weights for {n_tasks} tasks")
         super().setup(n_tasks)
 
     def balance(self, losses: Tensor) -> Balanced:
-        if self.fixed is None:
+        if self.weights is None:
             weights = torch.ones_like(losses.detach())
         else:
-            weights = torch.tensor(self.fixed, dtype=losses.dtype, device=losses.device)
+            weights = torch.tensor(self.weights, dtype=losses.dtype, device=losses.device)
         return Balanced(losses=weights * losses, weights=weights)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, weights={self.fixed}"

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..method import fields
 from .base import Balanced, LossBalancer
 
 _BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8
@@ -57,8 +58,11 @@ class FAMO(LossBalancer):
     the gradient level here (e.g. a gradient method's ``max_norm``), so FAMO alone does not clip.
     """
 
-    name: ClassVar[str] = "famo"
     takes_log = True
+    options = ("w_lr", "gamma", "min_losses", "eps")
+    state = fields(_steps=0, _previous_log=None)
+    _steps: int  # Adam steps of ξ
+    _previous_log: Tensor | None  # log D of the last balanced batch, until after_step uses it
     logits: Tensor
     exp_avg: Tensor
     exp_avg_sq: Tensor
@@ -91,12 +95,11 @@ class FAMO(LossBalancer):
         super().setup(n_tasks)
 
     def reset(self) -> None:
+        super().reset()
         like = self.logits  # keep the device and dtype the module was moved to
         self.logits = like.new_zeros(self.n_tasks)
         self.exp_avg = like.new_zeros(self.n_tasks)
         self.exp_avg_sq = like.new_zeros(self.n_tasks)
-        self._steps = 0
-        self._previous_log: Tensor | None = None  # log D of the last balanced batch, until after_step uses it
 
     def _gap(self, losses: Tensor) -> Tensor:
         """D = L − L* + ε, refusing a loss at or below its floor."""
@@ -142,19 +145,7 @@ class FAMO(LossBalancer):
         self.logits.addcdiv_(self.exp_avg, denom, value=-step_size)
         self._previous_log = None
 
-    def get_extra_state(self) -> dict[str, Any]:
-        state = super().get_extra_state()
-        state.update(steps=self._steps, previous_log=None if self._previous_log is None else self._previous_log.cpu())
-        return state
-
     def set_extra_state(self, state: Any) -> None:
         super().set_extra_state(state)
-        self._steps = int(state["steps"])
-        previous = state["previous_log"]
-        self._previous_log = None if previous is None else previous.to(self.logits.device)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, w_lr={self.w_lr}, gamma={self.gamma}, min_losses={self.min_losses}, "
-            f"eps={self.eps}"
-        )
+        if self._previous_log is not None:  # saved from another device: follow ξ, as after_step subtracts them
+            self._previous_log = self._previous_log.to(self.logits.device)

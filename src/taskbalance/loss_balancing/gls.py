@@ -6,8 +6,6 @@ that shrinks as the losses do. A task's loss scale therefore cannot dominate.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from torch import Tensor
 
@@ -29,7 +27,6 @@ class GLS(LossBalancer):
     factor K): with equal losses it is the mean, not the sum, of the task gradients.
     """
 
-    name: ClassVar[str] = "gls"
     takes_log = True
 
     def balance(self, losses: Tensor) -> Balanced:

@@ -7,11 +7,10 @@ gap get larger weights. The log keeps the loss scales out of the gradient (as in
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 import torch
 from torch import Tensor
 
+from ..method import fields
 from .base import Balanced, LossBalancer, log_losses
 from .baseline import EpochMeanBaseline
 
@@ -36,8 +35,9 @@ class IGBv1(LossBalancer):
     losses on the host with ``.item()``; we average on the losses' device.
     """
 
-    name: ClassVar[str] = "igbv1"
     takes_log = True
+    options = ("base_epoch",)
+    state = fields("_baseline")
 
     def __init__(self, base_epoch: int = 1) -> None:
         super().__init__()
@@ -47,6 +47,7 @@ class IGBv1(LossBalancer):
         self._baseline = EpochMeanBaseline(base_epoch)
 
     def reset(self) -> None:
+        super().reset()
         self._baseline.reset()
 
     def balance(self, losses: Tensor) -> Balanced:
@@ -60,15 +61,3 @@ class IGBv1(LossBalancer):
 
     def end_epoch(self) -> None:
         self._baseline.end_epoch()
-
-    def get_extra_state(self) -> dict[str, Any]:
-        state = super().get_extra_state()
-        state["baseline"] = self._baseline.state()
-        return state
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self._baseline.load(state["baseline"])
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, base_epoch={self.base_epoch}"

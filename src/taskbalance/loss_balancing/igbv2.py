@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from ..method import fields
 from ..rl import SAC, SoftmaxSquash
 from ..rl.sac import check_options
 from .base import Balanced, LossBalancer, log_losses, random_softmax_weights
@@ -79,9 +80,30 @@ class IGBv2(LossBalancer):
     ``balancer.to(...)``, move to the losses' device on first use, and are saved in ``state_dict()``.
     """
 
-    name: ClassVar[str] = "igbv2"
     takes_log = True
+    options = (
+        "base_epoch",
+        "train_epoch",
+        "policy_epoch",
+        "update_every",
+        "batch_size",
+        "buffer_size",
+        "hidden",
+        "lr",
+        "gamma",
+        "tau",
+        "init_alpha",
+        "initial_reward_scale",
+        "log_prob",
+        "seed",
+    )
+    state = fields(
+        "seed", "reward_scale", "_generator", "_baseline", "_agent", step=0, _prev_state=None, _prev_action=None
+    )
     _agent: SAC | None
+    step: int  # iterations so far (global t)
+    _prev_state: Tensor | None  # the last step's state and action, until the next step stores the transition
+    _prev_action: Tensor | None
 
     def __init__(
         self,
@@ -119,23 +141,16 @@ class IGBv2(LossBalancer):
         self.buffer_size = buffer_size
         self.log_prob = log_prob
         check_options(hidden, gamma, tau, (lr,), init_alpha)
-        self._sac_options: dict[str, Any] = {
-            "hidden": tuple(hidden),
-            "actor_lr": lr,
-            "critic_lr": lr,
-            "alpha_lr": lr,
-            "gamma": gamma,
-            "tau": tau,
-            "init_alpha": init_alpha,
-        }
+        self.hidden = tuple(hidden)
+        self.lr = lr
+        self.gamma = gamma
+        self.tau = tau
+        self.init_alpha = init_alpha
         self.initial_reward_scale = self._check_reward_scale(reward_scale)
         self._reward_scale = self.initial_reward_scale
         self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
         self._generator = torch.Generator()
         self._baseline = EpochMeanBaseline(base_epoch)
-        self.step = 0
-        self._prev_state: Tensor | None = None
-        self._prev_action: Tensor | None = None
         # Held outside the module tree (object.__setattr__ skips nn.Module's registration) so that the agent's
         # parameters never reach the model's optimizer through Balancer.parameters().
         object.__setattr__(self, "_agent", None)
@@ -170,20 +185,18 @@ class IGBv2(LossBalancer):
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def reset(self) -> None:
+        super().reset()
         self._generator.manual_seed(self.seed)
         self._baseline.reset()
-        self.step = 0
-        self._prev_state = None
-        self._prev_action = None
         self._reward_scale = self.initial_reward_scale
         if self.n_tasks == 0:
             return
         agent_seed = int(torch.randint(0, 2**62, (1,), generator=self._generator).item())
         if self._agent is None:
             squash = SoftmaxSquash(float(self.n_tasks), density=self.log_prob)
-            agent = SAC(
-                self.n_tasks, self.n_tasks, squash, buffer_size=self.buffer_size, seed=agent_seed, **self._sac_options
-            )
+            shared: dict[str, Any] = {name: getattr(self, name) for name in ("hidden", "gamma", "tau", "init_alpha")}
+            shared.update(dict.fromkeys(("actor_lr", "critic_lr", "alpha_lr"), self.lr))
+            agent = SAC(self.n_tasks, self.n_tasks, squash, buffer_size=self.buffer_size, seed=agent_seed, **shared)
             object.__setattr__(self, "_agent", agent)
         else:
             self._agent.seed = agent_seed
@@ -239,36 +252,10 @@ class IGBv2(LossBalancer):
             agent.update(batch)
 
     # -- state -----------------------------------------------------------------------------------------------
-    def get_extra_state(self) -> dict[str, Any]:
-        state = super().get_extra_state()
-        state.update(
-            seed=self.seed,
-            step=self.step,
-            reward_scale=self._reward_scale,
-            generator=self._generator.get_state(),
-            prev_state=self._prev_state,
-            prev_action=self._prev_action,
-            baseline=self._baseline.state(),
-            agent=None if self._agent is None else self._agent.state_dict(),
-        )
-        return state
-
     def set_extra_state(self, state: Any) -> None:
         super().set_extra_state(state)
-        agent = self.agent
-        self.seed = int(state["seed"])
-        self.step = int(state["step"])
-        self._reward_scale = self._check_reward_scale(state["reward_scale"])
-        self._generator.set_state(state["generator"].cpu())
-        self._baseline.load(state["baseline"])
-        agent.load_state_dict(state["agent"])
-        prev_state, prev_action = state["prev_state"], state["prev_action"]
-        self._prev_state = None if prev_state is None else prev_state.to(device=agent.device, dtype=agent.dtype)
-        self._prev_action = None if prev_action is None else prev_action.to(device=agent.device, dtype=agent.dtype)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, base_epoch={self.base_epoch}, train_epoch={self.train_epoch}, "
-            f"policy_epoch={self.policy_epoch}, update_every={self.update_every}, batch_size={self.batch_size}, "
-            f"buffer_size={self.buffer_size}, log_prob={self.log_prob!r}, seed={self.seed}"
-        )
+        # the last transition may have been saved from another device: it meets the agent's tensors next step
+        agent = self._agent
+        if agent is not None and self._prev_state is not None and self._prev_action is not None:
+            self._prev_state = self._prev_state.to(device=agent.device, dtype=agent.dtype)
+            self._prev_action = self._prev_action.to(device=agent.device, dtype=agent.dtype)

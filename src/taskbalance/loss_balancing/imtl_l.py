@@ -7,12 +7,11 @@ the same loss scale whatever their units, without the distribution assumption be
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .base import Balanced, LossBalancer
+from .base import Balanced, LossBalancer, task_parameter
 
 
 class IMTLL(LossBalancer):
@@ -32,7 +31,7 @@ class IMTLL(LossBalancer):
     parameters; here IMTL-L is the loss level alone (compose ``imtl_l+imtl_g`` for the hybrid).
     """
 
-    name: ClassVar[str] = "imtl_l"
+    options = ("init",)
 
     def __init__(self, init: float = 0.0, n_tasks: int | None = None) -> None:
         super().__init__()
@@ -44,12 +43,8 @@ class IMTLL(LossBalancer):
             self.setup(n_tasks)
 
     def reset(self) -> None:
-        if self.log_scale.shape != (self.n_tasks,):
-            self.log_scale = nn.Parameter(torch.full((self.n_tasks,), self.init))
-        else:
-            # in place, so an optimizer built on the parameter keeps tracking it
-            with torch.no_grad():
-                self.log_scale.fill_(self.init)
+        super().reset()
+        self.log_scale = task_parameter(self.log_scale, self.n_tasks, self.init)
 
     def balance(self, losses: Tensor) -> Balanced:
         if self.log_scale.device != losses.device:
@@ -59,6 +54,3 @@ class IMTLL(LossBalancer):
             )
         scale = torch.exp(self.log_scale)
         return Balanced(losses=scale * losses - self.log_scale, weights=scale.detach().to(losses.dtype))
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, init={self.init}"

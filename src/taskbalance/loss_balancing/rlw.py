@@ -6,11 +6,10 @@ regions that favour one task. Methods that cannot beat it are not balancing anyt
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 from torch import Tensor
 
 from .._random import new_generator
+from ..method import fields
 from .base import Balanced, LossBalancer, log_losses, random_softmax_weights
 
 
@@ -30,7 +29,8 @@ class RLW(LossBalancer):
     draw happens on the CPU (so runs reproduce across devices) and K numbers are copied to the device per step.
     """
 
-    name: ClassVar[str] = "rlw"
+    options = ("seed", "log_losses")
+    state = fields("seed", "_generator")
 
     def __init__(self, seed: int | None = None, log_losses: bool = False) -> None:
         super().__init__()
@@ -40,22 +40,10 @@ class RLW(LossBalancer):
         self.takes_log = self.log_losses
 
     def reset(self) -> None:
+        super().reset()
         self._generator.manual_seed(self.seed)
 
     def balance(self, losses: Tensor) -> Balanced:
         weights = random_softmax_weights(self.n_tasks, self._generator, like=losses)
         values = log_losses(losses) if self.log_losses else losses
         return Balanced(losses=weights * values, weights=weights)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        state = super().get_extra_state()
-        state.update(seed=self.seed, generator=self._generator.get_state())
-        return state
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self.seed = int(state["seed"])
-        self._generator.set_state(state["generator"])
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, seed={self.seed}, log_losses={self.log_losses}"

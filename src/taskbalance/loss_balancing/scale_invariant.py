@@ -8,7 +8,6 @@ baseline exists" phase of IGB.
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -31,8 +30,8 @@ class ScaleInvariant(LossBalancer):
     to monitor or to feed an LR scheduler (use ``BalanceResult.losses``, the raw losses).
     """
 
-    name: ClassVar[str] = "si"
     takes_log = True
+    options = ("eps",)
 
     def __init__(self, eps: float = 0.0) -> None:
         super().__init__()
@@ -43,6 +42,3 @@ class ScaleInvariant(LossBalancer):
     def balance(self, losses: Tensor) -> Balanced:
         shifted = losses + self.eps if self.eps else losses
         return Balanced(losses=log_losses(shifted), weights=torch.ones_like(losses.detach()))
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, eps={self.eps}"

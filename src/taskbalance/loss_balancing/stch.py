@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from ..method import fields
 from .base import Balanced, LossBalancer, log_losses
 from .baseline import EpochMeanBaseline
 
@@ -46,7 +46,9 @@ class STCH(LossBalancer):
     taken, so we add nothing. The reference subtracts the maximum before exponentiating; the softmax does the same.
     """
 
-    name: ClassVar[str] = "stch"
+    options = ("mu", "warmup_epochs", "normalise", "log_losses", "preference", "ideal")
+    state = fields("_baseline", _epoch=0)
+    _epoch: int
 
     def __init__(
         self,
@@ -85,7 +87,7 @@ class STCH(LossBalancer):
         super().setup(n_tasks)
 
     def reset(self) -> None:
-        self._epoch = 0
+        super().reset()
         self._baseline.reset()
 
     def _vectors(self, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -116,19 +118,3 @@ class STCH(LossBalancer):
         if self.normalise:
             self._baseline.end_epoch()
         self._epoch += 1
-
-    def get_extra_state(self) -> dict[str, Any]:
-        state = super().get_extra_state()
-        state.update(epoch=self._epoch, baseline=self._baseline.state())
-        return state
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        self._epoch = int(state["epoch"])
-        self._baseline.load(state["baseline"])
-
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, mu={self.mu}, warmup_epochs={self.warmup_epochs}, normalise={self.normalise}, "
-            f"log_losses={self.log_losses}, preference={self.preference}, ideal={self.ideal}"
-        )

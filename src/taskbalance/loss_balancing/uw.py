@@ -8,12 +8,11 @@ stops σ_k from growing without bound.
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .base import Balanced, LossBalancer, log_losses
+from .base import Balanced, LossBalancer, log_losses, task_parameter
 
 
 class UW(LossBalancer):
@@ -36,7 +35,7 @@ class UW(LossBalancer):
     the regression form for all tasks, which only rescales that task's σ.
     """
 
-    name: ClassVar[str] = "uw"
+    options = ("log_losses", "init")
 
     def __init__(self, log_losses: bool = False, init: float = 0.0, n_tasks: int | None = None) -> None:
         super().__init__()
@@ -50,12 +49,8 @@ class UW(LossBalancer):
             self.setup(n_tasks)
 
     def reset(self) -> None:
-        if self.log_var.shape != (self.n_tasks,):
-            self.log_var = nn.Parameter(torch.full((self.n_tasks,), self.init))
-        else:
-            # in place, so an optimizer built on the parameter keeps tracking it
-            with torch.no_grad():
-                self.log_var.fill_(self.init)
+        super().reset()
+        self.log_var = task_parameter(self.log_var, self.n_tasks, self.init)
 
     def balance(self, losses: Tensor) -> Balanced:
         if self.log_var.device != losses.device:
@@ -67,6 +62,3 @@ class UW(LossBalancer):
         precision = 0.5 * torch.exp(-self.log_var)
         balanced = precision * values + 0.5 * self.log_var
         return Balanced(losses=balanced, weights=precision.detach().to(losses.dtype))
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, log_losses={self.log_losses}, init={self.init}"

@@ -7,10 +7,12 @@ with replacement, indices drawn from a caller's CPU generator so that a run is r
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from ..method import Declared, fields
 
 
 class Batch(NamedTuple):
@@ -23,8 +25,11 @@ class Batch(NamedTuple):
     done: Tensor
 
 
-class ReplayBuffer(nn.Module):
+class ReplayBuffer(Declared):
     """Ring buffer of ``capacity`` transitions; once full, each new transition overwrites the oldest."""
+
+    options = ("capacity",)
+    state = fields("ptr", "size")  # the next write position and the fill level
 
     states: Tensor
     actions: Tensor
@@ -81,15 +86,3 @@ class ReplayBuffer(nn.Module):
         return Batch(
             *(t.index_select(0, index) for t in (self.states, self.actions, self.rewards, self.next_states, self.dones))
         )
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"capacity": self.capacity, "ptr": self.ptr, "size": self.size}
-
-    def set_extra_state(self, state: Any) -> None:
-        if state["capacity"] != self.capacity:
-            raise ValueError(f"state is for a buffer of capacity {state['capacity']}, this one holds {self.capacity}")
-        self.ptr = int(state["ptr"])
-        self.size = int(state["size"])
-
-    def extra_repr(self) -> str:
-        return f"capacity={self.capacity}, size={self.size}"

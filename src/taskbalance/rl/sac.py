@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..method import Declared, fields
 from .networks import GaussianActor, TwinCritic
 from .replay import ReplayBuffer
 from .squash import Squash
@@ -65,7 +66,7 @@ def check_options(hidden: Sequence[int], gamma: float, tau: float, lrs: Sequence
         raise ValueError(f"init_alpha must be a positive finite number, got {init_alpha}")
 
 
-class SAC(nn.Module):
+class SAC(Declared):
     """A small Soft Actor-Critic agent: Gaussian actor, twin critics with Polyak targets, learned temperature.
 
     Everything it needs to continue a run bit-identically lives in ``state_dict()``: the networks and target
@@ -90,6 +91,19 @@ class SAC(nn.Module):
         seed: seed of the agent's generator; None draws one from torch's global RNG once, at construction.
     """
 
+    options = (
+        "state_dim",
+        "action_dim",
+        "hidden",
+        "gamma",
+        "tau",
+        "lrs",
+        "init_alpha",
+        "learn_alpha",
+        "target_entropy",
+        "seed",
+    )
+    state = fields("seed", "generator", "n_updates", "_optimizers")
     log_alpha: nn.Parameter
 
     def __init__(
@@ -180,20 +194,25 @@ class SAC(nn.Module):
             return True, None
         return None, True
 
-    def _load_optimizers(self, saved: dict[str, Any]) -> None:
-        """Load the three Adam states, keeping this agent's kernel choice.
+    @property
+    def _optimizers(self) -> dict[str, Any]:
+        """The three Adam states by name; assigning loads them, keeping this agent's kernel choice.
 
         ``Optimizer.load_state_dict`` takes the saved param-group flags (``fused``, ``foreach``) as they were:
         a checkpoint from before the multi-tensor kernels, or from another device, would otherwise bring back
         its own. The flags change how the step is computed, not what Adam state is kept.
         """
+        return {name: opt.state_dict() for name, opt in self._named_optimizers()}
+
+    @_optimizers.setter
+    def _optimizers(self, saved: dict[str, Any]) -> None:
         fused, foreach = self._adam_kernel()
-        for name, opt in self._optimizers():
+        for name, opt in self._named_optimizers():
             state = saved[name]
             groups = [{**group, "fused": fused, "foreach": foreach} for group in state["param_groups"]]
             opt.load_state_dict({**state, "param_groups": groups})
 
-    def _optimizers(self) -> Iterator[tuple[str, torch.optim.Optimizer]]:
+    def _named_optimizers(self) -> Iterator[tuple[str, torch.optim.Optimizer]]:
         yield "actor", self.actor_optimizer
         yield "critic", self.critic_optimizer
         yield "alpha", self.alpha_optimizer
@@ -201,11 +220,11 @@ class SAC(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> SAC:
         # .to()/.double() move parameters; Adam's moment tensors must follow them. Re-building the optimizers
         # and loading their old state casts it to the parameters' new device and dtype.
-        saved = {name: opt.state_dict() for name, opt in self._optimizers()} if "actor_optimizer" in vars(self) else {}
+        saved = self._optimizers if "actor_optimizer" in vars(self) else {}
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         if saved:
             self._build_optimizers()
-            self._load_optimizers(saved)
+            self._optimizers = saved
         return self
 
     # -- properties ------------------------------------------------------------------------------------------
@@ -301,32 +320,3 @@ class SAC(nn.Module):
     def soft_update(self) -> None:
         """Polyak averaging of the target critics: θ̄ ← τ θ + (1 − τ) θ̄."""
         torch._foreach_lerp_(self._target_params, self._critic_params, self.tau)
-
-    # -- state -----------------------------------------------------------------------------------------------
-    def get_extra_state(self) -> dict[str, Any]:
-        return {
-            "state_dim": self.state_dim,
-            "action_dim": self.action_dim,
-            "seed": self.seed,
-            "generator": self.generator.get_state(),
-            "n_updates": self.n_updates,
-            "optimizers": {name: opt.state_dict() for name, opt in self._optimizers()},
-        }
-
-    def set_extra_state(self, state: Any) -> None:
-        if (state["state_dim"], state["action_dim"]) != (self.state_dim, self.action_dim):
-            raise ValueError(
-                f"state is for an agent with state_dim={state['state_dim']}, action_dim={state['action_dim']}; "
-                f"this one has {self.state_dim}, {self.action_dim}"
-            )
-        self.seed = int(state["seed"])
-        self.generator.set_state(state["generator"].cpu())
-        self.n_updates = int(state["n_updates"])
-        self._load_optimizers(state["optimizers"])
-
-    def extra_repr(self) -> str:
-        return (
-            f"state_dim={self.state_dim}, action_dim={self.action_dim}, hidden={self.hidden}, gamma={self.gamma}, "
-            f"tau={self.tau}, lrs={self.lrs}, learn_alpha={self.learn_alpha}, "
-            f"target_entropy={self.target_entropy}, seed={self.seed}"
-        )
