@@ -54,7 +54,7 @@ class GradientBalancer(nn.Module):
     """
 
     name: ClassVar[str] = ""
-    needs: ClassVar[Literal["gramian", "jacobian"]] = "jacobian"
+    needs: ClassVar[Literal["gramian", "jacobian", "nothing"]] = "jacobian"
 
     def __init__(self, max_norm: float | None = None) -> None:
         super().__init__()
