@@ -99,14 +99,22 @@ class Balancer(nn.Module):
             raise TypeError(f"gradient must be a GradientBalancer, got {type(gradient).__name__}")
         self._engine.check_method(gradient)
         self.n_tasks = n_tasks
-        self.engine = engine
         self.check_finite = check_finite
-        self.update_weights_every = update_weights_every
         self.loss = loss
         self.gradient = gradient
         loss.setup(n_tasks)
         gradient.setup(n_tasks)
         self._warned_solver = False
+
+    @property
+    def engine(self) -> EnginePath:
+        """The engine path asked for (``"auto"`` unresolved; :attr:`Engine.last_path` says what ran)."""
+        return self._engine.path
+
+    @property
+    def update_weights_every(self) -> int:
+        """N of the amortisation: the gradient method solves on every N-th call."""
+        return self._engine.reuse.every
 
     # -- the training step -----------------------------------------------------------------------------------
     def backward(
