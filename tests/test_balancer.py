@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
 import taskbalance as tb
-from taskbalance.jacobian import apply_gradient_method
+from taskbalance.engine import Engine
 from tests.models import TinyMTL, make_data, task_losses
 
 
@@ -14,15 +16,23 @@ def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
 
 
-def test_ew_equals_plain_sum_backward() -> None:
-    model = TinyMTL()
-    x, y = make_data()
+def _plain_backward(model: TinyMTL, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """Every parameter's gradient from an ordinary backward of Σ L; the model's .grad are then cleared."""
     _, losses = task_losses(model, x, y)
     torch.autograd.backward(losses.sum())
     expected = _grads(model)
     model.zero_grad(set_to_none=True)
+    return expected
+
+
+def test_ew_equals_plain_sum_backward() -> None:
+    model = TinyMTL()
+    x, y = make_data()
+    expected = _plain_backward(model, x, y)
     _, losses = task_losses(model, x, y)
-    result = tb.make("ew", n_tasks=3).backward(losses, model.encoder.parameters())
+    balancer = tb.make("ew", n_tasks=3)
+    result = balancer.backward(losses, model.encoder.parameters())
+    assert balancer._engine.last_path == "sum"  # Sum needs nothing: no per-task gradients
     for a, b in zip(_grads(model), expected, strict=True):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(result.weights, torch.ones(3))
@@ -33,15 +43,14 @@ def test_engine_sum_path_equals_plain_backward() -> None:
     """The gradient-method seam (J, then Jᵀw, heads get ∇Σℓ̃) reproduces an ordinary backward for Sum."""
     model = TinyMTL()
     x, y = make_data()
-    _, losses = task_losses(model, x, y)
-    torch.autograd.backward(losses.sum())
-    expected = _grads(model)
-    model.zero_grad(set_to_none=True)
+    expected = _plain_backward(model, x, y)
     _, losses = task_losses(model, x, y)
     shared = list(model.encoder.parameters())
     heads = list(model.heads.parameters())
     balancer = tb.Balancer(n_tasks=3)
-    apply_gradient_method(losses, shared, heads, balancer.gradient)
+    engine = Engine()
+    engine(losses, shared, heads, balancer.gradient)  # Sum, handed G: w = 1
+    assert engine.last_path == "loop"  # the per-task path (CPU), not the plain backward
     for a, b in zip(_grads(model), expected, strict=True):
         torch.testing.assert_close(a, b)
 
@@ -82,6 +91,41 @@ def test_bad_losses_raise_and_change_nothing(bad, message) -> None:  # type: ign
     assert all(p.grad is None for p in model.parameters())
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, state[k])
+
+
+def _saved(balancer: tb.Balancer) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(balancer.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("engine", "features", "message"),
+    [
+        ("features", "detached", "not the output of a differentiable computation"),
+        ("features", "none", "no features were given"),
+        ("representation", "none", "no features were given"),
+        ("features", "bypassed", r"positions \[4\] reach the losses without passing through features"),
+    ],
+)
+def test_engine_refusal_comes_before_any_state_changes(engine: str, features: str, message: str) -> None:
+    """A call the engine cannot serve raises before the loss method (IGBv1's baseline) or the call count moves."""
+    model = TinyMTL()
+    x, y = make_data()
+    balancer = tb.make("igbv1+mgda", n_tasks=3, engine=engine)
+    z, losses = task_losses(model, x, y)
+    balancer.backward(losses, model.encoder.parameters(), features=z)
+    state, grads = _saved(balancer), _grads(model)
+    z, losses = task_losses(model, x, y)
+    shared = list(model.encoder.parameters())
+    given = {"detached": z.detach(), "none": None, "bypassed": z}[features]
+    if features == "bypassed":
+        shared.append(next(model.heads.parameters()))  # head 0's weight: reaches its loss around z
+    with pytest.raises(ValueError, match=message):
+        balancer.backward(losses, shared, features=given)
+    assert _saved(balancer) == state
+    for a, b in zip(_grads(model), grads, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_shared_parameter_without_gradient_path_is_refused() -> None:

@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from .balancer import Balancer, BalanceResult
+from .engine import Engine, EngineFallbackWarning
 from .gradient_balancing.base import Combination, GradientBalancer
 from .gradient_balancing.sum import Sum
-from .jacobian import Engine, EngineFallbackWarning
 from .loss_balancing.base import Balanced, LossBalancer
 from .loss_balancing.equal import Equal
 from .registry import GRADIENT_METHODS, LOSS_METHODS, available, gradient_class, loss_class, make

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._graph import reachable_leaves
-from .gradient_balancing.base import GradientBalancer
+from .engine import Engine, EnginePath
+from .engine.graph import reachable_leaves
+from .gradient_balancing.base import Combination, GradientBalancer
 from .gradient_balancing.sum import Sum
-from .jacobian import ENGINE_PATHS, Engine, EnginePath
-from .loss_balancing.base import LossBalancer
+from .loss_balancing.base import Balanced, LossBalancer
 from .loss_balancing.equal import Equal
 
 
@@ -62,7 +62,7 @@ class Balancer(nn.Module):
         loss: a loss-balancing method (default: EW, equal weights).
         gradient: a gradient-balancing method (default: ``Sum``, one ordinary backward).
         n_tasks: K, the number of tasks (losses per step).
-        engine: how per-task gradients are obtained for gradient methods (see :mod:`taskbalance.jacobian`).
+        engine: how per-task gradients are obtained for gradient methods (see :mod:`taskbalance.engine`).
         check_finite: raise on NaN/Inf losses (one device synchronisation per step on CUDA).
         update_weights_every: amortisation for weight-based gradient methods (``needs == "gramian"``): the
             method solves for its weights w on every N-th call of :meth:`backward` (the first included) and the
@@ -90,37 +90,31 @@ class Balancer(nn.Module):
         super().__init__()
         if not isinstance(n_tasks, int) or isinstance(n_tasks, bool) or n_tasks < 1:
             raise ValueError(f"n_tasks must be a positive int, got {n_tasks!r}")
-        if not isinstance(update_weights_every, int) or isinstance(update_weights_every, bool):
-            raise TypeError(f"update_weights_every must be an int, got {update_weights_every!r}")
-        if update_weights_every < 1:
-            raise ValueError(f"update_weights_every must be >= 1, got {update_weights_every}")
-        if engine not in ENGINE_PATHS:
-            raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINE_PATHS)}")
+        self._engine = Engine(engine, update_weights_every)
         loss = Equal() if loss is None else loss
         gradient = Sum() if gradient is None else gradient
         if not isinstance(loss, LossBalancer):
             raise TypeError(f"loss must be a LossBalancer, got {type(loss).__name__}")
         if not isinstance(gradient, GradientBalancer):
             raise TypeError(f"gradient must be a GradientBalancer, got {type(gradient).__name__}")
+        self._engine.check_method(gradient)
         self.n_tasks = n_tasks
-        self.engine = engine
         self.check_finite = check_finite
-        if engine == "gramian" and gradient.needs != "gramian":
-            raise ValueError(f"engine 'gramian' needs a method that reads only G; {type(gradient).__name__} reads J")
-        if update_weights_every > 1 and gradient.needs != "gramian":
-            raise ValueError(
-                f"update_weights_every needs a weight-based gradient method; {type(gradient).__name__} returns an "
-                "update that is not Jᵀw (it reads J), so there are no weights to reuse"
-            )
-        self.update_weights_every = update_weights_every
         self.loss = loss
         self.gradient = gradient
-        self._engine = Engine(engine)
         loss.setup(n_tasks)
         gradient.setup(n_tasks)
         self._warned_solver = False
-        self._calls = 0
-        self._reused_weights: Tensor | None = None
+
+    @property
+    def engine(self) -> EnginePath:
+        """The engine path asked for (``"auto"`` unresolved; :attr:`Engine.last_path` says what ran)."""
+        return self._engine.path
+
+    @property
+    def update_weights_every(self) -> int:
+        """N of the amortisation: the gradient method solves on every N-th call."""
+        return self._engine.reuse.every
 
     # -- the training step -----------------------------------------------------------------------------------
     def backward(
@@ -139,75 +133,20 @@ class Balancer(nn.Module):
 
         Raises:
             ValueError: wrong shape, NaN/Inf loss (with the task index), non-positive loss for a method that
-                takes a log, a shared parameter the losses do not depend on. Nothing is changed then.
+                takes a log, a shared parameter the losses do not depend on, an engine path the call cannot take
+                (``"features"`` without features through which every shared path runs). Nothing is changed then.
         """
         start = time.perf_counter()
         losses = self._check_losses(losses)
-        shared = self._check_shared(shared_params)
-        leaves = reachable_leaves(losses)
-        leaf_ids = {id(t) for t in leaves}
-        unused = [i for i, p in enumerate(shared) if id(p) not in leaf_ids]
-        if unused:
-            raise ValueError(
-                f"shared parameters at positions {unused} have no gradient path from the losses; pass only "
-                "parameters the losses depend on (e.g. model.encoder.parameters())"
-            )
-
+        shared = self._check_shared(shared_params, losses)
+        self._engine.check(losses, shared, self.gradient, features)
         balanced = self.loss(losses)
-        raw = losses.detach()
-        if isinstance(self.gradient, Sum):
-            before_backward = time.perf_counter()
-            balanced.losses.sum().backward()
-            overhead = before_backward - start
-            return BalanceResult(
-                weights=balanced.weights,
-                losses=raw,
-                balanced_losses=balanced.losses.detach(),
-                loss_weights=balanced.weights,
-                gradient_weights=None,
-                overhead_s=overhead,
-            )
-
-        shared_ids = {id(p) for p in shared}
-        # heads and the methods' own parameters (UW's log-variances) all get ∇ Σ ℓ̃
-        task_params = [t for t in reachable_leaves(balanced.losses) if id(t) not in shared_ids]
-        call = self._calls
-        self._calls += 1
-        if self._reused_weights is not None and call % self.update_weights_every != 0:
-            weights = self._reused_weights.to(device=raw.device, dtype=raw.dtype)
-            self._engine.apply_weights(balanced.losses, shared, task_params, weights, self.gradient.max_norm)
-            return BalanceResult(
-                weights=balanced.weights * weights,
-                losses=raw,
-                balanced_losses=balanced.losses.detach(),
-                loss_weights=balanced.weights,
-                gradient_weights=weights,
-                overhead_s=time.perf_counter() - start,
-            )
-        combination = self._engine(balanced.losses, shared, task_params, self.gradient, features)
-        if self.update_weights_every > 1:
-            assert combination.weights is not None  # checked in __init__: the method is weight-based
-            self._reused_weights = combination.weights.detach().clone()
-        if not combination.converged and not self._warned_solver:
-            self._warned_solver = True
-            warnings.warn(
-                f"{type(self.gradient).__name__}: {combination.note or 'solver did not converge'} "
-                "(reported in BalanceResult.converged; warned once)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        gradient_weights = combination.weights
-        effective = balanced.weights if gradient_weights is None else balanced.weights * gradient_weights
-        return BalanceResult(
-            weights=effective.detach(),
-            losses=raw,
-            balanced_losses=balanced.losses.detach(),
-            loss_weights=balanced.weights,
-            gradient_weights=None if gradient_weights is None else gradient_weights.detach(),
-            overhead_s=time.perf_counter() - start,
-            converged=combination.converged,
-            note=combination.note,
-        )
+        before_engine = time.perf_counter()
+        combination = self._engine.step(losses, balanced.losses, shared, self.gradient, features)
+        # with no gradient method the engine ran the ordinary backward of Σ ℓ̃: no overhead in it
+        overhead = (before_engine if combination is None else time.perf_counter()) - start
+        self._warn_unconverged(combination)
+        return _result(losses, balanced, combination, overhead)
 
     def end_epoch(self) -> None:
         """Call once at the end of every training epoch (DWA, IGBv1's baseline, IGBv2's schedule use it)."""
@@ -226,8 +165,16 @@ class Balancer(nn.Module):
         self.gradient.reset()
         self._engine.reset()
         self._warned_solver = False
-        self._calls = 0
-        self._reused_weights = None
+
+    def _warn_unconverged(self, combination: Combination | None) -> None:
+        if combination is not None and not combination.converged and not self._warned_solver:
+            self._warned_solver = True
+            warnings.warn(
+                f"{type(self.gradient).__name__}: {combination.note or 'solver did not converge'} "
+                "(reported in BalanceResult.converged; warned once)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     # -- validation ------------------------------------------------------------------------------------------
     def _check_losses(self, losses: Tensor | Iterable[Tensor], need_grad: bool = True) -> Tensor:
@@ -256,7 +203,7 @@ class Balancer(nn.Module):
             )
         return losses
 
-    def _check_shared(self, shared_params: Iterable[Tensor]) -> list[Tensor]:
+    def _check_shared(self, shared_params: Iterable[Tensor], losses: Tensor) -> list[Tensor]:
         if isinstance(shared_params, Tensor):
             shared_params = [shared_params]
         shared = list(shared_params)
@@ -265,18 +212,40 @@ class Balancer(nn.Module):
         frozen = [i for i, p in enumerate(shared) if not p.requires_grad]
         if frozen:
             raise ValueError(f"shared parameters at positions {frozen} do not require grad")
+        leaf_ids = {id(t) for t in reachable_leaves(losses)}
+        unused = [i for i, p in enumerate(shared) if id(p) not in leaf_ids]
+        if unused:
+            raise ValueError(
+                f"shared parameters at positions {unused} have no gradient path from the losses; pass only "
+                "parameters the losses depend on (e.g. model.encoder.parameters())"
+            )
         return shared
 
     # -- state -----------------------------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
-        return {"n_tasks": self.n_tasks, "calls": self._calls, "reused_weights": self._reused_weights}
+        return {"n_tasks": self.n_tasks, **self._engine.reuse.state()}
 
     def set_extra_state(self, state: Any) -> None:
         if state["n_tasks"] != self.n_tasks:
             raise ValueError(f"state is for {state['n_tasks']} tasks, this Balancer has {self.n_tasks}")
-        self._calls = int(state.get("calls", 0))
-        self._reused_weights = state.get("reused_weights")
+        self._engine.reuse.load(state)
 
     def extra_repr(self) -> str:
         every = f", update_weights_every={self.update_weights_every}" if self.update_weights_every > 1 else ""
         return f"n_tasks={self.n_tasks}, engine={self.engine!r}{every}"
+
+
+def _result(losses: Tensor, balanced: Balanced, combination: Combination | None, overhead: float) -> BalanceResult:
+    """The step's report: the gradient method's weights (when it has any) multiply the loss method's."""
+    gradient_weights = None if combination is None else combination.weights
+    effective = balanced.weights if gradient_weights is None else balanced.weights * gradient_weights
+    return BalanceResult(
+        weights=effective.detach(),
+        losses=losses.detach(),
+        balanced_losses=balanced.losses.detach(),
+        loss_weights=balanced.weights,
+        gradient_weights=None if gradient_weights is None else gradient_weights.detach(),
+        overhead_s=overhead,
+        converged=combination is None or combination.converged,
+        note="" if combination is None else combination.note,
+    )

@@ -1,11 +1,13 @@
 """The gradient level: a method that combines the K per-task gradients of the shared parameters into one update.
 
 Notation: J is the K × P matrix whose rows are g_k = ∇_θ ℓ̃_k over the shared parameters θ, and G = J Jᵀ its
-Gramian. A method declares which of the two it reads (:attr:`GradientBalancer.needs`):
+Gramian. A method declares which of the two it reads, if any (:attr:`GradientBalancer.needs`):
 
 - ``"gramian"``: the method computes weights w from G alone and the update is Jᵀ w = Σ_k w_k g_k. The engine
   may then obtain G without ever materialising J, or apply w with one ordinary backward of Σ_k w_k ℓ̃_k.
 - ``"jacobian"``: the method needs J itself (per-coordinate operations, or state made of past gradients).
+- ``"nothing"``: no balancing (:class:`~taskbalance.gradient_balancing.sum.Sum`): the engine runs one ordinary
+  backward of Σ_k ℓ̃_k and never forms J or G.
 
 The "sum convention": with K equal gradients g, the update is K·g = ∇ Σ_k ℓ̃_k. Methods whose natural output
 is a convex combination multiply by K, as the reference implementations do.
@@ -55,7 +57,7 @@ class GradientBalancer(Method):
     (None = no clipping) bounds the norm of the shared update, as the Nash-MTL reference code does.
     """
 
-    needs: ClassVar[Literal["gramian", "jacobian"]] = "jacobian"
+    needs: ClassVar[Literal["gramian", "jacobian", "nothing"]] = "jacobian"
     options: ClassVar[tuple[str, ...]] = ("max_norm",)
 
     def __init__(self, max_norm: float | None = None) -> None:

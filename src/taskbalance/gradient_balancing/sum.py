@@ -18,7 +18,7 @@ from .base import Combination, GradientBalancer
 class Sum(GradientBalancer):
     """Update = Σ_k g_k (weights all 1). Defaults: no clipping."""
 
-    needs: ClassVar[Literal["gramian", "jacobian"]] = "gramian"
+    needs: ClassVar[Literal["gramian", "jacobian", "nothing"]] = "nothing"
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
         return Combination(weights=torch.ones(self.n_tasks, dtype=matrix.dtype, device=matrix.device))

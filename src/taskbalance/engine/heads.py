@@ -2,12 +2,13 @@
 
 With z the shared representation (the trunk's output) and every path from the shared parameters to ℓ̃ running
 through z, the chain rule splits the per-task Jacobian into J = J_z · ∂z/∂θ: J_z through the heads here, then the
-K products J_z[k] · ∂z/∂θ through the trunk (see :mod:`taskbalance.jacobian`).
+K products J_z[k] · ∂z/∂θ through the trunk (see :mod:`taskbalance.engine`).
 
 Cost of J_z. A K-batched backward from ℓ̃ runs every head K times (K² head passes: the one-hot cotangent of task k
-still sends zeros through the other heads). When the graph separates the tasks (:func:`taskbalance._graph.task_split`:
-ℓ̃ = f(stack(L_1..L_K)) and each node reading z serves one task), a hook on each consumer of z keeps what that
-consumer sends to z, filed under the task it serves, and far fewer head passes are needed:
+still sends zeros through the other heads). When the graph separates the tasks
+(:func:`~taskbalance.engine.graph.task_split`: ℓ̃ = f(stack(L_1..L_K)) and each node reading z serves one task), a
+hook on each consumer of z keeps what that consumer sends to z, filed under the task it serves, and far fewer head
+passes are needed:
 
 - ℓ̃_k a function of L_k alone (EW, UW, IGB, DB-MTL's log, ...: ∂ℓ̃/∂L diagonal): one backward of Σ_k ℓ̃_k, which
   also gives the heads their ∇ Σ_k ℓ̃_k. This is exactly an EW backward through the heads.
@@ -26,8 +27,8 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from ._engine_vjp import BlockBuffers, VmapMemo, batched_vjp
-from ._graph import TaskSplit
+from .graph import TaskSplit
+from .vjp import BlockBuffers, VmapMemo, batched_vjp, summed_gradient
 
 
 def features_jacobian(
@@ -53,11 +54,7 @@ def features_jacobian(
         if mixing is not None and mixing.shape == (n, n):
             per_loss, _ = _captured_pass(stack_out, features, [], split, torch.ones_like(mixing[0]), buffers)
             jz = (mixing.to(features.dtype) @ per_loss.reshape(n, -1)).reshape(n, *features.shape)
-            if not head_params:
-                return jz, []
-            ones = torch.ones_like(balanced)
-            heads = torch.autograd.grad(balanced, head_params, ones, retain_graph=True, allow_unused=True)
-            return jz, list(heads)
+            return jz, summed_gradient(balanced, head_params)
     grads = batched_vjp(balanced, [features, *head_params], eye, memo, kind="heads", final=False)
     first = grads[0]
     jz = first if first is not None else features.new_zeros((n, *features.shape))

@@ -1,13 +1,13 @@
 """Inspection of the autograd graph: which leaf tensors a loss depends on, and how it depends on ``features``.
 
 The Balancer needs this to refuse a shared parameter that the losses do not depend on (a clear error instead
-of a silent zero gradient) and to find the task-specific parameters (heads), which must receive ∇ Σ_k ℓ̃_k
-while the shared ones receive the balanced update.
+of a silent zero gradient); the engine to find the task-specific parameters (heads, and loss methods' own
+parameters), which must receive ∇ Σ_k ℓ̃_k while the shared ones receive the balanced update.
 
-The engine needs it for the features-first path: that path is exact only when every path from the shared
-parameters to ℓ̃ goes through ``features`` (:func:`leaves_before`), and it is cheapest when each consumer of
-``features`` serves one task alone (:func:`task_split`), because then one ordinary backward through the heads
-yields every ∂L_k/∂z at once instead of K backward passes (or a K-batched one) through all heads.
+The features-first path is exact only when every path from the shared parameters to ℓ̃ goes through
+``features`` (:class:`FeatureCut`, by :func:`leaves_before`), and it is cheapest when each consumer of ``features``
+serves one task alone (:func:`task_split`), because then one ordinary backward through the heads yields every
+∂L_k/∂z at once instead of K backward passes (or a K-batched one) through all heads.
 
 All walks visit each node at most once per start node and read only ``grad_fn.next_functions`` (a few µs per
 hundred nodes); nothing is computed on tensors.
@@ -15,6 +15,7 @@ hundred nodes); nothing is computed on tensors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,35 @@ def leaves_before(output: Tensor, cut: Tensor | None) -> list[Tensor]:
             seen_nodes.add(child)
             stack.append(child)
     return leaves
+
+
+class FeatureCut:
+    """θ, the other leaves, and how they sit around ``features`` z (which leaves ℓ̃ reaches without z)."""
+
+    def __init__(
+        self, balanced: Tensor, features: Tensor | None, shared: Sequence[Tensor], task_params: Sequence[Tensor]
+    ) -> None:
+        self.head_side: list[Tensor] = []
+        self.trunk_side: list[Tensor] = []
+        self.reason = ""
+        if features is None:
+            self.reason = "no features were given"
+            return
+        if features.grad_fn is None:
+            self.reason = "features are not the output of a differentiable computation (no grad_fn)"
+            return
+        direct = {id(t) for t in leaves_before(balanced, features)}
+        bypass = [i for i, p in enumerate(shared) if id(p) in direct]
+        if bypass:
+            self.reason = f"shared parameters at positions {bypass} reach the losses without passing through features"
+            return
+        self.head_side = [p for p in task_params if id(p) in direct]
+        self.trunk_side = [p for p in task_params if id(p) not in direct]
+
+    @property
+    def exact(self) -> bool:
+        """Whether J = J_z · ∂z/∂θ holds (every path from θ to ℓ̃ goes through z)."""
+        return not self.reason
 
 
 @dataclass(frozen=True)

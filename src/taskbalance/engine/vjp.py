@@ -8,6 +8,8 @@ whose backward branches on values, ``.item()`` in a backward, ...) it raises, an
 ordinary backward calls instead. :class:`VmapMemo` remembers the failure so that later steps do not pay for a
 failed attempt again, and warns once.
 
+``summed_gradient`` is the one product with all-ones cotangents, ∇ Σ_k outputs_k: what task parameters receive.
+
 ``streaming_gramian`` is the memory-lean variant for methods that read only G = J Jᵀ: a hook on each parameter
 turns its (K, *shape) block into its contribution J_p J_pᵀ as soon as the backward produces it and hands autograd
 back a one-element stand-in, so the K × P Jacobian never exists at once (peak: the largest block).
@@ -157,6 +159,14 @@ def batched_vjp(
             memo.ok.add(kind)
             return list(grads)
     return loop_vjp(outputs, inputs, cotangents, final, buffers, kind)
+
+
+def summed_gradient(outputs: Tensor, inputs: Sequence[Tensor]) -> list[Tensor | None]:
+    """∇ Σ_k outputs_k for each of ``inputs`` (None where unused), keeping the graph for the passes that follow."""
+    if not inputs:
+        return []
+    ones = torch.ones_like(outputs)
+    return list(torch.autograd.grad(outputs, inputs, ones, retain_graph=True, allow_unused=True))
 
 
 def streaming_gramian(

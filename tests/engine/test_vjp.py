@@ -12,9 +12,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from taskbalance import _engine_vjp
-from taskbalance.jacobian import Engine, EngineFallbackWarning
-from tests.test_jacobian import make_method, tolerances
+from taskbalance.engine import Engine, EngineFallbackWarning, vjp
+from tests.engine.helpers import make_method, tolerances
 
 
 class ValueBranch(torch.autograd.Function):
@@ -154,7 +153,7 @@ def test_gramian_blocks_are_reduced_in_hooks(monkeypatch: pytest.MonkeyPatch) ->
     """Each shared block becomes its contribution to G inside a hook and a one-element stand-in for autograd."""
     ValueBranch.batchable = True
     seen: list[torch.Size] = []
-    stand_in = _engine_vjp._stand_in
+    stand_in = vjp._stand_in
 
     def spy(grad: Tensor) -> Tensor:
         seen.append(grad.shape)
@@ -162,7 +161,7 @@ def test_gramian_blocks_are_reduced_in_hooks(monkeypatch: pytest.MonkeyPatch) ->
         assert out.untyped_storage().nbytes() == out.element_size()
         return out
 
-    monkeypatch.setattr(_engine_vjp, "_stand_in", spy)
+    monkeypatch.setattr(vjp, "_stand_in", spy)
     try:
         model, x, y = setup("trunk")
         expected = step(model, x, y, Engine("loop"))

@@ -1,0 +1,280 @@
+"""The Engine: one per training run; its checks, the Balancer's step, and each path (see :mod:`taskbalance.engine`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..gradient_balancing.base import Combination, GradientBalancer
+from .combine import apply_blocks, call_method, check_direction, check_weights, reads_gramian, weights_for_gramian
+from .grad import accumulate, accumulate_summed, backward, clip_blocks
+from .graph import FeatureCut, reachable_leaves, task_split
+from .heads import features_jacobian
+from .paths import CUT_PATHS, ENGINE_PATHS, FEATURE_PATHS, EnginePath, resolve_auto
+from .reuse import WeightReuse
+from .vjp import BlockBuffers, VmapMemo, batched_vjp, streaming_gramian
+
+
+class Engine:
+    """Obtains per-task gradients along one of :data:`ENGINE_PATHS` and applies a gradient method's update.
+
+    Keep one ``Engine`` per training run: it remembers whether vmap can run the model's backward graph, so a
+    failing batched attempt is paid (and warned about) once, and once vmap is known to work the last backward of
+    each step frees the graph like an ordinary ``backward()``. ``last_path`` names the path the last call took
+    (``"auto"`` resolved; ``"sum"`` and ``"reuse"`` for :meth:`step`), and :attr:`fell_back` says whether vmap
+    failed, for logs and tests. ``update_weights_every`` amortises weight-based methods (:attr:`reuse`).
+    """
+
+    def __init__(self, path: EnginePath = "auto", update_weights_every: int = 1) -> None:
+        self.reuse = WeightReuse(update_weights_every)
+        if path not in ENGINE_PATHS:
+            raise ValueError(f"unknown engine path {path!r}; choose from {', '.join(ENGINE_PATHS)}")
+        self.path: EnginePath = path
+        self.memo = VmapMemo()
+        self.buffers = BlockBuffers()
+        self.last_path = ""
+
+    @property
+    def fell_back(self) -> bool:
+        """Whether vmap failed on this model, so that products are taken one task at a time."""
+        return bool(self.memo.failed)
+
+    def reset(self) -> None:
+        """Forget what was learnt about vmap on the model and the reused weights, and free the reused buffers."""
+        self.memo = VmapMemo()
+        self.buffers.clear()
+        self.last_path = ""
+        self.reuse.reset()
+
+    def __repr__(self) -> str:
+        return f"Engine({self.path!r})"
+
+    # -- checks: made before anything runs ---------------------------------------------------------------------
+    def check_method(self, method: GradientBalancer) -> None:
+        """Refuse a method this engine cannot serve: the Gramian path and reused weights need one that reads G."""
+        if method.needs != "jacobian":
+            return
+        name = type(method).__name__
+        if self.path == "gramian":
+            raise ValueError(f"engine 'gramian' needs a method that reads only G; {name} reads J")
+        if self.reuse.every > 1:
+            raise ValueError(
+                f"update_weights_every needs a weight-based gradient method; {name} returns an update that is not "
+                "Jᵀw (it reads J), so there are no weights to reuse"
+            )
+
+    def check(
+        self, losses: Tensor, shared: Sequence[Tensor], method: GradientBalancer, features: Tensor | None = None
+    ) -> None:
+        """Refuse a call of :meth:`step` this engine cannot serve, from the raw losses L, before the loss method runs.
+
+        The feature cut is the same seen from L or from ℓ̃: a loss method reaches θ only through L.
+        """
+        self.check_method(method)
+        if method.needs != "nothing" and self.path in FEATURE_PATHS:
+            _require_exact(self.path, FeatureCut(losses, features, shared, []))
+
+    # -- the Balancer's step ---------------------------------------------------------------------------------------
+    def step(
+        self,
+        losses: Tensor,
+        balanced: Tensor,
+        shared: Sequence[Tensor],
+        method: GradientBalancer,
+        features: Tensor | None = None,
+    ) -> Combination | None:
+        """One balanced backward after :meth:`check`: sum, reuse, or solve. Returns the method's Combination.
+
+        A method that needs nothing (Sum) gets one ordinary backward of Σ_k ℓ̃_k and None is returned. Otherwise
+        the heads and the methods' own parameters (every leaf of ℓ̃ outside ``shared``) get ∇ Σ ℓ̃, and θ the
+        update of reused weights (returned as a Combination in the dtype and on the device of the raw ``losses``)
+        or of the method's solve along this engine's path.
+        """
+        if method.needs == "nothing":
+            self.last_path = "sum"
+            backward(balanced.sum())
+            return None
+        shared_ids = {id(p) for p in shared}
+        task_params = [t for t in reachable_leaves(balanced) if id(t) not in shared_ids]
+        reused = self.reuse.due()
+        if reused is not None:
+            weights = reused.to(device=losses.device, dtype=losses.dtype)
+            self.apply_weights(balanced, shared, task_params, weights, method.max_norm)
+            return Combination(weights=weights)
+        combination = self._solve(balanced, shared, task_params, method, features)
+        self.reuse.keep(combination)
+        return combination
+
+    def __call__(
+        self,
+        balanced: Tensor,
+        shared: Sequence[Tensor],
+        task_params: Sequence[Tensor],
+        method: GradientBalancer,
+        features: Tensor | None = None,
+    ) -> Combination:
+        """Compute what ``method`` needs, combine, and accumulate the gradients. Returns the method's Combination.
+
+        The per-task path alone, for any method (one that needs nothing is handed G): no amortisation.
+        """
+        self.check_method(method)
+        return self._solve(balanced, shared, task_params, method, features)
+
+    def apply_weights(
+        self,
+        balanced: Tensor,
+        shared: Sequence[Tensor],
+        task_params: Sequence[Tensor],
+        weights: Tensor,
+        max_norm: float | None,
+    ) -> None:
+        """Accumulate Jᵀw (clipped to ``max_norm``) into ``θ.grad`` and ∇ Σ ℓ̃ into the task parameters.
+
+        The reuse step of amortised weights: no J, no G. The task parameters' backward runs first and only
+        through the part of the graph between them and ℓ̃ (the heads); the backward of Σ_k w_k ℓ̃_k into θ then
+        frees the graph, like an ordinary ``backward()``. Cost: one backward plus one more through the heads.
+        """
+        check_weights(weights, balanced.shape[0])
+        accumulate_summed(balanced, task_params)
+        self.last_path = "reuse"
+        if max_norm is None:  # straight into .grad, exactly like backward()
+            backward(balanced, weights.to(balanced.dtype), shared)
+            return
+        update = torch.autograd.grad(balanced, shared, weights.to(balanced.dtype), allow_unused=True)
+        accumulate(shared, clip_blocks(update, max_norm), owned=True)
+
+    # -- paths -------------------------------------------------------------------------------------------------
+    def _solve(
+        self,
+        balanced: Tensor,
+        shared: Sequence[Tensor],
+        task_params: Sequence[Tensor],
+        method: GradientBalancer,
+        features: Tensor | None,
+    ) -> Combination:
+        path = self.path
+        split = FeatureCut(balanced, features if path in CUT_PATHS else None, shared, task_params)
+        if path in FEATURE_PATHS:
+            _require_exact(path, split)
+        trunk_vmap = True
+        if path == "auto":
+            gramian_only = reads_gramian(method)
+            size = balanced.shape[0] * sum(p.numel() * p.element_size() for p in shared) if gramian_only else 0
+            path, trunk_vmap = resolve_auto(split.exact, balanced.device, size, gramian_only)
+        if path == "representation":
+            assert features is not None
+            return self._representation(balanced, shared, features, split, method)
+        if path == "gramian":
+            return self._gramian(balanced, shared, task_params, features, split, method)
+        if path == "features":
+            assert features is not None
+            blocks, task_grads = self._features(balanced, shared, features, split, trunk_vmap)
+            task_params = [*split.head_side, *split.trunk_side]
+        else:
+            eye = torch.eye(balanced.shape[0], dtype=balanced.dtype, device=balanced.device)
+            inputs = [*shared, *task_params]
+            grads = batched_vjp(
+                balanced,
+                inputs,
+                eye,
+                self.memo,
+                kind="whole",
+                final=True,
+                try_vmap=path != "loop",
+                buffers=self.buffers,
+            )
+            blocks = grads[: len(shared)]
+            task_grads = [None if g is None else g.sum(0) for g in grads[len(shared) :]]
+        self.last_path = path
+        combination = apply_blocks(balanced, shared, blocks, method, self.buffers)
+        accumulate(task_params, task_grads, owned=path != "features")  # sums over K, unless captured
+        return combination
+
+    def _features(
+        self, balanced: Tensor, shared: Sequence[Tensor], features: Tensor, split: FeatureCut, trunk_vmap: bool
+    ) -> tuple[list[Tensor | None], list[Tensor | None]]:
+        """Per-task blocks of θ, and ∇ Σ ℓ̃ of head-side then trunk-side task parameters."""
+        jz, head_grads = self._features_jacobian(balanced, features, split)
+        inputs = [*shared, *split.trunk_side]
+        grads = batched_vjp(
+            features, inputs, jz, self.memo, kind="trunk", final=True, try_vmap=trunk_vmap, buffers=self.buffers
+        )
+        trunk_grads = [None if g is None else g.sum(0) for g in grads[len(shared) :]]
+        return grads[: len(shared)], [*head_grads, *trunk_grads]
+
+    def _features_jacobian(
+        self, balanced: Tensor, features: Tensor, split: FeatureCut
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        tasks = task_split(balanced, features, balanced.shape[0])
+        return features_jacobian(balanced, features, split.head_side, tasks, self.memo, self.buffers)
+
+    def _gramian(
+        self,
+        balanced: Tensor,
+        shared: Sequence[Tensor],
+        task_params: Sequence[Tensor],
+        features: Tensor | None,
+        split: FeatureCut,
+        method: GradientBalancer,
+    ) -> Combination:
+        n = balanced.shape[0]
+        if split.exact:
+            assert features is not None
+            jz, head_grads = self._features_jacobian(balanced, features, split)
+            gramian, trunk_grads = streaming_gramian(
+                features, shared, split.trunk_side, jz, self.memo, kind="trunk", final=False
+            )
+            self.last_path = "gramian"
+            combination = call_method(method, gramian, balanced.detach())
+            weights = weights_for_gramian(combination, gramian, method)
+            cotangent = torch.tensordot(weights.to(jz.dtype), jz, dims=1)
+            update = torch.autograd.grad(features, shared, cotangent, allow_unused=True)
+            accumulate(shared, update)
+            accumulate([*split.head_side, *split.trunk_side], [*head_grads, *trunk_grads])
+            return combination
+        eye = torch.eye(n, dtype=balanced.dtype, device=balanced.device)
+        gramian, _ = streaming_gramian(balanced, shared, [], eye, self.memo, kind="whole", final=False)
+        self.last_path = "gramian"
+        combination = call_method(method, gramian, balanced.detach())
+        weights = weights_for_gramian(combination, gramian, method)
+        accumulate_summed(balanced, task_params)
+        update = torch.autograd.grad(balanced, shared, weights.to(balanced.dtype), allow_unused=True)
+        accumulate(shared, update)
+        return combination
+
+    def _representation(
+        self, balanced: Tensor, shared: Sequence[Tensor], features: Tensor, split: FeatureCut, method: GradientBalancer
+    ) -> Combination:
+        n = balanced.shape[0]
+        jz, head_grads = self._features_jacobian(balanced, features, split)
+        self.last_path = "representation"
+        flat = jz.reshape(n, -1)
+        combination = call_method(method, flat @ flat.T if reads_gramian(method) else flat, balanced.detach())
+        if combination.weights is not None and combination.direction is None:
+            check_weights(combination.weights, n)
+            cotangent = (combination.weights.to(flat.dtype) @ flat).reshape(features.shape)
+        else:
+            assert combination.direction is not None
+            check_direction(combination.direction, flat.shape[1], "the flattened features")
+            cotangent = combination.direction.to(features.dtype).reshape(features.shape)
+        inputs = [*shared, *split.trunk_side]
+        if split.trunk_side:  # they need ∇ Σ ℓ̃ = the product with Σ_k J_z[k]: one 2-batched trunk pass for both
+            both = torch.stack([cotangent, jz.sum(0)])
+            grads = batched_vjp(features, inputs, both, self.memo, kind="trunk", final=True)
+            update = [None if g is None else g[0] for g in grads[: len(shared)]]
+            trunk_grads = [None if g is None else g[1] for g in grads[len(shared) :]]
+        else:
+            update = list(torch.autograd.grad(features, inputs, cotangent, allow_unused=True))
+            trunk_grads = []
+        if method.max_norm is not None:
+            update = clip_blocks(update, method.max_norm)
+        accumulate(shared, update)
+        accumulate([*split.head_side, *split.trunk_side], [*head_grads, *trunk_grads])
+        return combination
+
+
+def _require_exact(path: str, cut: FeatureCut) -> None:
+    if not cut.exact:
+        raise ValueError(f"engine {path!r} needs features through which every shared path runs: {cut.reason}")
