@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import ClassVar
 
 from .base import Metric, TrainingProtocol
-from .dense_metrics import Reduction, metrics_for
-from .mnist import DataSourceError
-from .nyuv2 import DenseBenchmark, dense_protocols
+from .datasets.mnist import DataSourceError
+from .dense import DenseBenchmark, dense_protocols
+from .metrics.dense import Reduction, metrics_for
 
 N_CLASSES = (7, 19)
 
@@ -46,7 +46,7 @@ _LAYOUT = (
 class CityscapesBenchmark(DenseBenchmark):
     """Cityscapes: 7-class (or 19-class) segmentation and depth at 128×256 (see the module docstring).
 
-    Args: as :class:`~.nyuv2.DenseBenchmark`, plus ``n_classes`` (7 or 19).
+    Args: as :class:`~.dense.DenseBenchmark`, plus ``n_classes`` (7 or 19).
     """
 
     name: ClassVar[str] = "cityscapes"
