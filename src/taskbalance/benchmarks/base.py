@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
@@ -60,6 +60,11 @@ class TrainingProtocol:
     subsample: int = 1
     #: random augmentation of training samples (dense benchmarks: scale crop and flip)
     augment: bool = False
+
+    def reduced_to(self, name: str, description: str, **changes: Any) -> TrainingProtocol:
+        """A REDUCED variant of this protocol (fewer epochs, a subset, a smaller model ...): ``changes`` set the
+        fields that differ, everything else is kept."""
+        return replace(self, name=name, description=description, reduced=True, **changes)
 
 
 class MultiTaskModel(Protocol):

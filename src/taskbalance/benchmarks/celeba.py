@@ -63,6 +63,17 @@ def mean_error(metrics: dict[str, float]) -> float:
     return 1.0 - sum(accuracies) / len(accuracies)
 
 
+_PAPER = TrainingProtocol(
+    name="paper",
+    epochs=15,
+    batch_size=256,
+    lr=3e-4,
+    description="official splits, 64×64 inputs, ResNet-18 trunk, Adam 3e-4, batch 256, 15 epochs (FAMO's schedule)",
+    image_size=64,
+    width=64,
+)
+
+
 # -- the benchmark -------------------------------------------------------------------------------------------------
 class CelebABenchmark(Benchmark):
     """CelebA's 40 attributes with a ResNet-18-style trunk (see the module docstring); needs ``data_dir``."""
@@ -71,24 +82,14 @@ class CelebABenchmark(Benchmark):
     tasks: ClassVar[tuple[str, ...]] = ATTRIBUTES
     metrics: ClassVar[tuple[Metric, ...]] = tuple(Metric(f"acc/{a}", a, higher_is_better=True) for a in ATTRIBUTES)
     protocols: ClassVar[dict[str, TrainingProtocol]] = {
-        "paper": TrainingProtocol(
-            name="paper",
-            epochs=15,
-            batch_size=256,
-            lr=3e-4,
-            description="official splits, 64×64 inputs, ResNet-18 trunk, Adam 3e-4, batch 256, 15 epochs (FAMO's "
-            "schedule)",
-            image_size=64,
-            width=64,
-        ),
-        "quick": TrainingProtocol(
-            name="quick",
+        "paper": _PAPER,
+        "quick": _PAPER.reduced_to(
+            "quick",
+            "first 1,024 training and 256 val / test images, 32×32 inputs, ResNet-18 trunk at width 8, Adam 1e-3, "
+            "batch 64, 2 epochs (a smoke-scale run: ~0.3 s per EW step on one CPU core)",
             epochs=2,
             batch_size=64,
             lr=1e-3,
-            description="first 1,024 training and 256 val / test images, 32×32 inputs, ResNet-18 trunk at width 8, "
-            "Adam 1e-3, batch 64, 2 epochs (a smoke-scale run: ~0.3 s per EW step on one CPU core)",
-            reduced=True,
             train_size=1024,
             eval_size=256,
             image_size=32,

@@ -99,12 +99,9 @@ def dense_protocols(epochs: int, batch_size: int, what: str, quick: Mapping[str,
             model=model,
             augment=True,
         )
-        protocols["quick" + suffix] = TrainingProtocol(
-            name="quick" + suffix,
-            description=f"{quick['description']}, {label} at width {quick['width']}",
-            reduced=True,
-            model=model,
-            augment=True,
+        protocols["quick" + suffix] = protocols["paper" + suffix].reduced_to(
+            "quick" + suffix,
+            f"{quick['description']}, {label} at width {quick['width']}",
             **{k: v for k, v in quick.items() if k != "description"},
         )
     return protocols

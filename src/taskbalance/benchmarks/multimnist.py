@@ -40,27 +40,23 @@ DATA_SEED = 0
 VAL_SIZE = 10_000
 _TASKS = ("left", "right")
 
+_PAPER = TrainingProtocol(
+    name="paper",
+    epochs=100,
+    batch_size=256,
+    lr=1e-3,
+    description="50k train / 10k val / 10k test, 100 epochs, batch 256, Adam 1e-3 × 0.85 every 10 epochs "
+    "(Sener & Koltun's schedule)",
+    lr_step=10,
+    lr_gamma=0.85,
+)
 PROTOCOLS: dict[str, TrainingProtocol] = {
-    "paper": TrainingProtocol(
-        name="paper",
-        epochs=100,
-        batch_size=256,
-        lr=1e-3,
-        description="50k train / 10k val / 10k test, 100 epochs, batch 256, Adam 1e-3 × 0.85 every 10 epochs "
-        "(Sener & Koltun's schedule)",
-        lr_step=10,
-        lr_gamma=0.85,
-    ),
-    "quick": TrainingProtocol(
-        name="quick",
+    "paper": _PAPER,
+    "quick": _PAPER.reduced_to(
+        "quick",
+        "10k of the 50k training samples, 8 epochs, batch 256, Adam 1e-3; full 10k val / 10k test",
         epochs=8,
-        batch_size=256,
-        lr=1e-3,
-        description="10k of the 50k training samples, 8 epochs, batch 256, Adam 1e-3; full 10k val / 10k test",
-        reduced=True,
         train_size=10_000,
-        lr_step=10,
-        lr_gamma=0.85,
     ),
 }
 
