@@ -64,14 +64,9 @@ def mean_error(metrics: dict[str, float]) -> float:
 
 
 _PAPER = TrainingProtocol(
-    name="paper",
-    epochs=15,
-    batch_size=256,
-    lr=3e-4,
+    name="paper", epochs=15, batch_size=256, lr=3e-4, image_size=64, width=64,
     description="official splits, 64×64 inputs, ResNet-18 trunk, Adam 3e-4, batch 256, 15 epochs (FAMO's schedule)",
-    image_size=64,
-    width=64,
-)
+)  # fmt: skip
 
 
 # -- the benchmark -------------------------------------------------------------------------------------------------

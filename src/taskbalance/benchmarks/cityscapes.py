@@ -55,22 +55,10 @@ class CityscapesBenchmark(DenseBenchmark):
     folders: ClassVar[dict[str, str]] = {"image": "image", "label": "label_7", "depth": "depth"}
     layout: ClassVar[str] = _LAYOUT
     protocols: ClassVar[dict[str, TrainingProtocol]] = dense_protocols(
-        200,
-        8,
-        "random scale crop + flip",
-        {
-            "description": "6 epochs, batch 16, Adam 1e-3, StepLR(3, 0.5), every 4th pixel (32×64), "
-            "128 train / 64 val / 64 test images",
-            "epochs": 6,
-            "batch_size": 16,
-            "lr": 1e-3,
-            "width": 8,
-            "subsample": 4,
-            "train_size": 128,
-            "eval_size": 64,
-            "lr_step": 3,
-        },
-    )
+        200, 8, "random scale crop + flip",
+        "6 epochs, batch 16, Adam 1e-3, StepLR(3, 0.5), every 4th pixel (32×64), 128 train / 64 val / 64 test images",
+        epochs=6, batch_size=16, lr=1e-3, width=8, subsample=4, train_size=128, eval_size=64, lr_step=3,
+    )  # fmt: skip
     default_protocol: ClassVar[str] = "paper"
 
     def __init__(

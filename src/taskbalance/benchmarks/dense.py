@@ -12,7 +12,7 @@ fixed fraction of ``train`` as validation (the same for every method and seed: a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -81,18 +81,20 @@ class DenseLoader(Batches[tuple[Tensor, tuple[Tensor, ...]]]):
 _TASK_LOSSES = {"segmentation": segmentation_loss, "depth": depth_loss, "normal": normal_loss}
 
 
-def dense_protocols(epochs: int, batch_size: int, what: str, quick: Mapping[str, Any]) -> dict[str, TrainingProtocol]:
+def dense_protocols(
+    paper_epochs: int, paper_batch_size: int, what: str, quick_description: str, **quick: Any
+) -> dict[str, TrainingProtocol]:
     """``paper`` and ``quick`` protocols for each model ("-split" names the SegNet split variants): the paper's
-    schedule at ``epochs`` × ``batch_size``, and a REDUCED one from the :class:`TrainingProtocol` fields in
-    ``quick``; all of them augment the training images."""
-    paper = f"MTAN's schedule: {epochs} epochs, batch {batch_size}, Adam 1e-4, StepLR(100, 0.5), {what}"
+    schedule at ``paper_epochs`` × ``paper_batch_size``, and a REDUCED one that changes the
+    :class:`TrainingProtocol` fields given as ``quick``; all of them augment the training images."""
+    paper = f"MTAN's schedule: {paper_epochs} epochs, batch {paper_batch_size}, Adam 1e-4, StepLR(100, 0.5), {what}"
     protocols: dict[str, TrainingProtocol] = {}
     for model, label in (("mtan", "SegNet-MTAN"), ("split", "SegNet split")):
         suffix = "" if model == "mtan" else "-split"
         protocols["paper" + suffix] = TrainingProtocol(
             name="paper" + suffix,
-            epochs=epochs,
-            batch_size=batch_size,
+            epochs=paper_epochs,
+            batch_size=paper_batch_size,
             lr=1e-4,
             description=f"{paper}, {label}",
             lr_step=100,
@@ -101,8 +103,8 @@ def dense_protocols(epochs: int, batch_size: int, what: str, quick: Mapping[str,
         )
         protocols["quick" + suffix] = protocols["paper" + suffix].reduced_to(
             "quick" + suffix,
-            f"{quick['description']}, {label} at width {quick['width']}",
-            **{k: v for k, v in quick.items() if k != "description"},
+            f"{quick_description}, {label} at width {quick['width']}",
+            **quick,
         )
     return protocols
 

@@ -41,15 +41,10 @@ VAL_SIZE = 10_000
 _TASKS = ("left", "right")
 
 _PAPER = TrainingProtocol(
-    name="paper",
-    epochs=100,
-    batch_size=256,
-    lr=1e-3,
+    name="paper", epochs=100, batch_size=256, lr=1e-3, lr_step=10, lr_gamma=0.85,
     description="50k train / 10k val / 10k test, 100 epochs, batch 256, Adam 1e-3 × 0.85 every 10 epochs "
     "(Sener & Koltun's schedule)",
-    lr_step=10,
-    lr_gamma=0.85,
-)
+)  # fmt: skip
 PROTOCOLS: dict[str, TrainingProtocol] = {
     "paper": _PAPER,
     "quick": _PAPER.reduced_to(

@@ -52,20 +52,8 @@ class NYUv2Benchmark(DenseBenchmark):
     n_classes = 13
     layout: ClassVar[str] = _NYUV2_LAYOUT
     protocols: ClassVar[dict[str, TrainingProtocol]] = dense_protocols(
-        200,
-        2,
-        "random scale crop + flip",
-        {
-            "description": "6 epochs, batch 8, Adam 1e-3, StepLR(3, 0.5), every 3rd pixel (96×128), "
-            "64 train / 32 val / 32 test images",
-            "epochs": 6,
-            "batch_size": 8,
-            "lr": 1e-3,
-            "width": 8,
-            "subsample": 3,
-            "train_size": 64,
-            "eval_size": 32,
-            "lr_step": 3,
-        },
-    )
+        200, 2, "random scale crop + flip",
+        "6 epochs, batch 8, Adam 1e-3, StepLR(3, 0.5), every 3rd pixel (96×128), 64 train / 32 val / 32 test images",
+        epochs=6, batch_size=8, lr=1e-3, width=8, subsample=3, train_size=64, eval_size=32, lr_step=3,
+    )  # fmt: skip
     default_protocol: ClassVar[str] = "paper"

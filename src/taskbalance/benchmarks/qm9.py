@@ -38,13 +38,10 @@ from .datasets.qm9 import TASKS, UNITS, QM9Data, QM9Graphs, TargetScaler, load_a
 SPLIT_SEED = 0
 
 _PAPER = TrainingProtocol(
-    name="paper",
-    epochs=300,
-    batch_size=120,
-    lr=1e-3,
+    name="paper", epochs=300, batch_size=120, lr=1e-3,
     description="full QM9 split (110,831 / 10,000 / 10,000), 300 epochs, Adam 1e-3, batch 120, "
     "ReduceLROnPlateau(0.7, patience 5, min 1e-5)",
-)
+)  # fmt: skip
 
 
 class QM9Benchmark(Benchmark):

@@ -245,11 +245,11 @@ def write_report(run_dir: Path, out_dir: Path | None = None, *, plots: bool = Tr
     plot_note: str | None = None
     if plots:
         try:
-            from . import plots as report_plots
+            from . import plots as drawing
         except ImportError as error:
             plot_note = f"Plots skipped: {error}. Install them with `{INSTALL_HINT}`."
         else:
-            figures = report_plots.draw_all(run, rows, out)
+            figures = drawing.draw_all(run, rows, out)
     path = out / "report.md"
     with atomic_open(path) as handle:
         handle.write(render_markdown(run, rows, figures, plot_note).encode())
