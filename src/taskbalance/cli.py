@@ -3,18 +3,22 @@
 Subcommands: ``methods`` lists every registered method with its level and paper line; ``run`` trains and compares
 methods on a benchmark (:mod:`taskbalance.benchmarks.runner`); ``report`` turns a run folder into a markdown
 table and plots (:mod:`taskbalance.benchmarks.report`); ``bench speed`` times every method's training step
-(:mod:`taskbalance.speed`).
+(:mod:`taskbalance.speed`); ``--version`` prints the installed version.
+
+Only ``run``, ``report`` and ``bench`` import the benchmarks (numpy, tqdm; matplotlib for plots), and only when
+they run: ``methods``, ``--version`` and every help text need torch alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import registry
+from . import __version__, registry
 
 _RUN_EPILOG = """\
 examples:
@@ -28,6 +32,14 @@ trained first (cached in $TASKBALANCE_CACHE/stl, default ~/.cache/taskbalance/st
 retrain them). The test metrics are taken at the epoch with the lowest validation Δm% against the single-task
 baselines.
 """
+
+
+def version() -> str:
+    """The installed distribution's version; the package's own ``__version__`` when it runs uninstalled."""
+    try:
+        return importlib.metadata.version("taskbalance")
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
 
 
 def _summary(cls: type) -> str:
@@ -73,9 +85,13 @@ def _positive(text: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .benchmarks.checkpoint import CheckpointError
-    from .benchmarks.mnist import DataSourceError
-    from .benchmarks.runner import run
+    try:
+        from .benchmarks.datasets.mnist import DataSourceError
+        from .benchmarks.runner.checkpoint import CheckpointError
+        from .benchmarks.runner.compare import run
+    except ImportError as error:
+        print(f"taskbalance run: error: {error}", file=sys.stderr)
+        return 2
 
     out = Path(args.out) if args.out is not None else Path("runs") / args.benchmark
     try:
@@ -115,7 +131,7 @@ def _report(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        from .benchmarks.report import write_report
+        from .benchmarks.report.markdown import write_report
     except ImportError as error:
         print(f"taskbalance report: error: the report module cannot be imported ({error})", file=sys.stderr)
         return 2
@@ -134,7 +150,11 @@ def _report(args: argparse.Namespace) -> int:
 def _bench_speed(args: argparse.Namespace) -> int:
     import torch
 
-    from . import speed
+    try:
+        from . import speed
+    except ImportError as error:
+        print(f"taskbalance bench speed: error: {error}", file=sys.stderr)
+        return 2
 
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in speed.CASE_NAMES]
@@ -161,14 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Task balancing for multi-task learning (loss level × gradient level): list the methods, "
         "compare them on benchmarks, and report the comparison.",
     )
+    parser.add_argument("--version", action="version", version=f"taskbalance {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     methods = commands.add_parser(
         "methods", help="list the registered balancing methods", description="List every registered method."
     )
     methods.set_defaults(handler=_methods)
 
-    from .benchmarks.catalog import BENCHMARKS
-    from .benchmarks.runner import DEFAULT_METHODS
+    from .benchmarks.catalog import BENCHMARKS, DEFAULT_METHODS
 
     run = commands.add_parser(
         "run",

@@ -8,7 +8,7 @@ import pytest
 
 from taskbalance.benchmarks import catalog
 from taskbalance.benchmarks.base import Benchmark
-from taskbalance.benchmarks.multimnist_bench import (
+from taskbalance.benchmarks.multimnist import (
     MultiFashionBenchmark,
     MultiFashionMNISTBenchmark,
     MultiMNISTBenchmark,

@@ -11,8 +11,11 @@ import pytest
 import torch
 
 import taskbalance as tb
-from taskbalance.benchmarks import cache, celeba
-from taskbalance.benchmarks.mnist import DataSourceError
+from taskbalance.benchmarks import celeba
+from taskbalance.benchmarks.datasets import cache
+from taskbalance.benchmarks.datasets import celeba as celeba_data
+from taskbalance.benchmarks.datasets.mnist import DataSourceError
+from taskbalance.benchmarks.models.resnet import CelebAResNet
 
 N = 8
 #: official partition column of the fixture, interleaved so that selection must follow it, not the file order
@@ -28,9 +31,11 @@ def write_text_files(attr_dir: Path, eval_dir: Path, signs: np.ndarray = SIGNS) 
     attr_dir.mkdir(parents=True, exist_ok=True)
     eval_dir.mkdir(parents=True, exist_ok=True)
     rows = [f"{name} " + " ".join(f"{int(v):2d}" for v in row) for name, row in zip(FILES, signs, strict=True)]
-    (attr_dir / celeba.ATTR_FILE).write_text("\n".join([str(N), " ".join(celeba.ATTRIBUTES) + " ", *rows]) + "\n")
+    (attr_dir / celeba_data.ATTR_FILE).write_text(
+        "\n".join([str(N), " ".join(celeba_data.ATTRIBUTES) + " ", *rows]) + "\n"
+    )
     lines = [f"{name} {p}" for name, p in zip(FILES, PARTITION, strict=True)]
-    (eval_dir / celeba.PARTITION_FILE).write_text("\n".join(lines) + "\n")
+    (eval_dir / celeba_data.PARTITION_FILE).write_text("\n".join(lines) + "\n")
 
 
 def write_release(root: Path, official_folders: bool = False, png: bool = False) -> Path:
@@ -58,7 +63,7 @@ def _cache_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 # -- parsing (no Pillow needed) ---------------------------------------------------------------------------------
 def test_attributes_map_minus_one_to_zero(tmp_path: Path) -> None:
     write_text_files(tmp_path, tmp_path)
-    files, labels = celeba.parse_attributes(tmp_path / celeba.ATTR_FILE)
+    files, labels = celeba_data.parse_attributes(tmp_path / celeba_data.ATTR_FILE)
     assert files == FILES
     assert labels.dtype == np.uint8 and labels.shape == (N, 40)
     np.testing.assert_array_equal(labels, (SIGNS == 1).astype(np.uint8))
@@ -67,10 +72,10 @@ def test_attributes_map_minus_one_to_zero(tmp_path: Path) -> None:
 
 def test_partition_is_joined_by_file_name(tmp_path: Path) -> None:
     write_text_files(tmp_path, tmp_path)
-    lines = (tmp_path / celeba.PARTITION_FILE).read_text().splitlines()
-    (tmp_path / celeba.PARTITION_FILE).write_text("\n".join(reversed(lines)) + "\n")  # order must not matter
+    lines = (tmp_path / celeba_data.PARTITION_FILE).read_text().splitlines()
+    (tmp_path / celeba_data.PARTITION_FILE).write_text("\n".join(reversed(lines)) + "\n")  # order must not matter
     (tmp_path / "img_align_celeba").mkdir()
-    annotations = celeba.read_annotations(celeba.find_layout(tmp_path))
+    annotations = celeba_data.read_annotations(celeba_data.find_layout(tmp_path))
     np.testing.assert_array_equal(annotations.partition, PARTITION)
 
 
@@ -87,33 +92,33 @@ def test_partition_is_joined_by_file_name(tmp_path: Path) -> None:
 )
 def test_bad_attribute_files_name_the_problem(tmp_path: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]
     write_text_files(tmp_path, tmp_path)
-    path = tmp_path / celeba.ATTR_FILE
+    path = tmp_path / celeba_data.ATTR_FILE
     path.write_text("\n".join(edit(path.read_text().splitlines())) + "\n")
     with pytest.raises(DataSourceError, match=message):
-        celeba.parse_attributes(path)
+        celeba_data.parse_attributes(path)
 
 
 def test_bad_partition_files(tmp_path: Path) -> None:
     write_text_files(tmp_path, tmp_path)
     (tmp_path / "img_align_celeba").mkdir()
-    path = tmp_path / celeba.PARTITION_FILE
+    path = tmp_path / celeba_data.PARTITION_FILE
     lines = path.read_text().splitlines()
     path.write_text("\n".join([*lines[:2], "000003.jpg 3", *lines[3:]]))
     with pytest.raises(DataSourceError, match=r"line 3 must be '<file> 0\|1\|2'"):
-        celeba.parse_partition(path)
+        celeba_data.parse_partition(path)
     path.write_text("\n".join(lines[:-1]))
     with pytest.raises(DataSourceError, match=r"no partition for 1 annotated image.*000008\.jpg"):
-        celeba.read_annotations(celeba.find_layout(tmp_path))
+        celeba_data.read_annotations(celeba_data.find_layout(tmp_path))
 
 
 def test_missing_parts_say_what_is_expected(tmp_path: Path) -> None:
     with pytest.raises(DataSourceError, match="not a directory"):
-        celeba.find_layout(tmp_path / "absent")
+        celeba_data.find_layout(tmp_path / "absent")
     with pytest.raises(DataSourceError, match=r"no image folder.*img_align_celeba.*mmlab"):
-        celeba.find_layout(tmp_path)
+        celeba_data.find_layout(tmp_path)
     (tmp_path / "img_align_celeba").mkdir()
     with pytest.raises(DataSourceError, match=r"no list_attr_celeba\.txt.*Anno/list_attr_celeba\.txt"):
-        celeba.find_layout(tmp_path)
+        celeba_data.find_layout(tmp_path)
     with pytest.raises(DataSourceError, match="pass its folder as data_dir"):
         celeba.CelebABenchmark("quick")
     with pytest.raises(ValueError, match="choose from paper, quick"):
@@ -125,7 +130,7 @@ def test_missing_pillow_gives_the_install_hint(tmp_path: Path, monkeypatch: pyte
     (tmp_path / "img_align_celeba").mkdir()
     monkeypatch.setitem(sys.modules, "PIL", None)
     with pytest.raises(ImportError, match=r"pip install 'taskbalance\[celeba\]'"):
-        celeba.load_celeba(tmp_path, "test", cache=False)
+        celeba_data.load_celeba(tmp_path, "test", cache=False)
 
 
 # -- metrics and losses by hand ---------------------------------------------------------------------------------
@@ -161,56 +166,58 @@ def test_bce_per_attribute_by_hand(dtype: torch.dtype) -> None:
 
 def test_metrics_and_protocols_declared() -> None:
     bench = celeba.CelebABenchmark
-    assert bench.tasks == celeba.ATTRIBUTES and len(bench.tasks) == 40
-    assert [m.name for m in bench.metrics] == [f"acc/{a}" for a in celeba.ATTRIBUTES]
+    assert bench.tasks == celeba_data.ATTRIBUTES and len(bench.tasks) == 40
+    assert [m.name for m in bench.metrics] == [f"acc/{a}" for a in celeba_data.ATTRIBUTES]
     assert all(m.higher_is_better and m.task == m.name[4:] for m in bench.metrics)
     paper, quick = bench.protocols["paper"], bench.protocols["quick"]
     assert (paper.epochs, paper.batch_size, paper.lr, paper.reduced) == (15, 256, 3e-4, False)
     assert quick.reduced and quick.train_size == 1024
-    assert set(bench.settings) == set(bench.protocols)
+    # every protocol fixes its input size, trunk width and evaluation subset
+    assert (paper.image_size, paper.width, paper.eval_size) == (64, 64, None)
+    assert (quick.image_size, quick.width, quick.eval_size) == (32, 8, 256)
 
 
 # -- the model --------------------------------------------------------------------------------------------------
 def test_trunk_is_resnet18_without_its_classifier() -> None:
-    model = celeba.CelebAResNet()
+    model = CelebAResNet()
     # torchvision's resnet18 (11,689,512) minus its fc (512·1000 + 1000) with the 7×7 stem (9,408) swapped for 3×3
     assert sum(p.numel() for p in model.encoder.parameters()) == 11_689_512 - 513_000 - 9_408 + 1_728
     assert len(model.heads) == 40 and model.features == 2048
     features, outputs = model.eval()(torch.randn(2, 3, 64, 64))
     assert features.shape == (2, 2048) and len(outputs) == 40 and outputs[0].shape == (2,)
-    small = celeba.CelebAResNet(n_tasks=3, width=4)
+    small = CelebAResNet(n_tasks=3, width=4)
     assert small(torch.randn(2, 3, 32, 32))[0].shape == (2, 128)
     with pytest.raises(ValueError, match="four counts"):
-        celeba.CelebAResNet(blocks=(2, 2))
+        CelebAResNet(blocks=(2, 2))
     with pytest.raises(ValueError, match="width"):
-        celeba.CelebAResNet(width=0)
+        CelebAResNet(width=0)
 
 
 # -- images, the cache and the benchmark (Pillow) ---------------------------------------------------------------
 @pytest.mark.parametrize("official_folders", [False, True])
 def test_split_images_and_labels_follow_the_partition(tmp_path: Path, official_folders: bool) -> None:
     root = write_release(tmp_path / "celeba", official_folders=official_folders)
-    for split, code in celeba.PARTITIONS.items():
-        data = celeba.load_celeba(root, split, image_size=16)
+    for split, code in celeba_data.PARTITIONS.items():
+        data = celeba_data.load_celeba(root, split, image_size=16)
         rows = np.flatnonzero(code == PARTITION)
         assert data.images.shape == (rows.size, 16, 16, 3) and data.images.dtype == np.uint8
         np.testing.assert_array_equal(data.labels, (SIGNS[rows] == 1).astype(np.uint8))
         # JPEG keeps a solid colour to within a few levels; resizing a solid image keeps it solid
         error = np.abs(data.images.astype(int) - COLOURS[rows][:, None, None, :].astype(int))
         assert error.max() <= 4
-    assert celeba.load_celeba(root, "train", image_size=16, limit=2).labels.shape == (2, 40)
+    assert celeba_data.load_celeba(root, "train", image_size=16, limit=2).labels.shape == (2, 40)
 
 
 def test_png_release_decodes_exactly_and_resizes_bilinear(tmp_path: Path) -> None:
     image_module = pytest.importorskip("PIL.Image")
     root = write_release(tmp_path, png=True)
-    data = celeba.load_celeba(root, "test", image_size=8, cache=False)
+    data = celeba_data.load_celeba(root, "test", image_size=8, cache=False)
     np.testing.assert_array_equal(data.images, np.broadcast_to(COLOURS[PARTITION == 2][:, None, None], (2, 8, 8, 3)))
     # a two-colour image: left half red, right half blue; resized, the edges keep their colours
     pixels = np.zeros((24, 20, 3), np.uint8)
     pixels[:, :10, 0], pixels[:, 10:, 2] = 255, 255
     image_module.fromarray(pixels).save(root / "img_align_celeba_png" / "000006.png")
-    resized = celeba.load_celeba(root, "test", image_size=8, cache=False).images[0]
+    resized = celeba_data.load_celeba(root, "test", image_size=8, cache=False).images[0]
     assert (resized[:, 0] == [255, 0, 0]).all() and (resized[:, -1] == [0, 0, 255]).all()
 
 
@@ -218,7 +225,7 @@ def test_missing_image_names_the_file(tmp_path: Path) -> None:
     root = write_release(tmp_path)
     (root / "img_align_celeba" / "000004.jpg").unlink()
     with pytest.raises(DataSourceError, match=r"cannot decode .*000004\.jpg"):
-        celeba.load_celeba(root, "val", cache=False)
+        celeba_data.load_celeba(root, "val", cache=False)
     assert not list(cache.cache_dir().iterdir())
 
 
@@ -226,19 +233,19 @@ def test_resized_arrays_are_cached_and_rebuilt_when_annotations_change(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = write_release(tmp_path)
-    first = celeba.load_celeba(root, "train", image_size=12)
+    first = celeba_data.load_celeba(root, "train", image_size=12)
     assert len(list(cache.cache_dir().glob("celeba-*-train-12px-all.npz"))) == 1
 
     def no_decode(*args: object, **kwargs: object) -> np.ndarray:
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(celeba, "decode_images", no_decode)
-    np.testing.assert_array_equal(celeba.load_celeba(root, "train", image_size=12).images, first.images)
+    monkeypatch.setattr(celeba_data, "decode_images", no_decode)
+    np.testing.assert_array_equal(celeba_data.load_celeba(root, "train", image_size=12).images, first.images)
     flipped = SIGNS.copy()
     flipped[0, 0] *= -1
     write_text_files(root, root, flipped)  # new annotations → a new cache key → decoding again
     with pytest.raises(AssertionError, match="cache should have been used"):
-        celeba.load_celeba(root, "train", image_size=12)
+        celeba_data.load_celeba(root, "train", image_size=12)
 
 
 def test_loader_batches_shapes_and_determinism(tmp_path: Path) -> None:

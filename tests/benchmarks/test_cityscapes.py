@@ -9,7 +9,7 @@ import torch
 
 import taskbalance as tb
 from taskbalance.benchmarks.cityscapes import CityscapesBenchmark
-from taskbalance.benchmarks.mnist import DataSourceError
+from taskbalance.benchmarks.datasets.mnist import DataSourceError
 from tests.benchmarks.dense_fixtures import write_cityscapes
 
 

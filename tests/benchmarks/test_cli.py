@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from taskbalance import cli
-from taskbalance.benchmarks import cache
-from taskbalance.benchmarks import multimnist_bench as mb
+from taskbalance.benchmarks import multimnist as mb
 from taskbalance.benchmarks.base import TrainingProtocol
+from taskbalance.benchmarks.datasets import cache
 from tests.benchmarks.fixtures import glyph_images, write_idx_dir
 
 
@@ -106,7 +106,7 @@ def test_run_then_resume_then_report(mnist_dir: Path, tmp_path: Path, capsys: py
     assert cli.main([*argv, "--resume"]) == 0
     capsys.readouterr()
 
-    pytest.importorskip("taskbalance.benchmarks.report")
+    pytest.importorskip("taskbalance.benchmarks.report.markdown")
     # in a subprocess, as a user runs it (and so that this process does not keep the plotting module imported)
     done = subprocess.run(
         [sys.executable, "-m", "taskbalance", "report", str(out), "--out", str(tmp_path / "report")],

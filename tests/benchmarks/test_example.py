@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from taskbalance.benchmarks import MultiMNIST, cache
-from taskbalance.benchmarks import multimnist as mm
+from taskbalance.benchmarks import MultiMNIST
+from taskbalance.benchmarks.datasets import cache
+from taskbalance.benchmarks.datasets import multimnist as mm
 from tests.benchmarks.fixtures import glyph_images, write_idx_dir
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "multimnist_compare.py"

@@ -1,183 +1,159 @@
-"""MultiMNIST construction: the overlay/resize rule, labels, splits, seeding and caching, on fixture digits."""
+"""The MNIST-family benchmarks on IDX fixture digits: data paths, splits and subsets, batching, losses, metrics,
+protocols, and a short end-to-end run through the runner."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 
-from taskbalance.benchmarks import cache
-from taskbalance.benchmarks import multimnist as mm
-from taskbalance.benchmarks.mnist import Digits
+from taskbalance.benchmarks import multimnist as mb
+from taskbalance.benchmarks.base import TrainingProtocol
+from taskbalance.benchmarks.datasets import cache
+from taskbalance.benchmarks.runner.compare import run
 from tests.benchmarks.fixtures import glyph_images, write_idx_dir
 
-N_TRAIN, N_TEST = 60, 20
+N_TRAIN, N_TEST, VAL = 60, 30, 12
 
 
 @pytest.fixture(autouse=True)
-def _cache_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(cache.ENV_VAR, str(tmp_path / "cache"))
-
-
-def _digits(n: int, seed: int) -> Digits:
-    labels = np.random.default_rng(seed).integers(0, 10, size=n).astype(np.uint8)
-    return Digits(glyph_images(labels), labels)
-
-
-def _read_glyphs(images: np.ndarray) -> np.ndarray:
-    """(left, right) labels read back from composites of :func:`glyph_images` digits.
-
-    Output pixel (2, 2) samples canvas pixel (3, 3), inside the left block only; output (12, 12) samples canvas
-    (16, 16), inside the right block (canvas 8..19) and outside the left block (canvas 2..13).
-    """
-    return np.stack([(images[:, 2, 2] - 10) // 20, (images[:, 12, 12] - 10) // 20], axis=1)
+    monkeypatch.setattr(mb, "VAL_SIZE", VAL)
 
 
 @pytest.fixture
-def idx_dirs(tmp_path: Path) -> tuple[Path, Path]:
-    mnist_dir, fashion_dir = tmp_path / "mnist", tmp_path / "fashion"
-    for directory, seed in ((mnist_dir, 0), (fashion_dir, 1)):
-        train, test = _digits(N_TRAIN, seed), _digits(N_TEST, seed + 10)
-        write_idx_dir(directory, "train", *train)
-        write_idx_dir(directory, "test", *test)
-    return mnist_dir, fashion_dir
+def data_dir(tmp_path: Path) -> Path:
+    """``mnist/`` and ``fashion/`` subdirectories of glyph digits whose label is readable from the pixels."""
+    root = tmp_path / "data"
+    for name, seed in (("mnist", 0), ("fashion", 1)):
+        rng = np.random.default_rng(seed)
+        for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+            labels = rng.integers(0, 10, n).astype(np.uint8)
+            write_idx_dir(root / name, split, glyph_images(labels), labels)
+    return root
 
 
-def test_nearest_rows_are_pils_rule() -> None:
-    expected = [0, 1, 3, 4, 5, 7, 8, 9, 10, 12, 13, 14, 16, 17, 18, 19, 21, 22, 23, 25, 26, 27, 28, 30, 31, 32, 34, 35]
-    assert mm.NEAREST.tolist() == expected
+def _tiny_protocol(monkeypatch: pytest.MonkeyPatch, train_size: int | None = 24, epochs: int = 2) -> None:
+    protocol = TrainingProtocol("quick", epochs, 8, 1e-2, "fixture", reduced=True, train_size=train_size)
+    monkeypatch.setitem(mb.PROTOCOLS, "quick", protocol)
 
 
-def test_overlay_hand_made_example() -> None:
-    left = np.full((1, 28, 28), 100, np.uint8)
-    right = np.full((1, 28, 28), 50, np.uint8)
-    right[0, 1, 1] = 200  # canvas (7, 7), in the overlap, sampled by output (5, 5): the right's 200 wins
-    right[0, 21, 21] = 60  # canvas (27, 27), in the overlap, sampled by output (21, 21): the left's 100 wins
-    right[0, 0, 0] = 250  # canvas (6, 6): row/column 6 is skipped by the resize, so 250 appears nowhere
-    out = mm.overlay(left, right)[0]
-    assert out.shape == (28, 28) and out.dtype == np.uint8
-    assert out[0, 0] == 100  # canvas (0, 0): left only
-    assert out[27, 27] == 0  # canvas (35, 35): outside both images
-    assert out[0, 27] == 0 and out[27, 0] == 0  # canvas corners covered by neither
-    assert out[22, 22] == 50  # canvas (28, 28): right only
-    assert out[5, 5] == 200
-    assert out[21, 21] == 100
-    assert out[4, 4] == 100  # canvas (5, 5): left only, next to the overlap
-    assert 250 not in out
+def test_protocols() -> None:
+    paper, quick = mb.PROTOCOLS["paper"], mb.PROTOCOLS["quick"]
+    assert (paper.epochs, paper.batch_size, paper.lr, paper.reduced, paper.train_size) == (100, 256, 1e-3, False, None)
+    assert quick.reduced and quick.train_size == 10_000 and quick.epochs >= 6  # IGBv2's policy acts from epoch 6
+    assert mb.MultiMNISTBenchmark.default_protocol == "quick"
+    bench = mb.MultiMNISTBenchmark(protocol="paper")
+    optimizer = bench.optimizer([torch.nn.Parameter(torch.zeros(1))])
+    scheduler = bench.scheduler(optimizer)
+    lrs = []
+    for _ in range(21):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert (
+        lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(0.85e-3) and lrs[20] == pytest.approx(0.85**2 * 1e-3)
+    )
 
 
-def _naive_overlay(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    canvas = np.zeros((36, 36))
-    canvas[0:28, 0:28] = left
-    for r in range(28):
-        for c in range(28):
-            canvas[6 + r, 6 + c] = max(canvas[6 + r, 6 + c], right[r, c])
-    out = np.zeros((28, 28), np.uint8)
-    for i in range(28):
-        for j in range(28):
-            out[i, j] = canvas[int((i + 0.5) * 36 / 28), int((j + 0.5) * 36 / 28)]
-    return out
+def test_metrics_and_tasks() -> None:
+    bench = mb.MultiFashionMNISTBenchmark()
+    assert bench.tasks == ("left", "right")
+    assert [(m.name, m.task, m.higher_is_better) for m in bench.metrics] == [
+        ("acc/left", "left", True),
+        ("acc/right", "right", True),
+    ]
 
 
-@given(st.integers(0, 2**32 - 1))
-def test_overlay_matches_a_pixel_by_pixel_reference(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    left, right = rng.integers(0, 256, (2, 2, 28, 28), dtype=np.uint8)
-    out = mm.overlay(left, right)
-    for k in range(2):
-        np.testing.assert_array_equal(out[k], _naive_overlay(left[k], right[k]))
+@pytest.mark.parametrize(
+    ("cls", "left", "right"),
+    [
+        (mb.MultiMNISTBenchmark, "mnist", "mnist"),
+        (mb.MultiFashionBenchmark, "fashion", "fashion"),
+        (mb.MultiFashionMNISTBenchmark, "fashion", "mnist"),
+    ],
+)
+def test_splits_from_data_dir_and_labels(
+    cls: type[mb.MultiMNISTFamily], left: str, right: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _tiny_protocol(monkeypatch, train_size=24)
+    bench = cls(data_dir=str(data_dir))
+    train, val, test = bench.split_data("train"), bench.split_data("val"), bench.split_data("test")
+    assert (len(train), len(val), len(test)) == (24, VAL, N_TEST)  # train cut to the protocol's train_size
+    assert set(train.sources[:, 0]).isdisjoint(set(val.sources[:, 0]))
+    # labels are the source digits of the right dataset on each side
+    from taskbalance.benchmarks.datasets.mnist import load_idx_split
+
+    sources = {name: load_idx_split(data_dir / name, "train") for name in ("mnist", "fashion")}
+    np.testing.assert_array_equal(train.labels[:, 0], sources[left].labels[train.sources[:, 0]])
+    np.testing.assert_array_equal(train.labels[:, 1], sources[right].labels[train.sources[:, 1]])
+    _tiny_protocol(monkeypatch, train_size=None)
+    assert len(cls(data_dir=str(data_dir)).split_data("train")) == N_TRAIN - VAL
 
 
-def test_overlay_rejects_bad_shapes() -> None:
-    with pytest.raises(ValueError, match=r"\(N, 28, 28\)"):
-        mm.overlay(np.zeros((2, 28, 28), np.uint8), np.zeros((3, 28, 28), np.uint8))
+def test_data_dir_rules(data_dir: Path) -> None:
+    # a single-source benchmark also takes the IDX directory itself
+    direct = mb.MultiMNISTBenchmark(data_dir=str(data_dir / "mnist"))
+    assert len(direct.split_data("test")) == N_TEST
+    with pytest.raises(FileNotFoundError, match="needs subdirectories fashion/ and mnist/"):
+        mb.MultiFashionMNISTBenchmark(data_dir=str(data_dir / "mnist"))
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        mb.MultiMNISTBenchmark(data_dir=str(data_dir / "nope"))
 
 
-def test_labels_are_the_source_digits() -> None:
-    raw = _digits(200, seed=3)
-    images, labels, partners = mm.construct(raw, raw, np.random.default_rng(0))
-    np.testing.assert_array_equal(_read_glyphs(images), labels)
-    np.testing.assert_array_equal(labels[:, 0], raw.labels)
-    np.testing.assert_array_equal(labels[:, 1], raw.labels[partners])
-    assert len(np.unique(partners)) > 100  # random partners, not a fixed shift
+def test_loader_batches_are_deterministic_and_cover_the_split(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _tiny_protocol(monkeypatch, train_size=24)
+    bench = mb.MultiMNISTBenchmark(data_dir=str(data_dir))
+
+    def labels(seed: int, shuffle: bool) -> list[torch.Tensor]:
+        loader = bench.loader("train", batch_size=10, shuffle=shuffle, generator=torch.Generator().manual_seed(seed))
+        assert len(loader) == 3  # type: ignore[arg-type]
+        return [y for _, y in loader]
+
+    first, again, other = labels(0, True), labels(0, True), labels(1, True)
+    assert [b.shape[0] for b in first] == [10, 10, 4]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+    ordered = torch.cat(labels(0, False))
+    assert torch.equal(ordered, torch.from_numpy(bench.split_data("train").labels))
+    assert torch.equal(torch.cat(first).sort(0).values, ordered.sort(0).values)  # a permutation of the split
+    x, _ = next(iter(bench.loader("test", batch_size=4, shuffle=False, generator=torch.Generator())))
+    assert x.shape == (4, 1, 28, 28) and x.dtype == torch.float32
 
 
-def test_splits_sizes_disjoint_and_consistent() -> None:
-    raw = _digits(N_TRAIN, seed=4)
-    parts = {split: mm.build_split(raw, raw, split, seed=7, val_size=15) for split in ("train", "val")}
-    assert len(parts["train"][0]) == N_TRAIN - 15 and len(parts["val"][0]) == 15
-    train_sources, val_sources = set(parts["train"][2].ravel()), set(parts["val"][2].ravel())
-    assert not train_sources & val_sources  # no source image (left or right) in both
-    assert set(parts["train"][2][:, 0]) | set(parts["val"][2][:, 0]) == set(range(N_TRAIN))  # every image once left
-    for images, labels, sources in parts.values():
-        assert images.shape[1:] == (28, 28) and labels.shape == (len(images), 2) and labels.dtype == np.int64
-        np.testing.assert_array_equal(labels, raw.labels[sources])
-        np.testing.assert_array_equal(_read_glyphs(images), labels)
+def test_losses_and_accuracy_hand_computed() -> None:
+    bench = mb.MultiMNISTBenchmark()
+    logits = [torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])]
+    targets = torch.tensor([[0, 1], [1, 1], [1, 1]])
+    losses = bench.losses(logits, targets)
+    expected = [
+        torch.nn.functional.cross_entropy(logits[0], targets[:, 0]),
+        torch.nn.functional.cross_entropy(logits[1], targets[:, 1]),
+    ]
+    assert torch.allclose(losses, torch.stack(expected))
+    evaluator = bench.evaluator()
+    evaluator.update(logits, targets)  # left: 2 of 3 right; right: 2 of 3
+    evaluator.update([logits[0][:1], logits[1][:1]], targets[:1])  # both right: 3 of 4 on each task
+    assert evaluator.compute() == pytest.approx({"acc/left": 75.0, "acc/right": 75.0})
+    with pytest.raises(ValueError, match="no batches"):
+        bench.evaluator().compute()
 
 
-def test_seeded_determinism_and_different_seeds_differ() -> None:
-    raw = _digits(N_TRAIN, seed=5)
-    a = mm.build_split(raw, raw, "train", seed=1, val_size=10)
-    b = mm.build_split(raw, raw, "train", seed=1, val_size=10)
-    c = mm.build_split(raw, raw, "train", seed=2, val_size=10)
-    for x, y in zip(a, b, strict=True):
-        np.testing.assert_array_equal(x, y)
-    assert not np.array_equal(a[2], c[2])
-    t1 = mm.build_split(raw, raw, "test", seed=1, val_size=10)
-    t2 = mm.build_split(raw, raw, "test", seed=2, val_size=10)
-    np.testing.assert_array_equal(t1[2][:, 0], np.arange(N_TRAIN))
-    assert not np.array_equal(t1[2][:, 1], t2[2][:, 1])
+def test_model_outputs() -> None:
+    model = mb.MultiMNISTBenchmark().model()
+    features, logits = model(torch.zeros(3, 1, 28, 28))
+    assert features is not None and features.shape == (3, 50) and [t.shape for t in logits] == [(3, 10), (3, 10)]
 
 
-def test_bad_split_options() -> None:
-    raw = _digits(10, seed=6)
-    with pytest.raises(ValueError, match=r"val_size must be in 0\.\.9"):
-        mm.build_split(raw, raw, "train", seed=0, val_size=10)
-    with pytest.raises(ValueError, match="validation split is empty"):
-        mm.build_split(raw, raw, "val", seed=0, val_size=0)
-    with pytest.raises(ValueError, match="seed must be non-negative"):
-        mm.build_split(raw, raw, "train", seed=-1, val_size=2)
-    with pytest.raises(ValueError, match="dataset must be one of"):
-        mm.load_multimnist("multikmnist")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="split must be"):
-        mm.load_multimnist("multimnist", "dev")  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize("dataset", ["multimnist", "multifashion", "multifashion_mnist"])
-def test_load_from_idx_paths_and_cache(idx_dirs: tuple[Path, Path], dataset: str) -> None:
-    mnist_dir, fashion_dir = idx_dirs
-    kwargs = {"seed": 3, "val_size": 12, "mnist_path": mnist_dir, "fashion_path": fashion_dir}
-    splits = {split: mm.load_multimnist(dataset, split, **kwargs) for split in ("train", "val", "test")}  # type: ignore[arg-type]
-    assert [len(splits[s]) for s in ("train", "val", "test")] == [N_TRAIN - 12, 12, N_TEST]
-    left_name, right_name = mm.SOURCES[dataset]
-    train_raw = {name: _digits(N_TRAIN, seed) for name, seed in (("mnist", 0), ("fashion", 1))}
-    train = splits["train"]
-    np.testing.assert_array_equal(train.labels[:, 0], train_raw[left_name].labels[train.sources[:, 0]])
-    np.testing.assert_array_equal(train.labels[:, 1], train_raw[right_name].labels[train.sources[:, 1]])
-    np.testing.assert_array_equal(_read_glyphs(train.images), train.labels)
-    assert len(list(cache.cache_dir().glob(f"{dataset}-seed3-*.npz"))) == 3
-    again = mm.load_multimnist(dataset, "train", **kwargs)  # type: ignore[arg-type]
-    np.testing.assert_array_equal(again.images, train.images)
-
-
-def test_dataset_tensors_and_items(idx_dirs: tuple[Path, Path]) -> None:
-    data = mm.load_multimnist("multimnist", "test", mnist_path=idx_dirs[0], cache=False)
-    assert not list(cache.cache_dir().glob("*.npz"))
-    x, y = data.tensors()
-    assert x.shape == (N_TEST, 1, 28, 28) and x.dtype == torch.float32
-    assert y.shape == (N_TEST, 2) and y.dtype == torch.int64
-    expected = (torch.from_numpy(data.images).double() / 255 - 0.1307) / 0.3081
-    torch.testing.assert_close(x[:, 0].double(), expected, rtol=0, atol=1e-6)
-    x64, _ = data.tensors(dtype=torch.float64)
-    assert x64.dtype == torch.float64
-    item_x, item_y = data[4]
-    torch.testing.assert_close(item_x, x[4])
-    torch.testing.assert_close(item_y, y[4])
-    small = data.subset(5)
-    assert len(small) == 5 and small.split == "test"
-    with pytest.raises(ValueError, match="subset size"):
-        data.subset(N_TEST + 1)
+def test_end_to_end_run_on_fixture_digits(data_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _tiny_protocol(monkeypatch, train_size=24, epochs=2)
+    out = tmp_path / "run"
+    result = run("multimnist", ["ew", "igbv1"], seeds=1, out_dir=out, data_dir=str(data_dir), progress=False)
+    final = json.loads((out / "runs" / "igbv1" / "seed0" / "final.json").read_text())
+    assert final["best_epoch"] in (1, 2) and set(final["test"]) == {"acc/left", "acc/right"}
+    assert set(result.results["methods"]) == {"ew", "igbv1"}
+    assert "multimnist" in result.table and "REDUCED protocol" in result.table

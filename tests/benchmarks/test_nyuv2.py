@@ -10,8 +10,10 @@ import pytest
 import torch
 
 import taskbalance as tb
-from taskbalance.benchmarks.mnist import DataSourceError
-from taskbalance.benchmarks.nyuv2 import DenseProtocol, NYUv2Benchmark, scale_crop_flip
+from taskbalance.benchmarks.base import TrainingProtocol
+from taskbalance.benchmarks.datasets.dense import scale_crop_flip
+from taskbalance.benchmarks.datasets.mnist import DataSourceError
+from taskbalance.benchmarks.nyuv2 import NYUv2Benchmark
 from tests.benchmarks.dense_fixtures import write_nyuv2
 
 
@@ -127,10 +129,10 @@ def test_missing_or_malformed_data_gets_clear_errors(tmp_path: Path, release: Pa
 
 def test_protocols() -> None:
     paper = NYUv2Benchmark.protocols["paper"]
-    assert isinstance(paper, DenseProtocol)
+    assert isinstance(paper, TrainingProtocol)
     assert (paper.epochs, paper.batch_size, paper.lr, paper.lr_step, paper.lr_gamma) == (200, 2, 1e-4, 100, 0.5)
     split = NYUv2Benchmark.protocols["paper-split"]
-    assert isinstance(split, DenseProtocol)
+    assert isinstance(split, TrainingProtocol)
     assert paper.model == "mtan" and split.model == "split"
     assert all(NYUv2Benchmark.protocols[p].reduced for p in ("quick", "quick-split")) and not paper.reduced
     with pytest.raises(ValueError, match="choose from"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
@@ -30,7 +30,12 @@ class Metric:
 
 @dataclass(frozen=True)
 class TrainingProtocol:
-    """How a benchmark is trained. ``reduced`` protocols are labelled as such in every report."""
+    """How a benchmark is trained and evaluated; every benchmark's protocols are of this one type.
+
+    The first block applies to every benchmark; the model and input settings below it are read by the benchmarks
+    whose models have them (and left at their defaults elsewhere). ``reduced`` protocols are labelled as such in
+    every report.
+    """
 
     name: str
     epochs: int
@@ -40,6 +45,26 @@ class TrainingProtocol:
     reduced: bool = False
     #: training subset size (None = the whole training split)
     train_size: int | None = None
+    #: samples of the validation and of the test split that are evaluated, a prefix of each (None = all)
+    eval_size: int | None = None
+    #: StepLR period in epochs and factor (None = no step schedule; a benchmark may define another scheduler)
+    lr_step: int | None = None
+    lr_gamma: float = 0.5
+    #: channels of the model's first stage (the SegNet and ResNet benchmarks; 64 in the papers)
+    width: int = 64
+    #: model variant where a benchmark has several (dense benchmarks: "mtan" or "split")
+    model: str | None = None
+    #: inputs resized to image_size × image_size (CelebA; None = the benchmark's native size)
+    image_size: int | None = None
+    #: keep every ``subsample``-th pixel in each direction (dense benchmarks; 1 = full resolution)
+    subsample: int = 1
+    #: random augmentation of training samples (dense benchmarks: scale crop and flip)
+    augment: bool = False
+
+    def reduced_to(self, name: str, description: str, **changes: Any) -> TrainingProtocol:
+        """A REDUCED variant of this protocol (fewer epochs, a subset, a smaller model ...): ``changes`` set the
+        fields that differ, everything else is kept."""
+        return replace(self, name=name, description=description, reduced=True, **changes)
 
 
 class MultiTaskModel(Protocol):
@@ -122,8 +147,11 @@ class Benchmark(ABC):
         return torch.optim.Adam(parameters, lr=self.protocol.lr)
 
     def scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
-        """The protocol's learning-rate scheduler (anything with ``step`` and ``state_dict``); default none."""
-        return None
+        """The protocol's learning-rate scheduler (anything with ``step`` and ``state_dict``): by default StepLR
+        when the protocol sets ``lr_step``, else none."""
+        if self.protocol.lr_step is None:
+            return None
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=self.protocol.lr_step, gamma=self.protocol.lr_gamma)
 
     def step_scheduler(self, scheduler: Any, val_metrics: dict[str, float]) -> None:
         """Called once per epoch after validation; override for metric-driven schedulers (ReduceLROnPlateau)."""

@@ -1,8 +1,8 @@
 """Benchmark names → their classes, imported on first use.
 
-A benchmark module may need an optional package (torch_geometric for QM9, pillow for CelebA); importing it lazily
-keeps ``taskbalance run multimnist`` working without them, and the module's own ImportError says which extra to
-install.
+A benchmark module may need an optional package (numpy and tqdm for every benchmark, torch_geometric for QM9,
+pillow for CelebA); importing it lazily keeps this catalog, and the command line that lists it, working with torch
+alone, and the module's own ImportError says which extra to install.
 """
 
 from __future__ import annotations
@@ -11,11 +11,14 @@ import importlib
 
 from .base import Benchmark
 
+#: the README's default comparison (``taskbalance run``'s default methods)
+DEFAULT_METHODS = ("ew", "igbv1", "igbv2", "dbmtl", "imgrad", "nashmtl", "igbv1+nashmtl")
+
 #: benchmark name → "module:Class" under taskbalance.benchmarks
 BENCHMARKS: dict[str, str] = {
-    "multimnist": "multimnist_bench:MultiMNISTBenchmark",
-    "multifashion": "multimnist_bench:MultiFashionBenchmark",
-    "multifashion_mnist": "multimnist_bench:MultiFashionMNISTBenchmark",
+    "multimnist": "multimnist:MultiMNISTBenchmark",
+    "multifashion": "multimnist:MultiFashionBenchmark",
+    "multifashion_mnist": "multimnist:MultiFashionMNISTBenchmark",
     "qm9": "qm9:QM9Benchmark",
     "nyuv2": "nyuv2:NYUv2Benchmark",
     "cityscapes": "cityscapes:CityscapesBenchmark",

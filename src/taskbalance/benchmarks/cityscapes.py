@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import ClassVar
 
 from .base import Metric, TrainingProtocol
-from .dense_metrics import Reduction, metrics_for
-from .mnist import DataSourceError
-from .nyuv2 import DenseBenchmark, dense_protocols
+from .datasets.mnist import DataSourceError
+from .dense import DenseBenchmark, dense_protocols
+from .metrics.dense import Reduction, metrics_for
 
 N_CLASSES = (7, 19)
 
@@ -46,7 +46,7 @@ _LAYOUT = (
 class CityscapesBenchmark(DenseBenchmark):
     """Cityscapes: 7-class (or 19-class) segmentation and depth at 128×256 (see the module docstring).
 
-    Args: as :class:`~.nyuv2.DenseBenchmark`, plus ``n_classes`` (7 or 19).
+    Args: as :class:`~.dense.DenseBenchmark`, plus ``n_classes`` (7 or 19).
     """
 
     name: ClassVar[str] = "cityscapes"
@@ -55,22 +55,10 @@ class CityscapesBenchmark(DenseBenchmark):
     folders: ClassVar[dict[str, str]] = {"image": "image", "label": "label_7", "depth": "depth"}
     layout: ClassVar[str] = _LAYOUT
     protocols: ClassVar[dict[str, TrainingProtocol]] = dense_protocols(
-        200,
-        8,
-        "random scale crop + flip",
-        {
-            "description": "6 epochs, batch 16, Adam 1e-3, StepLR(3, 0.5), every 4th pixel (32×64), "
-            "128 train / 64 val / 64 test images",
-            "epochs": 6,
-            "batch_size": 16,
-            "lr": 1e-3,
-            "width": 8,
-            "subsample": 4,
-            "train_size": 128,
-            "eval_size": 64,
-            "lr_step": 3,
-        },
-    )
+        200, 8, "random scale crop + flip",
+        "6 epochs, batch 16, Adam 1e-3, StepLR(3, 0.5), every 4th pixel (32×64), 128 train / 64 val / 64 test images",
+        epochs=6, batch_size=16, lr=1e-3, width=8, subsample=4, train_size=128, eval_size=64, lr_step=3,
+    )  # fmt: skip
     default_protocol: ClassVar[str] = "paper"
 
     def __init__(

@@ -1,6 +1,6 @@
 """QM9 as an 11-task regression benchmark (the MTL setting of Nash-MTL, FAMO and IGB).
 
-Data, targets, units and graphs: :mod:`taskbalance.benchmarks.qm9_data`; model: :mod:`.qm9_model`.
+Data, targets, units and graphs: :mod:`taskbalance.benchmarks.datasets.qm9`; model: :mod:`.models.mpnn`.
 
 Split: the 130,831 molecules are shuffled once, 10,000 test, 10,000 validation, the rest (110,831) training.
 Targets are z-scored with the mean and std of the training molecules actually trained on; each task's loss is the
@@ -20,31 +20,28 @@ Deliberate differences from the reference code (Nash-MTL's ``experiments/quantum
 - The plateau scheduler steps on the mean over targets of MAE / train std (the mean z-scored MAE); the reference
   steps on Δm against its published single-task MAEs, which a benchmark cannot assume. Both are scale-free
   averages of per-target errors.
-- Node features come from RDKit bond perception on qm9pack's coordinates (see :mod:`.qm9_data`).
+- Node features come from RDKit bond perception on qm9pack's coordinates (see :mod:`.datasets.qm9`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .base import Benchmark, Metric, MultiTaskModel, Split, TrainingProtocol
-from .qm9_data import TASKS, UNITS, QM9Data, QM9Graphs, TargetScaler, load_arrays, split_indices
+from .batches import Batches, Positions
+from .datasets.qm9 import TASKS, UNITS, QM9Data, QM9Graphs, TargetScaler, load_arrays, split_indices
 
 #: the seed of the one train/validation/test shuffle every run shares
 SPLIT_SEED = 0
 
-
-@dataclass(frozen=True)
-class QM9Protocol(TrainingProtocol):
-    """A training protocol that may also evaluate on a prefix of the validation and test splits."""
-
-    #: molecules of the validation and of the test split that are evaluated (None = all 10,000)
-    eval_size: int | None = None
+_PAPER = TrainingProtocol(
+    name="paper", epochs=300, batch_size=120, lr=1e-3,
+    description="full QM9 split (110,831 / 10,000 / 10,000), 300 epochs, Adam 1e-3, batch 120, "
+    "ReduceLROnPlateau(0.7, patience 5, min 1e-5)",
+)  # fmt: skip
 
 
 class QM9Benchmark(Benchmark):
@@ -55,22 +52,12 @@ class QM9Benchmark(Benchmark):
     metrics: ClassVar[tuple[Metric, ...]] = tuple(Metric(f"mae/{task}", task, False) for task in TASKS)
     units: ClassVar[dict[str, str]] = {f"mae/{task}": unit for task, unit in UNITS.items()}
     protocols: ClassVar[dict[str, TrainingProtocol]] = {
-        "paper": QM9Protocol(
-            name="paper",
-            epochs=300,
-            batch_size=120,
-            lr=1e-3,
-            description="full QM9 split (110,831 / 10,000 / 10,000), 300 epochs, Adam 1e-3, batch 120, "
-            "ReduceLROnPlateau(0.7, patience 5, min 1e-5)",
-        ),
-        "quick": QM9Protocol(
-            name="quick",
+        "paper": _PAPER,
+        "quick": _PAPER.reduced_to(
+            "quick",
+            "REDUCED: 1,200 training molecules, 3 epochs, first 600 of the validation and test splits; Adam 1e-3, "
+            "batch 120 (minutes on a CPU; not comparable with published MAEs)",
             epochs=3,
-            batch_size=120,
-            lr=1e-3,
-            description="REDUCED: 1,200 training molecules, 3 epochs, first 600 of the validation and test "
-            "splits; Adam 1e-3, batch 120 (minutes on a CPU; not comparable with published MAEs)",
-            reduced=True,
             train_size=1_200,
             eval_size=600,
         ),
@@ -93,9 +80,8 @@ class QM9Benchmark(Benchmark):
             drawn = split_indices(len(data), SPLIT_SEED, self.val_size, self.test_size)
             splits = {split: torch.from_numpy(ids) for split, ids in drawn.items()}
             splits["train"] = _prefix(splits["train"], self.protocol.train_size, "train_size")
-            eval_size = self.protocol.eval_size if isinstance(self.protocol, QM9Protocol) else None
             for split in ("val", "test"):
-                splits[split] = _prefix(splits[split], eval_size, "eval_size")
+                splits[split] = _prefix(splits[split], self.protocol.eval_size, "eval_size")
             self._scaler = TargetScaler.fit(data.y[splits["train"]])
             self._data, self._splits = data, splits
         return self._data, self._splits, self._scaler
@@ -112,13 +98,11 @@ class QM9Benchmark(Benchmark):
         return self._setup()[1][split]
 
     def loader(self, split: Split, *, batch_size: int, shuffle: bool, generator: torch.Generator) -> QM9Loader:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         data, _, scaler = self._setup()
         return QM9Loader(data, scaler, self.split_ids(split), batch_size, shuffle, generator)
 
     def model(self) -> MultiTaskModel:
-        from .qm9_model import QM9Net  # torch_geometric is an optional extra
+        from .models.mpnn import QM9Net  # torch_geometric is an optional extra
 
         return QM9Net(n_tasks=self.n_tasks)
 
@@ -156,8 +140,8 @@ def _prefix(ids: Tensor, size: int | None, option: str) -> Tensor:
     return ids[:size]
 
 
-class QM9Loader:
-    """Batches ``(graphs, z-scored targets (B, 11) float32)`` of a split; the order depends only on ``generator``."""
+class QM9Loader(Batches[tuple[QM9Graphs, Tensor]]):
+    """Batches ``(graphs, z-scored targets (B, 11) float32)`` of the molecules ``ids`` of a split."""
 
     def __init__(
         self,
@@ -168,16 +152,12 @@ class QM9Loader:
         shuffle: bool,
         generator: torch.Generator,
     ) -> None:
+        super().__init__(ids.numel(), batch_size, shuffle, generator)
         self.data, self.scaler, self.ids = data, scaler, ids
-        self.batch_size, self.shuffle, self.generator = batch_size, shuffle, generator
 
-    def __len__(self) -> int:
-        return -(-self.ids.numel() // self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[QM9Graphs, Tensor]]:
-        ids = self.ids[torch.randperm(self.ids.numel(), generator=self.generator)] if self.shuffle else self.ids
-        for batch in torch.split(ids, self.batch_size):
-            yield self.data.graphs(batch), self.scaler.scale(self.data.y[batch])
+    def batch(self, positions: Positions) -> tuple[QM9Graphs, Tensor]:
+        ids = self.ids[positions]
+        return self.data.graphs(ids), self.scaler.scale(self.data.y[ids])
 
 
 class QM9Evaluator:
@@ -200,4 +180,4 @@ class QM9Evaluator:
         return {f"mae/{task}": value for task, value in zip(TASKS, mae, strict=True)}
 
 
-__all__ = ["QM9Benchmark", "QM9Evaluator", "QM9Loader", "QM9Protocol"]
+__all__ = ["QM9Benchmark", "QM9Evaluator", "QM9Loader"]

@@ -19,8 +19,8 @@ import statistics
 from collections.abc import Iterable
 
 import torch
-from tqdm import tqdm
 
+from ..benchmarks.extras import require
 from . import torchjd_steps
 from .cases import CASE_NAMES, build
 from .report import Row, case_table, solve_median, targets, targets_table
@@ -80,7 +80,14 @@ def run(
     methods: set[str] | None = None,
     progress: bool = True,
 ) -> str:
-    """The whole benchmark as markdown: a table per case, then the targets."""
+    """The whole benchmark as markdown: a table per case, then the targets.
+
+    Raises:
+        ImportError: tqdm (the ``bench`` extra) or, with ``with_torchjd``, torchjd is not installed.
+    """
+    require("tqdm", what="the speed benchmark")
+    from tqdm import tqdm
+
     if with_torchjd and not torchjd_steps.available():
         raise ImportError(torchjd_steps.INSTALL_HINT + " (or pass --no-torchjd)")
     all_rows: list[Row] = []

@@ -4,7 +4,7 @@
   papers' MNIST model).
 - ``cnn``: two 3×3 convolutions (32, 64 channels) with BatchNorm in train mode on 32×32 RGB, batch 64, K = 3
   (BatchNorm couples the samples of a batch, which per-sample tricks must respect).
-- ``qm9``: the QM9 MPNN (NNConv/GRU/Set2Set, :mod:`taskbalance.benchmarks.qm9_model`) on 8 synthetic molecules of
+- ``qm9``: the QM9 MPNN (NNConv/GRU/Set2Set, :mod:`taskbalance.benchmarks.models.mpnn`) on 8 synthetic molecules of
   QM9's size (9-29 atoms, complete graphs), K = 11. Synthetic because timing does not depend on the chemistry and
   the real graphs take minutes to build; needs torch_geometric (the ``[qm9]`` extra).
 - ``mlp40``: an MLP trunk 512→1024→1024→512 on CelebA-like feature vectors, batch 128, 40 linear heads (K = 40).
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..benchmarks.models import MultiLeNet
+from ..benchmarks.models.multilenet import MultiLeNet
 
 CASE_NAMES = ("multilenet", "cnn", "qm9", "mlp40")
 
@@ -88,8 +88,8 @@ def cnn(device: torch.device, gen: torch.Generator) -> SpeedCase:
 
 
 def qm9(device: torch.device, gen: torch.Generator) -> SpeedCase:
-    from ..benchmarks.qm9_data import N_EDGE_FEATURES, N_NODE_FEATURES, QM9Graphs
-    from ..benchmarks.qm9_model import QM9Net
+    from ..benchmarks.datasets.qm9 import N_EDGE_FEATURES, N_NODE_FEATURES, QM9Graphs
+    from ..benchmarks.models.mpnn import QM9Net
 
     counts = torch.randint(9, 30, (8,), generator=gen)
     batch = torch.arange(8).repeat_interleave(counts)

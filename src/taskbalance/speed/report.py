@@ -1,4 +1,11 @@
-"""The speed benchmark's tables and the issue's targets, each marked as holding or not."""
+"""The speed benchmark's tables and its speed targets, each marked as holding or not.
+
+The targets bound a method's step against what it cannot avoid, measured in the same run: a loss method adds at
+most 5 % to an EW step; an exact gradient method at most 10 % to the cheapest exact per-task gradients (the cost
+floor); ours take at most 90 % of torchjd's time for the same aggregator; a representation-level method at most
+30 % over EW, as does an amortised one (Gramian every 10 steps, K ≤ 11); and a solver working from the K × K
+Gramian takes at most 1 ms for K ≤ 10, 10 ms beyond.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
-#: the issue's bounds: on a ratio to EW, to the cost floor, or to torchjd, measured in the same run
+#: the bounds on a ratio to EW, to the cost floor, or to torchjd, measured in the same run
 LOSS_TARGET = 1.05
 FLOOR_TARGET = 1.10
 TORCHJD_TARGET = 0.90

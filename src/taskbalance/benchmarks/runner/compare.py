@@ -1,0 +1,312 @@
+"""The experiment runner behind ``taskbalance run``: single-task baselines, then every method × seed, then Δm%.
+
+    from taskbalance.benchmarks.runner import run
+    results = run("multimnist", ["ew", "igbv1+nashmtl"], seeds=3, out_dir="runs/mm")
+
+Order: the single-task (STL) baseline of every seed and task, then every seed × method. STL baselines are trained
+in the cache (``<cache>/stl/<benchmark>/<protocol, epochs, batch, lr, train size, data, device>/<task>/seed<s>``)
+and linked (or copied) into ``<out>/stl/<task>/seed<s>``, so another comparison with the same protocol reuses
+them (delete ``<cache>/stl`` to retrain them, e.g. after changing a benchmark's code). Every run writes the
+files of :mod:`.training`; the run folder also gets ``config.json``, ``results.json`` / ``results.csv``
+(:mod:`~..report.results`) and the printed markdown table. ``resume=True`` skips the finished runs and continues the
+others from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ... import __version__
+from ...registry import make
+from ..base import Benchmark
+from ..catalog import DEFAULT_METHODS, make_benchmark
+from ..datasets.cache import atomic_open, cache_dir
+from ..report.results import markdown_table, results_json, write_results
+from ..report.summary import SeedResult, slug
+from .training import SELECTION_RULE, Job, RunTrainer, Settings, StepHook, torch_threads
+
+#: bump when a change makes cached single-task baselines stale
+STL_CACHE_VERSION = 1
+_STL_FILES = ("final.json", "metrics.jsonl", "weights.csv", "checkpoint.pt")
+#: config entries that must match for ``resume`` to continue a run folder
+_RESUME_KEYS = ("benchmark", "protocol", "epochs", "batch_size", "lr", "train_size")
+
+
+@dataclass(frozen=True)
+class RunResults:
+    """What :func:`run` produced: the results.json dict, the markdown table and the run folder."""
+
+    results: dict[str, Any]
+    table: str
+    out_dir: Path
+
+
+def parse_seeds(seeds: int | Sequence[int]) -> list[int]:
+    """``N`` → seeds 0..N−1; a sequence → those seeds (distinct, non-negative)."""
+    if isinstance(seeds, bool):
+        raise ValueError(f"seeds must be a count or a list of seeds, got {seeds!r}")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ValueError(f"the number of seeds must be >= 1, got {seeds}")
+        return list(range(seeds))
+    chosen = [int(s) for s in seeds]
+    if not chosen:
+        raise ValueError("no seeds given")
+    if any(s < 0 for s in chosen):
+        raise ValueError(f"seeds must be >= 0, got {chosen}")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"seeds must be distinct, got {chosen}")
+    return chosen
+
+
+def check_methods(methods: Sequence[str], n_tasks: int) -> list[str]:
+    """The specs, each checked by building it once (unknown names and bad specs fail here, before training)."""
+    specs = [m.strip() for m in methods if m.strip()]
+    if not specs:
+        raise ValueError("no methods given (e.g. --methods ew,igbv1+nashmtl; `taskbalance methods` lists them)")
+    duplicates = sorted({s for s in specs if specs.count(s) > 1})
+    if duplicates:
+        raise ValueError(f"methods listed twice: {', '.join(duplicates)}")
+    for spec in specs:
+        if spec == "stl":
+            raise ValueError("'stl' is not a method: the single-task baselines are always trained")
+        try:
+            make(spec, n_tasks=n_tasks)
+        except (ValueError, TypeError, KeyError) as error:
+            raise ValueError(f"method {spec!r}: {error} (`taskbalance methods` lists the names)") from error
+    return specs
+
+
+def schedule_notes(specs: Sequence[str], n_tasks: int, epochs: int) -> list[str]:
+    """Warnings for methods whose schedule does not fit in ``epochs`` (IGBv1's baseline, IGBv2's policy)."""
+    notes = []
+    for spec in specs:
+        loss = make(spec, n_tasks=n_tasks).loss
+        policy_epoch = getattr(loss, "policy_epoch", None)
+        base_epoch = getattr(loss, "base_epoch", None)
+        if isinstance(policy_epoch, int) and epochs <= policy_epoch:
+            notes.append(
+                f"{spec}: its policy picks the weights from epoch {policy_epoch + 1}; in {epochs} epochs it used "
+                "random weights only"
+            )
+        elif isinstance(base_epoch, int) and epochs <= base_epoch + 1:
+            notes.append(
+                f"{spec}: its gap weights start at epoch {base_epoch + 2}; in {epochs} epochs it never used them"
+            )
+    return notes
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {device!r} (e.g. cpu, cuda, cuda:1, mps)") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} requested but MPS is not available; use --device cpu")
+    return resolved
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "taskbalance": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _stl_cache_root(benchmark: Benchmark, settings: Settings) -> Path:
+    protocol = benchmark.protocol
+    data = "installed"
+    if benchmark.data_dir is not None:
+        resolved = str(Path(benchmark.data_dir).expanduser().resolve())
+        data = "data-" + hashlib.sha1(resolved.encode()).hexdigest()[:10]
+    key = (
+        f"{protocol.name}-e{settings.epochs}-b{settings.batch_size}-lr{protocol.lr:g}-n{protocol.train_size or 'all'}"
+        f"-{data}-{settings.device.type}-v{STL_CACHE_VERSION}"
+    )
+    return cache_dir() / "stl" / benchmark.name / key
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() or target.is_symlink():
+        target.unlink()
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with atomic_open(path) as handle:
+        handle.write((json.dumps(data, indent=2) + "\n").encode())
+
+
+def _prepare_out_dir(out_dir: Path, config: dict[str, Any], resume: bool) -> None:
+    config_path = out_dir / "config.json"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file, not a folder: choose another --out")
+    if config_path.exists():
+        if not resume:
+            raise FileExistsError(
+                f"{out_dir} already holds a run: continue it with --resume, or choose another folder with --out"
+            )
+        try:
+            previous = json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"{config_path} is unreadable ({error}); delete it to reuse {out_dir}") from error
+        changed = [key for key in _RESUME_KEYS if previous.get(key) != config.get(key)]
+        if changed:
+            details = ", ".join(f"{k}: {previous.get(k)!r} → {config.get(k)!r}" for k in changed)
+            raise ValueError(
+                f"cannot resume {out_dir} with different settings ({details}); use the original settings or "
+                "another --out"
+            )
+    elif out_dir.exists() and any(out_dir.iterdir()) and not resume:
+        raise FileExistsError(f"{out_dir} exists and is not empty: choose another folder with --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(config_path, config)
+
+
+def run(
+    benchmark: str | Benchmark,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    seeds: int | Sequence[int] = 1,
+    out_dir: str | Path = "runs/out",
+    *,
+    epochs: int | None = None,
+    protocol: str | None = None,
+    device: str | torch.device = "cpu",
+    resume: bool = False,
+    data_dir: str | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    command: str | None = None,
+    on_step: StepHook | None = None,
+) -> RunResults:
+    """Train the single-task baselines and every method × seed of ``benchmark``; write and return the results.
+
+    Args:
+        benchmark: a name from :mod:`.catalog` or a :class:`Benchmark` instance (then ``protocol`` and
+            ``data_dir`` must be None: the instance carries them).
+        methods: specs for :func:`taskbalance.make` (``"ew"``, ``"igbv1+nashmtl"``, ...).
+        seeds: a count N (seeds 0..N−1) or the seeds themselves.
+        out_dir: the run folder (must be new unless ``resume``).
+        epochs: override the protocol's epoch count (fewer epochs than a full protocol mark the run reduced).
+        device: torch device for training and evaluation.
+        resume: continue the run folder: finished runs are skipped, unfinished ones continue from their last
+            checkpoint. Settings that change the results (benchmark, protocol, epochs, ...) must be the same.
+        threads: CPU threads for torch during the run (None: torch's default).
+        progress: show progress bars (on stderr).
+        command: the command line recorded in config.json.
+        on_step: called as ``on_step(job, epoch, step)`` after every optimizer step (monitoring, tests).
+
+    Raises:
+        ValueError: bad arguments, unknown benchmark / method / protocol, or settings that differ on resume.
+        FileExistsError: ``out_dir`` holds a run and ``resume`` is False.
+        CheckpointError: a checkpoint cannot be read (the message says which file to delete).
+        DataSourceError / FileNotFoundError: missing data (the message says how to install it).
+    """
+    if isinstance(benchmark, Benchmark):
+        if protocol is not None or data_dir is not None:
+            raise ValueError("pass protocol and data_dir to the Benchmark instance, not to run()")
+        bench = benchmark
+    else:
+        bench = make_benchmark(benchmark, protocol=protocol, data_dir=data_dir)
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    specs = check_methods(methods, bench.n_tasks)
+    seed_list = parse_seeds(seeds)
+    settings = Settings(
+        epochs=bench.protocol.epochs if epochs is None else epochs,
+        batch_size=bench.protocol.batch_size,
+        device=_device(device),
+        progress=progress,
+    )
+    reduced = bench.protocol.reduced or settings.epochs < bench.protocol.epochs
+    description = bench.protocol.description
+    if settings.epochs != bench.protocol.epochs:
+        description += f" — run for {settings.epochs} epochs instead of {bench.protocol.epochs}"
+    out = Path(out_dir)
+    header = {
+        "benchmark": bench.name,
+        "protocol": bench.protocol.name,
+        "protocol_description": description,
+        "reduced": reduced,
+    }
+    config = {
+        **header,
+        "methods": specs,
+        "seeds": seed_list,
+        "epochs": settings.epochs,
+        "batch_size": settings.batch_size,
+        "lr": bench.protocol.lr,
+        "train_size": bench.protocol.train_size,
+        "device": str(settings.device),
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "data_dir": data_dir,
+        "selection_rule": SELECTION_RULE,
+        "command": command if command is not None else "taskbalance.benchmarks.runner.run (Python API)",
+        "versions": _versions(),
+        "tasks": list(bench.tasks),
+        "metrics": [{"name": m.name, "task": m.task, "higher_is_better": m.higher_is_better} for m in bench.metrics],
+    }
+    _prepare_out_dir(out, config, resume)
+
+    stl_root = _stl_cache_root(bench, settings)
+    jobs = [Job("stl", seed, task) for seed in seed_list for task in range(bench.n_tasks)]
+    jobs += [Job(spec, seed) for seed in seed_list for spec in specs]
+    stl_val: dict[int, dict[str, float]] = {s: {} for s in seed_list}
+    stl: dict[str, dict[int, SeedResult]] = {task: {} for task in bench.tasks}
+    stl_time: dict[int, float] = dict.fromkeys(seed_list, 0.0)
+    finals: dict[str, dict[int, SeedResult]] = {spec: {} for spec in specs}
+    with torch_threads(threads):
+        overall = tqdm(jobs, desc=f"{bench.name} runs", disable=not progress, dynamic_ncols=True)
+        for job in overall:
+            overall.set_postfix_str(job.label(bench.tasks), refresh=True)
+            if job.task is not None:
+                task = bench.tasks[job.task]
+                cached = stl_root / task / f"seed{job.seed}"
+                trainer = RunTrainer(bench, job, cached, settings, reference=None, on_step=on_step)
+                final = trainer.finished() or trainer.train(resume=True)  # the cache always continues
+                for name in _STL_FILES:
+                    if (cached / name).exists():
+                        _link_or_copy(cached / name, out / "stl" / task / f"seed{job.seed}" / name)
+                stl_val[job.seed].update(final["val"])
+                stl[task][job.seed] = SeedResult.from_final(job.seed, final)
+                stl_time[job.seed] += float(final["time_per_epoch_s"])
+            else:
+                run_dir = out / "runs" / slug(job.spec) / f"seed{job.seed}"
+                trainer = RunTrainer(bench, job, run_dir, settings, reference=stl_val[job.seed], on_step=on_step)
+                finished = trainer.finished() if resume else None
+                final = finished or trainer.train(resume=resume)
+                finals[job.spec][job.seed] = SeedResult.from_final(job.seed, final)
+        overall.close()
+
+    summary_header = {
+        **header,
+        "description": description,
+        "selection_rule": SELECTION_RULE,
+        "seeds": seed_list,
+    }
+    del summary_header["protocol_description"]
+    summary_header["notes"] = schedule_notes(specs, bench.n_tasks, settings.epochs)
+    results = results_json(summary_header, bench.tasks, bench.metrics, stl, finals)
+    write_results(out, results, stl_time)
+    return RunResults(results, markdown_table(results), out)
