@@ -576,31 +576,60 @@ def resolved_norm_sq(gramian: Tensor, w: Tensor) -> tuple[Tensor, bool]:
     return norm_sq, bool(resolved)
 
 
+class _Evaluation(NamedTuple):
+    """f and its derivatives at the rows of a batch of points w (see :func:`linear_plus_norm`'s ``evaluate``)."""
+
+    gw: Tensor  # Gw
+    norm_sq: Tensor  # wᵀGw
+    value: Tensor  # f(w)
+    gap: Tensor  # the Frank–Wolfe gap
+    resolved: Tensor  # whether Jᵀw is distinguishable from 0 (f is differentiable there)
+
+    def row(self, i: int) -> _Evaluation:
+        return _Evaluation(*(item[i] for item in self))
+
+
+class _SQPFlags(NamedTuple):
+    """The decisions of one SQP iteration of :func:`linear_plus_norm` about the line-search point ``new`` and the
+    full step v, all read from the device at once."""
+
+    decreased: bool  # f(new) ≤ f(w), up to rounding
+    progress: bool  # new lowers the KKT gap or f (beyond rounding)
+    take_full: bool  # the full step v is taken instead of new
+    stalled: bool  # new is w, to rounding
+    go_new: bool  # new leaves the KKT gap above tol (where f is differentiable)
+    go_full: bool  # v leaves the KKT gap above tol
+    damped: bool  # the line search strongly damped the Newton step
+    ok_new: bool  # new is converged: resolved, gap ≤ tol
+    ok_full: bool  # v is converged
+
+    @classmethod
+    def read(cls, **flags: Tensor) -> _SQPFlags:
+        """The flags, given by name as 0-dim bool tensors, in one read."""
+        return cls(*torch.stack([flags[name] for name in cls._fields]).tolist())
+
+
 def _sqp_flags(
-    evals: tuple[Tensor, ...], new: Tensor, w: Tensor, before: Tensor, gap: Tensor, t: Tensor, scale: float, tol: float
-) -> list[bool]:
+    evals: _Evaluation, new: Tensor, w: Tensor, before: Tensor, gap: Tensor, t: Tensor, scale: float, tol: float
+) -> _SQPFlags:
     """One read for an SQP iteration of :func:`linear_plus_norm` (``evals``: its evaluation of the line-search
-    point ``new`` and the full step v): whether ``new`` decreased f, progressed, the full step is taken, the
-    step stalled, ``new`` and v leave the KKT gap above tol, the step was strongly damped, ``new`` and v are
-    converged (resolved, gap ≤ tol)."""
-    _, _, values, gaps, resolveds = evals
+    point ``new``, row 0, and the full step v, row 1; ``before`` and ``gap``: f and the KKT gap at w)."""
+    values, gaps, resolveds = evals.value, evals.gap, evals.resolved
     # near the solution f changes below its rounding error, so the line search cannot see the Newton step's gain
     # while the step still improves w; the full step v is then taken if f stays within rounding and the KKT gap
     # falls (the Newton convergence the line search would spoil)
     bound = before + 1e-15 * scale
-    flags = [
-        values[0] <= bound,
-        (gaps[0] < gap) | (values[0] < before - 1e-15 * scale),
-        (values[1] <= bound) & (gaps[1] < gaps[0]) & (gaps[1] < gap) & resolveds[1],
-        (new - w).abs().max() <= 1e-15,
-        resolveds[0] & (gaps[0] > tol),
-        gaps[1] > tol,
-        t < 0.1,
-        resolveds[0] & (gaps[0] <= tol),
-        resolveds[1] & (gaps[1] <= tol),
-    ]
-    result: list[bool] = torch.stack(flags).tolist()
-    return result
+    return _SQPFlags.read(
+        decreased=values[0] <= bound,
+        progress=(gaps[0] < gap) | (values[0] < before - 1e-15 * scale),
+        take_full=(values[1] <= bound) & (gaps[1] < gaps[0]) & (gaps[1] < gap) & resolveds[1],
+        stalled=(new - w).abs().max() <= 1e-15,
+        go_new=resolveds[0] & (gaps[0] > tol),
+        go_full=gaps[1] > tol,
+        damped=t < 0.1,
+        ok_new=resolveds[0] & (gaps[0] <= tol),
+        ok_full=resolveds[1] & (gaps[1] <= tol),
+    )
 
 
 def linear_plus_norm(
@@ -640,7 +669,7 @@ def linear_plus_norm(
     root_diag, diag_top = diag.sqrt(), diag.max()
     tiny = torch.finfo(torch.float64).tiny
 
-    def evaluate(points: Tensor, weight: float | Tensor, scale: float | Tensor) -> tuple[Tensor, ...]:
+    def evaluate(points: Tensor, weight: float | Tensor, scale: float | Tensor) -> _Evaluation:
         """(Gw, wᵀGw, f(w), Frank–Wolfe gap, whether Jᵀw is resolved) for each row w of ``points``, at once."""
         gp = points @ g_scaled
         norm_sq = (points * gp).sum(dim=-1)
@@ -649,19 +678,19 @@ def linear_plus_norm(
         value = points @ lin_scaled + weight * norm_sq.clamp_min(0).sqrt()
         grad = lin_scaled + weight * gp / norm_sq.clamp_min(tiny).sqrt()[:, None]
         gap = ((points * grad).sum(dim=-1) - grad.amin(dim=-1)).clamp_min(0) / scale
-        return gp, norm_sq, value, gap, resolved
+        return _Evaluation(gp, norm_sq, value, gap, resolved)
 
     def status(resolved: Tensor, gap: Tensor) -> list[Tensor]:
         return [resolved & (gap > tol), resolved, resolved & (gap <= tol)]
 
     uniform = torch.full((k,), 1.0 / k, dtype=torch.float64, device=device)
     w = uniform if init is None else project_simplex(init.to(g))
-    gw, norm_sq, value, gap, resolved = (item[0] for item in evaluate(w[None], weight_t, lin_max / root_top + weight_t))
+    point = evaluate(w[None], weight_t, lin_max / root_top + weight_t).row(0)
     finite = torch.isfinite(g).all() & torch.isfinite(lin).all()
-    flags = torch.stack([finite, weight_t, top, lin_max, *status(resolved, gap)]).tolist()
-    ok, weight, top_value, lin_max_value, go_on, differentiable, converged = flags
+    read = torch.stack([finite, weight_t, top, lin_max, *status(point.resolved, point.gap)]).tolist()
+    ok, weight, top_value, lin_max_value, go_on, differentiable, converged = read
     if not ok:
-        raise ValueError("linear_plus_norm got non-finite input (NaN or Inf gradients?)")
+        raise _non_finite("linear_plus_norm")
     if not weight >= 0:
         raise ValueError(f"rho must be >= 0, got {weight}")
     # the norm term below rounding (ρ ≤ 1e-12·max|b|/√max G_kk) is the linear problem
@@ -675,8 +704,8 @@ def linear_plus_norm(
     if not differentiable:  # start where f is differentiable
         for start in (uniform, torch.nn.functional.one_hot(g.diagonal().argmax(), k).to(g)):
             w = start
-            gw, norm_sq, value, gap, resolved = (item[0] for item in evaluate(w[None], weight, scale))
-            go_on, differentiable, converged = torch.stack(status(resolved, gap)).tolist()
+            point = evaluate(w[None], weight, scale).row(0)
+            go_on, differentiable, converged = torch.stack(status(point.resolved, point.gap)).tolist()
             if differentiable:
                 break
     iterations = 0
@@ -684,38 +713,30 @@ def linear_plus_norm(
     ridge = _regularised(torch.zeros_like(g), g) if go_on and max_iter > 0 else g
     while go_on and iterations < max_iter:
         iterations += 1
-        norm = norm_sq.sqrt()
+        norm = point.norm_sq.sqrt()
         # the model's Hessian is ρ/n·(G − GwwᵀG/n²); the subproblem is solved divided by ρ/n (same minimiser),
         # factored with a ridge and refined against the exact Hessian (no ridge bias: quadratic convergence)
-        exact = g - torch.outer(gw, gw) / norm_sq
-        linear = (norm / weight) * lin + gw - exact @ w
+        exact = g - torch.outer(point.gw, point.gw) / point.norm_sq
+        linear = (norm / weight) * lin + point.gw - exact @ w
         v, _, _ = _simplex_qp(exact + ridge, linear, w, limit, exact=exact, project=False, verify=False)
         step = v - w
         t = _line_search(w, step, g, lin, weight)
         new = (w + t * step).clamp_min(0)  # a convex combination of two points of Δ: on Δ up to rounding
         new = new / new.sum()
-        before = value
 
         evals = evaluate(torch.stack([new, v]), weight, scale)
-        decreased, progress, take_full, stalled, go_new, go_full, damped, ok_new, ok_full = _sqp_flags(
-            evals, new, w, before, gap, t, scale, tol
-        )
-        if damped:
+        flags = _sqp_flags(evals, new, w, point.value, point.gap, t, scale, tol)
+        if flags.damped:
             # a strongly damped Newton step: the model is poor (near the kink at Jᵀw = 0). The majorize-minimize
             # step, argmin bᵀw + ρ(wᵀGw + n²)/(2n) (√ is below its tangent), always decreases f; take the better one.
             mm, _, _ = _simplex_qp(g + ridge, (norm / weight) * lin, w, limit, project=False, verify=False)
-            new = torch.where(evaluate(mm[None], weight, scale)[2][0] < evals[2][0], mm, new)
+            new = torch.where(evaluate(mm[None], weight, scale).value[0] < evals.value[0], mm, new)
             evals = evaluate(torch.stack([new, v]), weight, scale)
-            decreased, progress, take_full, stalled, go_new, go_full, _, ok_new, ok_full = _sqp_flags(
-                evals, new, w, before, gap, t, scale, tol
-            )
-        gps, norm_sqs, f_values, gaps, resolveds = evals
-        if take_full:
-            w, gap, resolved, go_on, converged = v, gaps[1], resolveds[1], go_full, ok_full
-            gw, norm_sq, value = gps[1], norm_sqs[1], f_values[1]
-        elif decreased and progress and not stalled:
-            w, gap, resolved, go_on, converged = new, gaps[0], resolveds[0], go_new, ok_new
-            gw, norm_sq, value = gps[0], norm_sqs[0], f_values[0]
+            flags = _sqp_flags(evals, new, w, point.value, point.gap, t, scale, tol)
+        if flags.take_full:
+            w, point, go_on, converged = v, evals.row(1), flags.go_full, flags.ok_full
+        elif flags.decreased and flags.progress and not flags.stalled:
+            w, point, go_on, converged = new, evals.row(0), flags.go_new, flags.ok_new
         else:
             break
-    return SolverResult(w.to(dtype), iterations, gap, bool(converged))
+    return SolverResult(w.to(dtype), iterations, point.gap, bool(converged))
