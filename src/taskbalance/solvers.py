@@ -554,26 +554,21 @@ def _line_search(w: Tensor, p: Tensor, g: Tensor, b: Tensor, rho: float) -> Tens
     return torch.where(value_1 <= value_t + 1e-15 * (slope.abs() + rho * const.sqrt()), torch.ones_like(t), t)
 
 
-#: wᵀGw below this fraction of (Σ_k w_k‖g_k‖)² has lost its digits to cancellation; see resolved_norm_sq
+#: wᵀGw below this fraction of (Σ_k w_k‖g_k‖)² has lost its digits to cancellation; see resolved_norm_sq_tensor
 NORM_FLOOR = 1e-10
 #: ‖Jᵀw‖ below √SCALE_FLOOR = 1e-7 of the longest gradient is within the solvers' accuracy (√ε, the ridge) of 0
 SCALE_FLOOR = 1e-14
 
 
 def resolved_norm_sq_tensor(gramian: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`resolved_norm_sq` with the flag left on the device (a 0-dim bool tensor): no read."""
+    """(‖Jᵀw‖² = wᵀGw, whether it is distinguishable from 0), the flag a 0-dim bool tensor left on the device (no
+    read). Computing wᵀGw rounds at about ε·(Σ_k |w_k|‖g_k‖)², and the weights themselves are accurate to about
+    1e-8 (see RIDGE): below NORM_FLOOR times the first or SCALE_FLOOR·max_k ‖g_k‖², Jᵀw is numerically 0 (the
+    gradients are Pareto-stationary)."""
     norm_sq = w @ gramian @ w
     diag = gramian.diagonal().clamp_min(0)
     bound = (w.abs() @ diag.sqrt()) ** 2
     return norm_sq, (norm_sq > NORM_FLOOR * bound) & (norm_sq > SCALE_FLOOR * diag.max())
-
-
-def resolved_norm_sq(gramian: Tensor, w: Tensor) -> tuple[Tensor, bool]:
-    """(‖Jᵀw‖² = wᵀGw, whether it is distinguishable from 0). Computing wᵀGw rounds at about
-    ε·(Σ_k |w_k|‖g_k‖)², and the weights themselves are accurate to about 1e-8 (see RIDGE): below NORM_FLOOR
-    times the first or SCALE_FLOOR·max_k ‖g_k‖², Jᵀw is numerically 0 (the gradients are Pareto-stationary)."""
-    norm_sq, resolved = resolved_norm_sq_tensor(gramian, w)
-    return norm_sq, bool(resolved)
 
 
 class _Evaluation(NamedTuple):
@@ -649,7 +644,7 @@ def linear_plus_norm(
 
     Residual: the Frank–Wolfe gap (∇fᵀw − min_k ∇f_k) / (max|b| + ρ·√max G_kk), an upper bound on the
     relative suboptimality; the solver stops when it is ≤ ``tol``. f is not differentiable where Jᵀw = 0, and
-    wᵀGw computed from G loses its digits near there (:func:`resolved_norm_sq`): an iterate where Jᵀw is
+    wᵀGw computed from G loses its digits near there (:func:`resolved_norm_sq_tensor`): an iterate where Jᵀw is
     numerically 0 (the gradients are Pareto-stationary, 0 lies in their hull) stops the solver with
     ``converged=False``.
     """
@@ -673,7 +668,7 @@ def linear_plus_norm(
         """(Gw, wᵀGw, f(w), Frank–Wolfe gap, whether Jᵀw is resolved) for each row w of ``points``, at once."""
         gp = points @ g_scaled
         norm_sq = (points * gp).sum(dim=-1)
-        # as resolved_norm_sq: wᵀGw is distinguishable from 0
+        # as resolved_norm_sq_tensor: wᵀGw is distinguishable from 0
         resolved = (norm_sq > NORM_FLOOR * (points.abs() @ root_diag) ** 2) & (norm_sq > SCALE_FLOOR * diag_top)
         value = points @ lin_scaled + weight * norm_sq.clamp_min(0).sqrt()
         grad = lin_scaled + weight * gp / norm_sq.clamp_min(tiny).sqrt()[:, None]
