@@ -78,10 +78,21 @@ def _finite(*tensors: Tensor) -> Tensor:
     return finite
 
 
-def _check_finite_flag(solver: str, finite: Tensor) -> None:
-    """Refuse non-finite input: one read from the device."""
-    if not bool(finite):
-        raise ValueError(f"{solver} got non-finite input (NaN or Inf gradients?)")
+def _non_finite(solver: str) -> ValueError:
+    return ValueError(f"{solver} got non-finite input (NaN or Inf gradients?)")
+
+
+class _InputCheck(NamedTuple):
+    """A public solver's finite-input flag, left on the device so that :func:`_qp` can read it together with its
+    own decision (one read instead of two), and the solver's name for the error."""
+
+    finite: Tensor
+    solver: str
+
+    def require(self) -> None:
+        """Refuse non-finite input: one read from the device."""
+        if not bool(self.finite):
+            raise _non_finite(self.solver)
 
 
 def _regularised(h: Tensor, base: Tensor | None = None) -> Tensor:
@@ -93,58 +104,114 @@ def _regularised(h: Tensor, base: Tensor | None = None) -> Tensor:
     return h + torch.diag(RIDGE * (diag + RIDGE * top) + (top <= 0))
 
 
-class _Systems(NamedTuple):
-    """The scaled, bordered KKT systems of min ½xᵀhx + qᵀx s.t. x ≥ lower (and Σx = 1 when ``simplex``), built once
-    per problem family: a working set masks the rows of its fixed variables to the identity (see _active_set)."""
+@dataclass(frozen=True)
+class _QP:
+    """min ½xᵀhx + qᵀx s.t. x ≥ lower, or over the simplex (x ≥ 0, Σx = 1) when ``lower`` is None, for ``batch``
+    problems that share h: one per row of ``q`` / ``lower`` (B, K); q = 0 when None.
+
+    ``h`` (K, K) is positive definite, float64. When ``exact`` is given, ``h`` is its ridged version: the systems
+    are factored with ``h`` and the answer refined against ``exact`` (see :meth:`_KKT.refined`), and optimality is
+    judged with ``exact``. None is kept apart from zeros because the enumeration takes shortcuts for q = 0.
+    """
 
     h: Tensor
-    h_exact: Tensor
-    full: Tensor  # (2, n, n): [[S h S, −e], [eᵀ, 0]] for h, then for the exact matrix
-    eye: Tensor
-    rhs_free: Tensor  # (B, n): −S q where free, 1/top in the simplex row
-    rhs_fixed: Tensor  # (B, n): lower / S where fixed
-    scale: Tensor
-    top: Tensor
-    q: Tensor
-    lower: Tensor
-    refine: bool
+    q: Tensor | None
+    lower: Tensor | None
+    exact: Tensor | None = None
+    batch: int = 1
+
+    @property
+    def k(self) -> int:
+        return self.h.shape[-1]
+
+    @property
+    def simplex(self) -> bool:
+        return self.lower is None
+
+    @property
+    def h_exact(self) -> Tensor:
+        return self.h if self.exact is None else self.exact
+
+    @functools.cached_property
+    def zeros(self) -> Tensor:
+        return torch.zeros(self.batch, self.k, dtype=self.h.dtype, device=self.h.device)
+
+    @property
+    def linear(self) -> Tensor:
+        """q as a (B, K) tensor, zeros when None."""
+        return self.zeros if self.q is None else self.q
+
+    @property
+    def bounds(self) -> Tensor:
+        """The lower bounds as a (B, K) tensor: zeros on the simplex."""
+        return self.zeros if self.lower is None else self.lower
+
+
+@functools.lru_cache(maxsize=64)
+def _identity(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.eye(n, dtype=dtype, device=device)
+
+
+class _KKT(NamedTuple):
+    """The KKT matrix of a :class:`_QP` on a working set, symmetrically scaled to unit diagonal (S = diag(h)^−½),
+    with the simplex row Σx = 1 as a border: [[S h S, −e], [eᵀ, 0]], e = S·1 / max S. It is assembled once per
+    problem; a working set masks the rows of its fixed variables to the identity (their value is the bound), so
+    every working set's system is a ``torch.where`` away, and many are solved in one batch. Used by both
+    :func:`_active_set` (one working set per problem and iteration) and :func:`_enumerated` (many candidates)."""
+
+    full: Tensor  # (2, n, n): the bordered matrix for h, then for the exact matrix
+    eye: Tensor  # (n, n)
+    scale: Tensor  # S's diagonal (K,)
+    top: Tensor  # max S: the border is divided by it (e, and 1/top on the right) and μ = z_n / top
     simplex: bool
+    refine: bool  # an exact matrix was given: refine against full[1]
+
+    @property
+    def k(self) -> int:
+        return self.scale.shape[0]
+
+    @property
+    def n(self) -> int:
+        """K, plus 1 for the simplex row."""
+        return self.eye.shape[0]
+
+    def factored(self, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """LU factors and pivots of the ridged systems of the working sets ``mask`` (..., n): True where free."""
+        factors, pivots, _ = torch.linalg.lu_factor_ex(torch.where(mask[..., None], self.full[0], self.eye))
+        return factors, pivots
+
+    def refined(self, mask: Tensor, factors: Tensor, pivots: Tensor, rhs: Tensor, z: Tensor) -> Tensor:
+        """The solution ``z`` (B, n, 1) of the ridged systems of the working sets ``mask`` (B, n), refined twice
+        against the exact matrix when there is one (iterated Tikhonov with the ridged factors): that removes the
+        ridge's bias (δ³) while keeping its conditioning and its even split between dependent gradients."""
+        if self.refine:
+            system_exact = torch.where(mask[..., None], self.full[1], self.eye)
+            for _ in range(2):
+                z = z + torch.linalg.lu_solve(factors, pivots, rhs - system_exact @ z)
+        return z
+
+    def point(self, z: Tensor) -> Tensor:
+        """x (B, K) from a scaled solution z (B, n, 1)."""
+        return self.scale * z[:, : self.k, 0]
+
+    def multiplier(self, z: Tensor, zeros: Tensor) -> Tensor:
+        """μ (B, 1), the multiplier of Σx = 1 (0 without the simplex; ``zeros`` (B, K)), from z (B, n, 1)."""
+        return z[:, self.k :, 0] / self.top if self.simplex else zeros[:, :1]
 
 
-def _systems(h: Tensor, q: Tensor, lower: Tensor, simplex: bool, exact: Tensor | None) -> _Systems:
-    batch, k = q.shape
+def _kkt(problem: _QP) -> _KKT:
+    h, k = problem.h, problem.k
     dtype, device = h.dtype, h.device
     scale = h.diagonal().clamp_min(torch.finfo(dtype).tiny).rsqrt()
-    h_exact = h if exact is None else exact
-    n = k + 1 if simplex else k
+    n = k + int(problem.simplex)
     top = scale.max()
     full = torch.zeros(2, n, n, dtype=dtype, device=device)
-    full[:, :k, :k] = torch.stack([h, h_exact]) * scale[:, None] * scale[None, :]
-    if simplex:
+    full[:, :k, :k] = torch.stack([h, problem.h_exact]) * scale[:, None] * scale[None, :]
+    if problem.simplex:
         e = scale / top
         full[:, :k, k] = -e
         full[:, k, :k] = e
-    rhs_free = -scale * q
-    rhs_fixed = lower / scale
-    if simplex:
-        last = (1 / top).expand(batch, 1)
-        rhs_free, rhs_fixed = torch.cat([rhs_free, last], 1), torch.cat([rhs_fixed, last], 1)
-    eye = torch.eye(n, dtype=dtype, device=device)
-    return _Systems(h, h_exact, full, eye, rhs_free, rhs_fixed, scale, top, q, lower, exact is not None, simplex)
-
-
-def _refined(s: _Systems, mask: Tensor, factors: Tensor, pivots: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-    """(x̂, μ) of the working sets ``mask`` (B, n) from the ridged solution ``z`` (B, n, 1) and its LU factors:
-    refined twice against the exact matrix (iterated Tikhonov) when there is one."""
-    k = s.q.shape[-1]
-    if s.refine:
-        rhs = torch.where(mask, s.rhs_free, s.rhs_fixed)[:, :, None]
-        system_exact = torch.where(mask[:, :, None], s.full[1], s.eye)
-        for _ in range(2):
-            z = z + torch.linalg.lu_solve(factors, pivots, rhs - system_exact @ z)
-    x_hat = s.scale * z[:, :k, 0]
-    mu = z[:, k:, 0] / s.top if s.simplex else torch.zeros_like(s.q[:, :1])
-    return x_hat, mu
+    return _KKT(full, _identity(n, dtype, device), scale, top, problem.simplex, problem.exact is not None)
 
 
 def _kkt_test(
@@ -162,32 +229,34 @@ def _kkt_test(
     return feasible, feasible & (worst_value >= -1e-12), worst
 
 
-def _taken(s: _Systems, x_hat: Tensor, free: Tensor) -> Tensor:
+def _taken(problem: _QP, x_hat: Tensor, free: Tensor) -> Tensor:
     """A feasible working-set solution as an iterate: fixed variables exactly on their bound."""
-    x = torch.where(free, torch.maximum(x_hat, s.lower), s.lower)
-    return x / x.sum(dim=-1, keepdim=True) if s.simplex else x
+    lower = problem.bounds
+    x = torch.where(free, torch.maximum(x_hat, lower), lower)
+    return x / x.sum(dim=-1, keepdim=True) if problem.simplex else x
 
 
-def _active_set(s: _Systems, x0: Tensor, max_iter: int) -> tuple[Tensor, int, bool]:
-    """Primal active-set method for min ½xᵀhx + qᵀx s.t. x ≥ lower (and Σx = 1 when ``simplex``), one problem per
-    row of ``q`` / ``lower`` / ``x0`` (B, K) (in ``s``, see _systems); ``h`` (K, K) positive definite, float64;
-    ``x0`` feasible.
+def _active_set(problem: _QP, kkt: _KKT, x0: Tensor, max_iter: int) -> tuple[Tensor, int, bool]:
+    """Primal active-set method for ``problem``, one problem per row of ``x0`` (B, K), which is feasible.
 
     Each iteration solves the equality-constrained problem with the variables of the working set fixed at their
     bound (Nocedal & Wright, Numerical Optimization, Alg. 16.3): a feasible solution is taken, then the bound
     with the most negative multiplier is released; an infeasible one is approached until the first bound
     blocks, which joins the working set. The working set starts as the bounds that ``x0`` touches, so a warm start
-    with the right support costs one iteration. The linear systems are symmetrically scaled to unit diagonal and
-    built once, with the simplex row as a border: an iteration masks the rows of the working set to the
-    identity. When ``exact`` (the unridged matrix) is given, ``h`` is its ridged version: each system is factored
-    with ``h`` and refined twice against ``exact`` (iterated Tikhonov), which removes the ridge's bias (δ³) while
-    keeping its conditioning and its even split between dependent gradients; multipliers are taken with ``exact``.
+    with the right support costs one iteration. Each iteration's systems are masked from ``kkt`` and, when the
+    problem has an exact matrix, refined against it; multipliers are taken with the exact matrix.
     Every iteration reads one boolean from the device (the loop's exit depends on the data).
     """
-    batch, k = s.q.shape
-    lower = s.lower
+    batch, k = problem.batch, problem.k
+    q, lower = problem.linear, problem.bounds
     device = lower.device
-    border = torch.ones(batch, s.eye.shape[0] - k, dtype=torch.bool, device=device)
+    # right-hand sides of the scaled systems: −S q where free, lower / S where fixed, 1/top in the simplex row
+    rhs_free = -kkt.scale * q
+    rhs_fixed = lower / kkt.scale
+    if problem.simplex:
+        last = (1 / kkt.top).expand(batch, 1)
+        rhs_free, rhs_fixed = torch.cat([rhs_free, last], 1), torch.cat([rhs_fixed, last], 1)
+    border = torch.ones(batch, kkt.n - k, dtype=torch.bool, device=device)
     x = x0.clone()
     free = x > lower
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -195,18 +264,18 @@ def _active_set(s: _Systems, x0: Tensor, max_iter: int) -> tuple[Tensor, int, bo
     iterations = 0
     for iterations in range(1, max_iter + 1):
         mask = torch.cat([free, border], dim=1)
-        system = torch.where(mask[:, :, None], s.full[0], s.eye)
-        rhs = torch.where(mask, s.rhs_free, s.rhs_fixed)[:, :, None]
-        factors, pivots, _ = torch.linalg.lu_factor_ex(system)
-        x_hat, mu = _refined(s, mask, factors, pivots, torch.linalg.lu_solve(factors, pivots, rhs))
-        feasible, optimal, worst = _kkt_test(s.h_exact, s.q, lower, x_hat, mu, free)
+        rhs = torch.where(mask, rhs_free, rhs_fixed)[:, :, None]
+        factors, pivots = kkt.factored(mask)
+        z = kkt.refined(mask, factors, pivots, rhs, torch.linalg.lu_solve(factors, pivots, rhs))
+        x_hat, mu = kkt.point(z), kkt.multiplier(z, problem.zeros)
+        feasible, optimal, worst = _kkt_test(problem.h_exact, q, lower, x_hat, mu, free)
         # infeasible: step from x toward x_hat until the first free variable reaches its bound
         step = x_hat - x
         ratio = torch.where(free & (step < 0), (lower - x) / step, torch.inf)
         alpha, block = ratio.min(dim=-1)
         x_step = x + alpha.clamp(0, 1)[:, None] * step
         x_step[rows, block] = lower[rows, block]
-        x_taken = _taken(s, x_hat, free)
+        x_taken = _taken(problem, x_hat, free)
         active = ~done
         take = active & feasible
         move = active & ~feasible
@@ -241,38 +310,22 @@ def _flips(k: int, device: torch.device) -> Tensor:
     return torch.cat([torch.zeros(1, k, dtype=torch.bool, device=device), torch.eye(k, device=device).bool()])
 
 
-@functools.lru_cache(maxsize=64)
-def _identity(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.eye(n, dtype=dtype, device=device)
-
-
-def _enumerated(
-    h: Tensor, exact: Tensor | None, q: Tensor | None, lower: Tensor | None, batch: int, free: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """(x, whether it is the solution) per row: :func:`_active_set`'s problem (over the simplex when ``lower`` is
-    None, else x ≥ ``lower`` (B, K); q = 0 when None) from many working sets solved in one batch, without a read.
+def _enumerated(problem: _QP, kkt: _KKT, free: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(x, whether it is the solution) per row of ``problem``, from many working sets solved in one batch, without
+    a read.
 
     With ``free`` None (K ≤ ENUMERATE) every free set is tried, else the free set ``free`` (B, K) of the warm start
     and the K sets that differ from it in one variable. Each candidate is the equality-constrained solution on its
     working set, from the same scaled, bordered system an active-set iteration solves; every feasible one is a
     feasible point of the QP, and the QP's solution is the candidate of its own free set, so the feasible
     candidate of least objective is the solution whenever its free set is among the candidates (always when all
-    are). Its solution is then refined twice against ``exact`` as in _active_set. Where only the neighbours were
-    tried, the answer must also pass _active_set's KKT test.
+    are). Only the chosen candidate is refined against the exact matrix. Where only the neighbours were tried,
+    the answer must also pass _active_set's KKT test.
     """
-    k = h.shape[-1]
-    simplex = lower is None
-    n = k + int(simplex)
-    dtype, device = h.dtype, h.device
-    scale = h.diagonal().clamp_min(torch.finfo(dtype).tiny).rsqrt()
-    top = scale.max()
-    full = torch.zeros(2, n, n, dtype=dtype, device=device)
-    full[:, :k, :k] = torch.stack([h, h if exact is None else exact]) * scale[:, None] * scale[None, :]
-    if simplex:
-        e = scale / top
-        full[:, :k, k] = -e
-        full[:, k, :k] = e
-    eye = _identity(n, dtype, device)
+    q, lower, simplex = problem.q, problem.lower, problem.simplex
+    k, n, batch = problem.k, kkt.n, problem.batch
+    device = problem.h.device
+    eye, scale, top = kkt.eye, kkt.scale, kkt.top
     neighbours = free is not None
     if free is None:
         masks, rows_mask = _all_free_sets(k, simplex, device)
@@ -282,7 +335,7 @@ def _enumerated(
             masks = masks | ~masks.any(dim=-1, keepdim=True)
         rows_mask = torch.cat([masks, torch.ones_like(masks[..., : n - k])], -1)
     count = masks.shape[1]
-    factors, pivots, _ = torch.linalg.lu_factor_ex(torch.where(rows_mask[..., None], full[0], eye))
+    factors, pivots = kkt.factored(rows_mask)
     # right-hand sides: −S q on free rows, lower / S on fixed ones, 1/top in the simplex row
     if simplex:
         last = eye[k] / top
@@ -304,79 +357,65 @@ def _enumerated(
     if simplex and q is None:
         value = z[..., k]  # xᵀhx = μ·top·Σx on the simplex: every candidate's value up to the common factor top
     else:
-        value = ((x @ h) * x).sum(dim=-1) + (0.0 if q is None else 2 * (x * q[:, None]).sum(dim=-1))
+        value = ((x @ problem.h) * x).sum(dim=-1) + (0.0 if q is None else 2 * (x * q[:, None]).sum(dim=-1))
     best = torch.where(feasible, value, torch.inf).argmin(dim=-1)
     index = (torch.arange(batch, device=device), best)
     mask = rows_mask.expand(batch, count, n)[index]
     z = z[index][..., None]
-    if exact is not None:
+    if kkt.refine:  # only then are the chosen candidate's factors needed again
         factors = factors.expand(batch, count, n, n)[index]
         pivots = pivots.expand(batch, count, n)[index]
-        rhs = rhs[index][..., None]
-        system_exact = torch.where(mask[..., None], full[1], eye)
-        for _ in range(2):
-            z = z + torch.linalg.lu_solve(factors, pivots, rhs - system_exact @ z)
-    x = scale * z[:, :k, 0]
+        z = kkt.refined(mask, factors, pivots, rhs[index][..., None], z)
+    x = kkt.point(z)
     free = mask[:, :k]
     found = feasible.any(dim=-1)
     if neighbours:
-        zeros = torch.zeros_like(x)
-        mu = z[:, k:, 0] / top if simplex else zeros[:, :1]
-        h_exact = h if exact is None else exact
-        found = _kkt_test(h_exact, zeros if q is None else q, zeros if lower is None else lower, x, mu, free)[1]
+        mu = kkt.multiplier(z, problem.zeros)
+        found = _kkt_test(problem.h_exact, problem.linear, problem.bounds, x, mu, free)[1]
     bounds = 0.0 if lower is None else lower
     x = torch.where(free, x.clamp_min(0) if lower is None else torch.maximum(x, lower), bounds)
     return (x / x.sum(dim=-1, keepdim=True) if simplex else x), found
 
 
 def _qp(
-    h: Tensor,
-    q: Tensor | None,
-    lower: Tensor | None,
-    batch: int,
+    problem: _QP,
     start: Callable[[], Tensor],
     max_iter: int,
-    exact: Tensor | None = None,
-    finite: Tensor | None = None,
-    solver: str = "",
+    check: _InputCheck | None = None,
     verify: bool = True,
     support: Callable[[], Tensor] | None = None,
 ) -> tuple[Tensor, int, bool]:
-    """min ½xᵀhx + qᵀx s.t. x ≥ lower, or over the simplex when ``lower`` is None (q = 0 when None), for
-    ``batch`` problems (rows of q / lower), exactly: the answer of :func:`_active_set` from ``start()``.
+    """``problem`` solved exactly: the answer of :func:`_active_set` from ``start()`` (B, K).
 
     Up to ENUMERATE tasks, and up to FLIPS for a single problem, the candidate working sets are solved in one
     batch (:func:`_enumerated`; ``start`` is only called above ENUMERATE tasks); the active-set method takes over,
     started from their answer, only where that answer is not the solution. One read from the device for that
-    decision, which also carries the caller's ``finite`` check (ValueError naming ``solver`` when it is false).
-    ``support()``, when given, is a cheaper guess of the free set of ``start()`` (B, K): the candidates' free sets
-    are built around it, and the answer does not depend on it. With ``verify`` False and every working set tried
-    (K ≤ ENUMERATE), there is no read: the answer is then a feasible point that is the solution unless rounding
-    left every candidate infeasible (for callers that check optimality themselves, as the SQP does).
+    decision, which also carries the caller's input ``check``. ``support()``, when given, is a cheaper guess of
+    the free set of ``start()`` (B, K): the candidates' free sets are built around it, and the answer does not
+    depend on it. With ``verify`` False and every working set tried (K ≤ ENUMERATE), there is no read: the answer
+    is then a feasible point that is the solution unless rounding left every candidate infeasible (for callers
+    that check optimality themselves, as the SQP does).
     """
-    k = h.shape[-1]
-    dtype, device = h.dtype, h.device
-    zeros = torch.zeros(batch, k, dtype=dtype, device=device)
+    k, batch = problem.k, problem.batch
+    kkt = _kkt(problem)
     # the neighbours pay for a single problem; for a batch (UPGrad's K) the active set's one or two warm iterations
     # on B systems cost less than B·(K + 1) candidates (measured: K = 7–12, B = K)
     if k > FLIPS or (k > ENUMERATE and batch > 1):
-        if finite is not None:
-            _check_finite_flag(solver, finite)
-        s = _systems(h, zeros if q is None else q, zeros if lower is None else lower, lower is None, exact)
-        return _active_set(s, start(), max_iter)
-    bounds = zeros if lower is None else lower
-    free = None if k <= ENUMERATE else (start() > bounds if support is None else support())
-    x, found = _enumerated(h, exact, q, lower, batch, free)
-    if free is None and finite is None and not verify:
+        if check is not None:
+            check.require()
+        return _active_set(problem, kkt, start(), max_iter)
+    free = None if k <= ENUMERATE else (start() > problem.bounds if support is None else support())
+    x, found = _enumerated(problem, kkt, free)
+    if free is None and check is None and not verify:
         return x, 1, True
-    check = torch.ones((), dtype=torch.bool, device=device) if finite is None else finite
-    ok, solved = torch.stack([check, found.all()]).tolist()
+    finite = torch.ones((), dtype=torch.bool, device=problem.h.device) if check is None else check.finite
+    ok, solved = torch.stack([finite, found.all()]).tolist()
     if not ok:
-        raise ValueError(f"{solver} got non-finite input (NaN or Inf gradients?)")
+        assert check is not None
+        raise _non_finite(check.solver)
     if solved:
         return x, 1, True
-    s = _systems(h, zeros if q is None else q, bounds, lower is None, exact)
-    x, iterations, converged = _active_set(s, x, max_iter - 1)
+    x, iterations, converged = _active_set(problem, kkt, x, max_iter - 1)
     return x, iterations + 1, converged
 
 
@@ -386,13 +425,14 @@ def _simplex_qp(
     init: Tensor | None,
     max_iter: int,
     exact: Tensor | None = None,
-    finite: Tensor | None = None,
-    solver: str = "",
+    *,
+    check: _InputCheck | None = None,
     project: bool = True,
     verify: bool = True,
 ) -> tuple[Tensor, int, bool]:
     """min ½wᵀhw + qᵀw over the simplex; h (K, K) positive definite, q (K,) or None (0), float64 (``exact``,
-    ``finite``, ``verify``: see _qp). ``init`` is projected onto Δ unless ``project`` is False (on Δ already)."""
+    ``check``, ``verify``: see _QP and _qp). ``init`` is projected onto Δ unless ``project`` is False (on Δ
+    already)."""
     k = h.shape[0]
 
     def start() -> Tensor:
@@ -409,9 +449,8 @@ def _simplex_qp(
             return torch.ones(1, k, dtype=torch.bool, device=h.device)
         return (init > 1e-12 * init.max())[None]
 
-    x, iterations, converged = _qp(
-        h, None if q is None else q[None], None, 1, start, max_iter, exact, finite, solver, verify, support
-    )
+    problem = _QP(h, None if q is None else q[None], None, exact)
+    x, iterations, converged = _qp(problem, start, max_iter, check, verify, support)
     return x[0], iterations, converged
 
 
@@ -450,10 +489,10 @@ def min_norm_point(gramian: Tensor, init: Tensor | None = None, max_iter: int | 
     limit = _default_iterations(k) if max_iter is None else max_iter
     if k == 2:
         w, iterations, converged = _min_norm_pair(g), 1, True
-        _check_finite_flag("min_norm_point", _finite(gramian))
+        _InputCheck(_finite(gramian), "min_norm_point").require()
     else:
         w, iterations, converged = _simplex_qp(
-            _regularised(g), None, init, limit, g, _finite(gramian), "min_norm_point"
+            _regularised(g), None, init, limit, g, check=_InputCheck(_finite(gramian), "min_norm_point")
         )
     gw = g @ w
     residual = (w @ gw - gw.min()).clamp_min(0)
@@ -487,10 +526,9 @@ def lower_bounded_qp(
         size = 1 + previous.abs().amax(dim=-1, keepdim=True)
         return torch.where(previous - bounds > 1e-12 * size, previous, bounds)
 
-    finite = _finite(lower, gramian)
-    v, iterations, converged = _qp(
-        _regularised(g), None, bounds, bounds.shape[0], start, limit, g, finite, "lower_bounded_qp"
-    )
+    check = _InputCheck(_finite(lower, gramian), "lower_bounded_qp")
+    problem = _QP(_regularised(g), None, bounds, g, batch=bounds.shape[0])
+    v, iterations, converged = _qp(problem, start, limit, check)
     gv = v @ g
     residual = torch.maximum((-gv).clamp_min(0).amax(), ((v - bounds) * gv).abs().amax())
     x = v[0] if single else v
@@ -516,53 +554,77 @@ def _line_search(w: Tensor, p: Tensor, g: Tensor, b: Tensor, rho: float) -> Tens
     return torch.where(value_1 <= value_t + 1e-15 * (slope.abs() + rho * const.sqrt()), torch.ones_like(t), t)
 
 
-#: wᵀGw below this fraction of (Σ_k w_k‖g_k‖)² has lost its digits to cancellation; see resolved_norm_sq
+#: wᵀGw below this fraction of (Σ_k w_k‖g_k‖)² has lost its digits to cancellation; see resolved_norm_sq_tensor
 NORM_FLOOR = 1e-10
 #: ‖Jᵀw‖ below √SCALE_FLOOR = 1e-7 of the longest gradient is within the solvers' accuracy (√ε, the ridge) of 0
 SCALE_FLOOR = 1e-14
 
 
 def resolved_norm_sq_tensor(gramian: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`resolved_norm_sq` with the flag left on the device (a 0-dim bool tensor): no read."""
+    """(‖Jᵀw‖² = wᵀGw, whether it is distinguishable from 0), the flag a 0-dim bool tensor left on the device (no
+    read). Computing wᵀGw rounds at about ε·(Σ_k |w_k|‖g_k‖)², and the weights themselves are accurate to about
+    1e-8 (see RIDGE): below NORM_FLOOR times the first or SCALE_FLOOR·max_k ‖g_k‖², Jᵀw is numerically 0 (the
+    gradients are Pareto-stationary)."""
     norm_sq = w @ gramian @ w
     diag = gramian.diagonal().clamp_min(0)
     bound = (w.abs() @ diag.sqrt()) ** 2
     return norm_sq, (norm_sq > NORM_FLOOR * bound) & (norm_sq > SCALE_FLOOR * diag.max())
 
 
-def resolved_norm_sq(gramian: Tensor, w: Tensor) -> tuple[Tensor, bool]:
-    """(‖Jᵀw‖² = wᵀGw, whether it is distinguishable from 0). Computing wᵀGw rounds at about
-    ε·(Σ_k |w_k|‖g_k‖)², and the weights themselves are accurate to about 1e-8 (see RIDGE): below NORM_FLOOR
-    times the first or SCALE_FLOOR·max_k ‖g_k‖², Jᵀw is numerically 0 (the gradients are Pareto-stationary)."""
-    norm_sq, resolved = resolved_norm_sq_tensor(gramian, w)
-    return norm_sq, bool(resolved)
+class _Evaluation(NamedTuple):
+    """f and its derivatives at the rows of a batch of points w (see :func:`linear_plus_norm`'s ``evaluate``)."""
+
+    gw: Tensor  # Gw
+    norm_sq: Tensor  # wᵀGw
+    value: Tensor  # f(w)
+    gap: Tensor  # the Frank–Wolfe gap
+    resolved: Tensor  # whether Jᵀw is distinguishable from 0 (f is differentiable there)
+
+    def row(self, i: int) -> _Evaluation:
+        return _Evaluation(*(item[i] for item in self))
+
+
+class _SQPFlags(NamedTuple):
+    """The decisions of one SQP iteration of :func:`linear_plus_norm` about the line-search point ``new`` and the
+    full step v, all read from the device at once."""
+
+    decreased: bool  # f(new) ≤ f(w), up to rounding
+    progress: bool  # new lowers the KKT gap or f (beyond rounding)
+    take_full: bool  # the full step v is taken instead of new
+    stalled: bool  # new is w, to rounding
+    go_new: bool  # new leaves the KKT gap above tol (where f is differentiable)
+    go_full: bool  # v leaves the KKT gap above tol
+    damped: bool  # the line search strongly damped the Newton step
+    ok_new: bool  # new is converged: resolved, gap ≤ tol
+    ok_full: bool  # v is converged
+
+    @classmethod
+    def read(cls, **flags: Tensor) -> _SQPFlags:
+        """The flags, given by name as 0-dim bool tensors, in one read."""
+        return cls(*torch.stack([flags[name] for name in cls._fields]).tolist())
 
 
 def _sqp_flags(
-    evals: tuple[Tensor, ...], new: Tensor, w: Tensor, before: Tensor, gap: Tensor, t: Tensor, scale: float, tol: float
-) -> list[bool]:
+    evals: _Evaluation, new: Tensor, w: Tensor, before: Tensor, gap: Tensor, t: Tensor, scale: float, tol: float
+) -> _SQPFlags:
     """One read for an SQP iteration of :func:`linear_plus_norm` (``evals``: its evaluation of the line-search
-    point ``new`` and the full step v): whether ``new`` decreased f, progressed, the full step is taken, the
-    step stalled, ``new`` and v leave the KKT gap above tol, the step was strongly damped, ``new`` and v are
-    converged (resolved, gap ≤ tol)."""
-    _, _, values, gaps, resolveds = evals
+    point ``new``, row 0, and the full step v, row 1; ``before`` and ``gap``: f and the KKT gap at w)."""
+    values, gaps, resolveds = evals.value, evals.gap, evals.resolved
     # near the solution f changes below its rounding error, so the line search cannot see the Newton step's gain
     # while the step still improves w; the full step v is then taken if f stays within rounding and the KKT gap
     # falls (the Newton convergence the line search would spoil)
     bound = before + 1e-15 * scale
-    flags = [
-        values[0] <= bound,
-        (gaps[0] < gap) | (values[0] < before - 1e-15 * scale),
-        (values[1] <= bound) & (gaps[1] < gaps[0]) & (gaps[1] < gap) & resolveds[1],
-        (new - w).abs().max() <= 1e-15,
-        resolveds[0] & (gaps[0] > tol),
-        gaps[1] > tol,
-        t < 0.1,
-        resolveds[0] & (gaps[0] <= tol),
-        resolveds[1] & (gaps[1] <= tol),
-    ]
-    result: list[bool] = torch.stack(flags).tolist()
-    return result
+    return _SQPFlags.read(
+        decreased=values[0] <= bound,
+        progress=(gaps[0] < gap) | (values[0] < before - 1e-15 * scale),
+        take_full=(values[1] <= bound) & (gaps[1] < gaps[0]) & (gaps[1] < gap) & resolveds[1],
+        stalled=(new - w).abs().max() <= 1e-15,
+        go_new=resolveds[0] & (gaps[0] > tol),
+        go_full=gaps[1] > tol,
+        damped=t < 0.1,
+        ok_new=resolveds[0] & (gaps[0] <= tol),
+        ok_full=resolveds[1] & (gaps[1] <= tol),
+    )
 
 
 def linear_plus_norm(
@@ -575,14 +637,14 @@ def linear_plus_norm(
     along the segment; convergence is quadratic once the active face is found, and every step decreases f (up to
     its rounding: once f's decrease is below rounding, the full step is taken where it lowers the KKT gap, since
     the line search can no longer see it). The subproblem is factored with the ridge and refined against the
-    exact Hessian (see :func:`_active_set`), so the ridge does not slow the Newton steps down. ``init``
+    exact Hessian (see :meth:`_KKT.refined`), so the ridge does not slow the Newton steps down. ``init``
     warm-starts it. With ρ = 0 (or G = 0) the problem is linear: w is uniform over argmin_k b_k. Reads from the
     device: one for the input check, the case analysis and the start's gap, then one per iteration (plus, for
     K > 6, the subproblem's one, see _qp).
 
     Residual: the Frank–Wolfe gap (∇fᵀw − min_k ∇f_k) / (max|b| + ρ·√max G_kk), an upper bound on the
     relative suboptimality; the solver stops when it is ≤ ``tol``. f is not differentiable where Jᵀw = 0, and
-    wᵀGw computed from G loses its digits near there (:func:`resolved_norm_sq`): an iterate where Jᵀw is
+    wᵀGw computed from G loses its digits near there (:func:`resolved_norm_sq_tensor`): an iterate where Jᵀw is
     numerically 0 (the gradients are Pareto-stationary, 0 lies in their hull) stops the solver with
     ``converged=False``.
     """
@@ -602,28 +664,28 @@ def linear_plus_norm(
     root_diag, diag_top = diag.sqrt(), diag.max()
     tiny = torch.finfo(torch.float64).tiny
 
-    def evaluate(points: Tensor, weight: float | Tensor, scale: float | Tensor) -> tuple[Tensor, ...]:
+    def evaluate(points: Tensor, weight: float | Tensor, scale: float | Tensor) -> _Evaluation:
         """(Gw, wᵀGw, f(w), Frank–Wolfe gap, whether Jᵀw is resolved) for each row w of ``points``, at once."""
         gp = points @ g_scaled
         norm_sq = (points * gp).sum(dim=-1)
-        # as resolved_norm_sq: wᵀGw is distinguishable from 0
+        # as resolved_norm_sq_tensor: wᵀGw is distinguishable from 0
         resolved = (norm_sq > NORM_FLOOR * (points.abs() @ root_diag) ** 2) & (norm_sq > SCALE_FLOOR * diag_top)
         value = points @ lin_scaled + weight * norm_sq.clamp_min(0).sqrt()
         grad = lin_scaled + weight * gp / norm_sq.clamp_min(tiny).sqrt()[:, None]
         gap = ((points * grad).sum(dim=-1) - grad.amin(dim=-1)).clamp_min(0) / scale
-        return gp, norm_sq, value, gap, resolved
+        return _Evaluation(gp, norm_sq, value, gap, resolved)
 
     def status(resolved: Tensor, gap: Tensor) -> list[Tensor]:
         return [resolved & (gap > tol), resolved, resolved & (gap <= tol)]
 
     uniform = torch.full((k,), 1.0 / k, dtype=torch.float64, device=device)
     w = uniform if init is None else project_simplex(init.to(g))
-    gw, norm_sq, value, gap, resolved = (item[0] for item in evaluate(w[None], weight_t, lin_max / root_top + weight_t))
+    point = evaluate(w[None], weight_t, lin_max / root_top + weight_t).row(0)
     finite = torch.isfinite(g).all() & torch.isfinite(lin).all()
-    flags = torch.stack([finite, weight_t, top, lin_max, *status(resolved, gap)]).tolist()
-    ok, weight, top_value, lin_max_value, go_on, differentiable, converged = flags
+    read = torch.stack([finite, weight_t, top, lin_max, *status(point.resolved, point.gap)]).tolist()
+    ok, weight, top_value, lin_max_value, go_on, differentiable, converged = read
     if not ok:
-        raise ValueError("linear_plus_norm got non-finite input (NaN or Inf gradients?)")
+        raise _non_finite("linear_plus_norm")
     if not weight >= 0:
         raise ValueError(f"rho must be >= 0, got {weight}")
     # the norm term below rounding (ρ ≤ 1e-12·max|b|/√max G_kk) is the linear problem
@@ -637,8 +699,8 @@ def linear_plus_norm(
     if not differentiable:  # start where f is differentiable
         for start in (uniform, torch.nn.functional.one_hot(g.diagonal().argmax(), k).to(g)):
             w = start
-            gw, norm_sq, value, gap, resolved = (item[0] for item in evaluate(w[None], weight, scale))
-            go_on, differentiable, converged = torch.stack(status(resolved, gap)).tolist()
+            point = evaluate(w[None], weight, scale).row(0)
+            go_on, differentiable, converged = torch.stack(status(point.resolved, point.gap)).tolist()
             if differentiable:
                 break
     iterations = 0
@@ -646,38 +708,30 @@ def linear_plus_norm(
     ridge = _regularised(torch.zeros_like(g), g) if go_on and max_iter > 0 else g
     while go_on and iterations < max_iter:
         iterations += 1
-        norm = norm_sq.sqrt()
+        norm = point.norm_sq.sqrt()
         # the model's Hessian is ρ/n·(G − GwwᵀG/n²); the subproblem is solved divided by ρ/n (same minimiser),
         # factored with a ridge and refined against the exact Hessian (no ridge bias: quadratic convergence)
-        exact = g - torch.outer(gw, gw) / norm_sq
-        linear = (norm / weight) * lin + gw - exact @ w
+        exact = g - torch.outer(point.gw, point.gw) / point.norm_sq
+        linear = (norm / weight) * lin + point.gw - exact @ w
         v, _, _ = _simplex_qp(exact + ridge, linear, w, limit, exact=exact, project=False, verify=False)
         step = v - w
         t = _line_search(w, step, g, lin, weight)
         new = (w + t * step).clamp_min(0)  # a convex combination of two points of Δ: on Δ up to rounding
         new = new / new.sum()
-        before = value
 
         evals = evaluate(torch.stack([new, v]), weight, scale)
-        decreased, progress, take_full, stalled, go_new, go_full, damped, ok_new, ok_full = _sqp_flags(
-            evals, new, w, before, gap, t, scale, tol
-        )
-        if damped:
+        flags = _sqp_flags(evals, new, w, point.value, point.gap, t, scale, tol)
+        if flags.damped:
             # a strongly damped Newton step: the model is poor (near the kink at Jᵀw = 0). The majorize-minimize
             # step, argmin bᵀw + ρ(wᵀGw + n²)/(2n) (√ is below its tangent), always decreases f; take the better one.
             mm, _, _ = _simplex_qp(g + ridge, (norm / weight) * lin, w, limit, project=False, verify=False)
-            new = torch.where(evaluate(mm[None], weight, scale)[2][0] < evals[2][0], mm, new)
+            new = torch.where(evaluate(mm[None], weight, scale).value[0] < evals.value[0], mm, new)
             evals = evaluate(torch.stack([new, v]), weight, scale)
-            decreased, progress, take_full, stalled, go_new, go_full, _, ok_new, ok_full = _sqp_flags(
-                evals, new, w, before, gap, t, scale, tol
-            )
-        gps, norm_sqs, f_values, gaps, resolveds = evals
-        if take_full:
-            w, gap, resolved, go_on, converged = v, gaps[1], resolveds[1], go_full, ok_full
-            gw, norm_sq, value = gps[1], norm_sqs[1], f_values[1]
-        elif decreased and progress and not stalled:
-            w, gap, resolved, go_on, converged = new, gaps[0], resolveds[0], go_new, ok_new
-            gw, norm_sq, value = gps[0], norm_sqs[0], f_values[0]
+            flags = _sqp_flags(evals, new, w, point.value, point.gap, t, scale, tol)
+        if flags.take_full:
+            w, point, go_on, converged = v, evals.row(1), flags.go_full, flags.ok_full
+        elif flags.decreased and flags.progress and not flags.stalled:
+            w, point, go_on, converged = new, evals.row(0), flags.go_new, flags.ok_new
         else:
             break
-    return SolverResult(w.to(dtype), iterations, gap, bool(converged))
+    return SolverResult(w.to(dtype), iterations, point.gap, bool(converged))
