@@ -7,16 +7,27 @@ table and plots (:mod:`taskbalance.benchmarks.report`); ``bench speed`` times ev
 
 Only ``run``, ``report`` and ``bench`` import the benchmarks (numpy, tqdm; matplotlib for plots), and only when
 they run: ``methods``, ``--version`` and every help text need torch alone.
+
+A user's mistake ends in one line on stderr, ``taskbalance <command>: error: <message>``, and exit status 2, never
+a traceback. :func:`main` applies that rule in one place, to argparse's errors (without the usage text, which
+``--help`` shows) and to the exceptions the library raises for what a user gave it: ``ValueError`` (values, specs,
+options, devices), ``OSError`` (files and folders), ``ImportError`` (a missing extra, with its install command) and
+the benchmarks' ``DataSourceError`` and ``CheckpointError``. Any other exception is a bug and keeps its traceback.
+Arguments are checked before any work (``bench speed --out`` is created and opened before the benchmark runs).
+Ctrl-C ends in one line and status 130. A reader that closes stdout early (``taskbalance methods | head``) ends the
+command quietly with status 141, the status of a program stopped by SIGPIPE, as ``seq 100000 | head`` has.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__, registry
 
@@ -84,14 +95,18 @@ def _positive(text: str) -> int:
     return value
 
 
+def _threads(text: str) -> int:
+    """A thread count from 1 to the CPU count: more only oversubscribes the cores, and far more (20,000) makes
+    torch's thread pool fail or crash the process."""
+    value = _positive(text)
+    cpus = os.cpu_count() or 1
+    if value > cpus:
+        raise argparse.ArgumentTypeError(f"expected at most {cpus} (this machine's CPU count), got {value}")
+    return value
+
+
 def _run(args: argparse.Namespace) -> int:
-    try:
-        from .benchmarks.datasets.mnist import DataSourceError
-        from .benchmarks.runner.checkpoint import CheckpointError
-        from .benchmarks.runner.compare import run
-    except ImportError as error:
-        print(f"taskbalance run: error: {error}", file=sys.stderr)
-        return 2
+    from .benchmarks.runner.compare import run
 
     out = Path(args.out) if args.out is not None else Path("runs") / args.benchmark
     try:
@@ -112,9 +127,6 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with the same command and --out {out} --resume", file=sys.stderr)
         return 130
-    except (ValueError, OSError, DataSourceError, CheckpointError, ImportError) as error:
-        print(f"taskbalance run: error: {error}", file=sys.stderr)
-        return 2
     print(result.table)
     print(
         f"\nrun folder: {result.out_dir} (results.json, results.csv; `taskbalance report {result.out_dir}` for plots)"
@@ -125,22 +137,10 @@ def _run(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     run_dir = Path(args.dir)
     if not (run_dir / "config.json").is_file():
-        print(
-            f"taskbalance report: error: {run_dir} has no config.json: pass a folder written by `taskbalance run`",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        from .benchmarks.report.markdown import write_report
-    except ImportError as error:
-        print(f"taskbalance report: error: the report module cannot be imported ({error})", file=sys.stderr)
-        return 2
-    out = None if args.out is None else Path(args.out)
-    try:
-        path = write_report(run_dir, out)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"taskbalance report: error: {error}", file=sys.stderr)
-        return 2
+        raise FileNotFoundError(f"{run_dir} has no config.json: pass a folder written by `taskbalance run`")
+    from .benchmarks.report.markdown import write_report
+
+    path = write_report(run_dir, None if args.out is None else Path(args.out))
     print(path.read_text())
     written = sorted(p for p in path.parent.iterdir() if p.is_file())
     print("written:\n" + "\n".join(f"  {p}" for p in written))
@@ -150,33 +150,50 @@ def _report(args: argparse.Namespace) -> int:
 def _bench_speed(args: argparse.Namespace) -> int:
     import torch
 
-    try:
-        from . import speed
-    except ImportError as error:
-        print(f"taskbalance bench speed: error: {error}", file=sys.stderr)
-        return 2
+    from . import speed
 
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in cases if c not in speed.CASE_NAMES]
-    if unknown:
-        print(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(speed.CASE_NAMES)}", file=sys.stderr)
-        return 2
-    methods = {m.strip().lower() for m in args.methods.split(",") if m.strip()} if args.methods else None
+    out = None if args.out is None else Path(args.out)
+    methods = None if args.methods is None else registry.split_specs(args.methods)
     torch.set_num_threads(args.threads)
-    try:
-        text = speed.run(cases, torch.device(args.device), args.repeats, not args.no_torchjd, methods)
-    except ImportError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-        print(f"written: {args.out}")
+    print(speed.run(args.cases.split(","), args.device, args.repeats, not args.no_torchjd, methods, out=out))
+    if out is not None:
+        print(f"written: {out}")
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the usage it would print first is what ``--help`` shows)."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{self.prog}: error: {message} (see {self.prog} --help)")
+        self.exit(2)
+
+
+def _fail(line: str) -> None:
+    """``line`` on stderr as one line, whatever newlines its message holds."""
+    print(" ".join(part.strip() for part in line.splitlines() if part.strip()), file=sys.stderr)
+
+
+#: the benchmarks' user-facing errors that are not a ValueError or an OSError ("module:class"); an error of one can
+#: only exist once its module is loaded, so they are looked up in sys.modules and never imported here
+_BENCHMARK_ERRORS = (
+    "taskbalance.benchmarks.datasets.mnist:DataSourceError",
+    "taskbalance.benchmarks.runner.checkpoint:CheckpointError",
+)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The exception types that report a user's mistake (see the module docstring), bugs being everything else."""
+    loaded: list[type[Exception]] = []
+    for ref in _BENCHMARK_ERRORS:
+        module, _, name = ref.partition(":")
+        if module in sys.modules:
+            loaded.append(getattr(sys.modules[module], name))
+    return (ValueError, OSError, ImportError, *loaded)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="taskbalance",
         description="Task balancing for multi-task learning (loss level × gradient level): list the methods, "
         "compare them on benchmarks, and report the comparison.",
@@ -222,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--threads",
-        type=_positive,
+        type=_threads,
         default=1,
         help="CPU threads for torch (default 1: CPU results then do not depend on the core count, and a small "
         "model gains little from more threads; raise it for large models on the CPU)",
@@ -255,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--methods", help="comma-separated specs to time (default: every registered method)")
     speed.add_argument("--repeats", type=_positive, default=11, help="timed steps per entry (default 11)")
     speed.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    speed.add_argument("--threads", type=_positive, default=1, help="CPU threads for torch (default 1)")
+    speed.add_argument("--threads", type=_threads, default=1, help="CPU threads for torch (default 1)")
     speed.add_argument("--no-torchjd", action="store_true", help="skip the torchjd comparison")
     speed.add_argument("--out", help="also write the markdown here")
     speed.set_defaults(handler=_bench_speed)
@@ -263,12 +280,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """Run the command ``argv`` (default: the process's arguments) and return its exit status; a user's mistake is
+    one line on stderr and status 2 (see the module docstring)."""
+    try:
+        try:
+            return _dispatch(sys.argv[1:] if argv is None else list(argv))
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+        return 141
+
+
+def _dispatch(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = "taskbalance " + shlex.join(argv)
-    handler = args.handler
-    status: int = handler(args)
+    prog = " ".join(["taskbalance", args.command, *([args.bench] if args.command == "bench" else [])])
+    try:
+        status: int = args.handler(args)
+    except KeyboardInterrupt:
+        _fail(f"{prog}: interrupted")
+        return 130
+    except Exception as error:
+        if isinstance(error, BrokenPipeError) or not isinstance(error, _user_errors()):
+            raise
+        _fail(f"{prog}: error: {str(error) or type(error).__name__}")
+        return 2
     return status
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device, as the Python docs advise for SIGPIPE: the interpreter's last flush of the
+    unwritten output then succeeds instead of printing "Exception ignored ... BrokenPipeError" at exit."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # no file descriptor (stdout replaced in-process): nothing is flushed at exit
+        return
+    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
 
 
 if __name__ == "__main__":

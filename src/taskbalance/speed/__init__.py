@@ -17,17 +17,20 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
 from ..benchmarks.extras import require
+from ..benchmarks.runner.compare import _device as resolve_device
+from ..benchmarks.runner.compare import check_methods as check_specs
 from . import torchjd_steps
 from .cases import CASE_NAMES, build
 from .report import Row, case_table, solve_median, targets, targets_table
-from .steps import entries
+from .steps import entries, timed_specs
 from .timing import measure, peak_memory_mb
 
-__all__ = ["CASE_NAMES", "run", "run_case"]
+__all__ = ["CASE_NAMES", "check_cases", "check_methods", "check_writable", "run", "run_case"]
 
 #: cheap steps are run back to back up to this many ms per timed call (noise of a shared CPU is per call)
 MIN_CALL_MS = 200.0
@@ -40,6 +43,46 @@ NOTES = """Notes:
 - solve ms: the method's own computation from G (or, marked J, from J: O(K·P) elementwise work, no small problem).
 - peak MiB: memory one step allocates beyond the model and batch (CPU: tensor storages alive at once).
 """
+
+
+def check_cases(cases: Iterable[str]) -> list[str]:
+    """The case names, each one of :data:`CASE_NAMES` (``ValueError`` otherwise, and for none at all)."""
+    names = [c.strip() for c in cases if c.strip()]
+    if not names:
+        raise ValueError(f"no cases given; choose from {', '.join(CASE_NAMES)}")
+    unknown = [c for c in names if c not in CASE_NAMES]
+    if unknown:
+        raise ValueError(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASE_NAMES)}")
+    return names
+
+
+def check_methods(specs: Iterable[str]) -> set[str]:
+    """The specs to time, as registered names; ``ValueError`` for an empty list, a spec the registry refuses
+    (unknown name, bad option: its own message) or one the benchmark does not time (each method at its defaults)."""
+    chosen = check_specs(list(specs), n_tasks=2)
+    timed = timed_specs()
+    untimed = [spec for spec in chosen if spec.lower() not in timed]
+    if untimed:
+        raise ValueError(
+            f"the speed benchmark times each registered method at its defaults, not {', '.join(untimed)}; "
+            f"choose from {', '.join(timed)}"
+        )
+    return {spec.lower() for spec in chosen}
+
+
+def check_writable(path: Path) -> None:
+    """``OSError`` unless ``path`` can be written (its folder is created and the file opened for appending); a file
+    this probe created is removed again."""
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename not in (None, str(path)) else ""
+        raise OSError(f"cannot write {path}: {error.strerror or error}{where}") from error
+    if not existed:
+        path.unlink()
 
 
 def run_case(
@@ -74,17 +117,29 @@ def run_case(
 
 def run(
     cases: Iterable[str],
-    device: torch.device,
+    device: str | torch.device,
     repeats: int,
     with_torchjd: bool,
-    methods: set[str] | None = None,
+    methods: Iterable[str] | None = None,
     progress: bool = True,
+    out: Path | None = None,
 ) -> str:
-    """The whole benchmark as markdown: a table per case, then the targets.
+    """The whole benchmark as markdown: a table per case, then the targets; also written to ``out`` if given.
+    Every argument is checked, and ``out`` probed, before anything is timed: a mistake found after minutes of
+    timing would waste them.
 
     Raises:
+        ValueError: an unknown case, device or method (:func:`check_cases`, :func:`check_methods`), ``repeats`` < 1.
+        OSError: ``out`` cannot be written.
         ImportError: tqdm (the ``bench`` extra) or, with ``with_torchjd``, torchjd is not installed.
     """
+    names = check_cases(cases)
+    chosen = None if methods is None else check_methods(methods)
+    device = resolve_device(device)
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if out is not None:
+        check_writable(out)
     require("tqdm", what="the speed benchmark")
     from tqdm import tqdm
 
@@ -95,11 +150,13 @@ def run(
         f"torch {torch.__version__}, {device}, {torch.get_num_threads()} thread(s); median of {repeats} steps "
         f"({'wall' if device.type == 'cuda' else 'process CPU'} time), timed round-robin\n"
     ]
-    names = list(cases)
     for name in tqdm(names, desc="speed", unit="model", disable=not progress):
-        description, rows = run_case(name, device, repeats, with_torchjd, methods)
+        description, rows = run_case(name, device, repeats, with_torchjd, chosen)
         all_rows += rows
         parts.append(f"## {name}: {description}, K = {rows[0].n_tasks}\n\n{case_table(rows)}\n")
     parts.append(f"## Targets\n\n{targets_table(targets(all_rows))}\n")
     parts.append(NOTES)
-    return "\n".join(parts)
+    text = "\n".join(parts)
+    if out is not None:
+        out.write_text(text + "\n", encoding="utf-8")
+    return text

@@ -158,6 +158,11 @@ def loss_specs() -> list[str]:
     return [n for n in [*registry.LOSS_METHODS, *registry.LOSS_PRESETS] if n != "ew"]
 
 
+def timed_specs() -> list[str]:
+    """Every spec the benchmark times (EW always, as the reference), each by its registered name."""
+    return ["ew", *loss_specs(), *gradient_specs()]
+
+
 def entries(case: SpeedCase, device: torch.device, with_torchjd: bool, methods: set[str] | None) -> list[Entry]:
     """Every step of a case; epoch-based loss methods are primed into their steady state."""
     out: list[Entry] = []
