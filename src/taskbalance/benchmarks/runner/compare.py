@@ -181,9 +181,7 @@ def _previous_config(config_path: Path) -> dict[str, Any]:
     return previous
 
 
-def _prepare_out_dir(
-    out_dir: Path, config: dict[str, Any], resume: bool, manifest: dict[str, list[Any]], data_dir: str | None
-) -> bool:
+def _prepare_out_dir(out_dir: Path, config: dict[str, Any], resume: bool, manifest: dict[str, list[Any]]) -> bool:
     """Check ``out_dir`` against ``config`` (its fingerprint on a resume), then write config.json and the data
     manifest; a resume keeps the methods and seeds the folder already has. True when config.json is new."""
     config_path = out_dir / "config.json"
@@ -196,7 +194,7 @@ def _prepare_out_dir(
                 f"{out_dir} already holds a run: continue it with --resume, or choose another folder with --out"
             )
         previous = _previous_config(config_path)
-        check_resume(out_dir, previous, config["fingerprint"], manifest, data_dir)
+        check_resume(out_dir, previous, config["fingerprint"], manifest, config["data_dir"])
         recorded = previous.get("fingerprint") or {}
         config["methods"] = merged([str(m) for m in previous["methods"]], config["methods"])
         config["seeds"] = merged([int(s) for s in previous["seeds"]], config["seeds"])
@@ -325,7 +323,7 @@ def run(
         "train_size": bench.protocol.train_size,
         "device": str(settings.device),
         "threads": threads if threads is not None else torch.get_num_threads(),
-        "data_dir": data_dir,
+        "data_dir": bench.data_dir,
         "selection_rule": SELECTION_RULE,
         "command": command if command is not None else "taskbalance.benchmarks.runner.run (Python API)",
         "versions": _versions(),
@@ -336,7 +334,7 @@ def run(
         ),
     }
     created_dir = not out.exists()
-    fresh = _prepare_out_dir(out, config, resume, manifest, data_dir)
+    fresh = _prepare_out_dir(out, config, resume, manifest)
     try:
         _train_all(bench, specs, seed_list, settings, out, resume, threads, on_step, manifest_digest(manifest))
     except BaseException:

@@ -196,6 +196,12 @@ def _short(digest: Any) -> str:
     return f"{str(digest)[:8]}…"
 
 
+def _entry(entry: Any, with_size: bool) -> str:
+    if not (isinstance(entry, list) and len(entry) == 2):
+        return repr(entry)
+    return _short(entry[1]) + (f" ({entry[0]} bytes)" if with_size else "")
+
+
 def _data_difference(out_dir: Path, manifest: Mapping[str, list[Any]]) -> str:
     try:
         old = json.loads((out_dir / MANIFEST).read_text())
@@ -210,9 +216,8 @@ def _data_difference(out_dir: Path, manifest: Mapping[str, list[Any]]) -> str:
             return f"{name} is new"
         if old[name] != manifest[name]:
             was, now = old[name], manifest[name]
-            if isinstance(was, list) and len(was) == 2 and was[0] == now[0]:
-                return f"{name} sha256 {_short(was[1])} != {_short(now[1])}"
-            return f"{name} {was} != {now}"
+            sized = not (isinstance(was, list) and was[:1] == now[:1])
+            return f"{name} sha256 {_entry(was, sized)} != {_entry(now, sized)}"
     return "the data digest differs"
 
 
