@@ -4,12 +4,18 @@
     results = run("multimnist", ["ew", "igbv1+nashmtl"], seeds=3, out_dir="runs/mm")
 
 Order: the single-task (STL) baseline of every seed and task, then every seed × method. STL baselines are trained
-in the cache (``<cache>/stl/<benchmark>/<protocol, epochs, batch, lr, train size, data, device>/<task>/seed<s>``)
-and linked (or copied) into ``<out>/stl/<task>/seed<s>``, so another comparison with the same protocol reuses
-them (delete ``<cache>/stl`` to retrain them, e.g. after changing a benchmark's code). Every run writes the
-files of :mod:`.training`; the run folder also gets ``config.json``, ``results.json`` / ``results.csv``
-(:mod:`~..report.results`) and the printed markdown table. ``resume=True`` skips the finished runs and continues the
-others from their last checkpoint.
+in the cache (``<cache>/stl/<benchmark>/<protocol, epochs, batch, lr, train size, data digest, device>/<task>/
+seed<s>``) and linked (or copied) into ``<out>/stl/<task>/seed<s>``, so another comparison with the same protocol
+on the same data reuses them (delete ``<cache>/stl`` to retrain them, e.g. after changing a benchmark's code).
+Method runs go to ``<out>/runs/<name>/seed<s>`` (``name``: :func:`~..report.folder.method_dir` of the canonical
+spec). Every run writes the files of :mod:`.training`; the run folder also gets ``config.json`` (with the
+fingerprint of :mod:`.fingerprint`), ``data_manifest.json``, ``results.json`` / ``results.csv``
+(:mod:`~..report.results`) and the printed markdown table, which summarise every method the folder holds.
+
+``resume=True`` checks the fingerprint (any difference is one :class:`~.fingerprint.ResumeError`), skips the
+finished runs, continues the others from their last checkpoint, and adds the methods and seeds not yet in the
+folder. A start that fails before any run wrote to a new folder (missing data, a missing extra) removes the
+config.json it wrote, so the same command starts afresh.
 """
 
 from __future__ import annotations

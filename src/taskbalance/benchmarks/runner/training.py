@@ -10,7 +10,8 @@ would (on the CPU, with the same thread count).
 Files in the run folder: ``metrics.jsonl`` (one line per finished epoch: training seconds, learning rate, the
 mean over the epoch's batches of each raw training loss, validation and test metrics), ``weights.csv`` (effective
 task weights at up to 50 evenly spaced steps per epoch), ``checkpoint.pt`` and, once the last epoch is done,
-``final.json``.
+``final.json``. Every file is replaced atomically (``weights.csv`` too, rewritten whole each epoch), so a kill
+never leaves a torn line; a resume cuts ``weights.csv`` back to the checkpoint's epoch and step.
 """
 
 from __future__ import annotations
