@@ -56,8 +56,6 @@ from .training import SELECTION_RULE, Job, RunTrainer, Settings, StepHook, torch
 #: bump when a change makes cached single-task baselines stale
 STL_CACHE_VERSION = 1
 _STL_FILES = ("final.json", "metrics.jsonl", "weights.csv", "checkpoint.pt")
-#: config entries that must match for ``resume`` to continue a run folder
-_RESUME_KEYS = ("benchmark", "protocol", "epochs", "batch_size", "lr", "train_size")
 
 
 @dataclass(frozen=True)
