@@ -251,8 +251,8 @@ def check_resume(
     old_protocol: dict[str, Any] = old["protocol"] if isinstance(old.get("protocol"), dict) else {}
     keys = sorted(old_protocol if legacy else set(old_protocol) | set(current["protocol"]), key=lambda k: k != "name")
     for key in keys:
-        settings.append((f"protocol {key}" if key != "name" else "protocol", old_protocol.get(key),
-                         current["protocol"].get(key)))  # fmt: skip
+        label = "protocol" if key == "name" else f"protocol {key}"
+        settings.append((label, old_protocol.get(key), current["protocol"].get(key)))
     settings += [("epochs", old.get("epochs"), current["epochs"]), ("device", old.get("device"), current["device"])]
     if legacy:
         settings.append(("data_dir", old.get("data_dir"), data_dir))
