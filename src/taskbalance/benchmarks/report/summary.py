@@ -22,11 +22,6 @@ from ..base import Metric
 from ..metrics.delta_m import delta_m, mean_ranks
 
 
-def slug(spec: str) -> str:
-    """The folder name of a method spec: ``+`` becomes ``__`` (``igbv1+nashmtl`` → ``igbv1__nashmtl``)."""
-    return spec.replace("+", "__")
-
-
 @dataclass(frozen=True)
 class Stat:
     """Values over seeds with their mean and sample standard deviation (n − 1; None for a single value)."""

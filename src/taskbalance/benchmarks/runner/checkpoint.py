@@ -1,4 +1,8 @@
-"""Run checkpoints: written atomically at the end of every epoch, read back with ``weights_only=True``.
+"""Run checkpoints: written atomically at the end of every epoch, verified and read back with ``weights_only=True``.
+
+torch's checkpoint is a zip archive with a CRC-32 per record; ``torch.load`` does not check them, so a checkpoint
+whose bytes were damaged on disk would resume silently into another run. :func:`load_checkpoint` checks every
+record's CRC first and refuses a damaged file with one line.
 
 A checkpoint holds everything a run needs to continue as if it had never stopped: the model, optimizer,
 scheduler and balancer states, torch's global RNG state (dropout; CUDA's too on a GPU), the state of the
@@ -11,6 +15,7 @@ from __future__ import annotations
 import io
 import pickle
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +47,15 @@ def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
     """
     fix = f"delete {path} (the run then restarts from its first epoch) and run again with --resume"
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        data = path.read_bytes()
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            damaged = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, zlib.error) as error:
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({error}); {fix}") from error
+    if damaged is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt (record {damaged} fails its CRC check); {fix}")
+    try:
+        state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({error}); {fix}") from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:

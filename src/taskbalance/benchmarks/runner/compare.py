@@ -4,17 +4,22 @@
     results = run("multimnist", ["ew", "igbv1+nashmtl"], seeds=3, out_dir="runs/mm")
 
 Order: the single-task (STL) baseline of every seed and task, then every seed × method. STL baselines are trained
-in the cache (``<cache>/stl/<benchmark>/<protocol, epochs, batch, lr, train size, data, device>/<task>/seed<s>``)
-and linked (or copied) into ``<out>/stl/<task>/seed<s>``, so another comparison with the same protocol reuses
-them (delete ``<cache>/stl`` to retrain them, e.g. after changing a benchmark's code). Every run writes the
-files of :mod:`.training`; the run folder also gets ``config.json``, ``results.json`` / ``results.csv``
-(:mod:`~..report.results`) and the printed markdown table. ``resume=True`` skips the finished runs and continues the
-others from their last checkpoint.
+in the cache (``<cache>/stl/<benchmark>/<protocol, epochs, batch, lr, train size, data digest, device>/<task>/
+seed<s>``) and linked (or copied) into ``<out>/stl/<task>/seed<s>``, so another comparison with the same protocol
+on the same data reuses them (delete ``<cache>/stl`` to retrain them, e.g. after changing a benchmark's code).
+Method runs go to ``<out>/runs/<name>/seed<s>`` (``name``: :func:`~..report.folder.method_dir` of the canonical
+spec). Every run writes the files of :mod:`.training`; the run folder also gets ``config.json`` (with the
+fingerprint of :mod:`.fingerprint`), ``data_manifest.json``, ``results.json`` / ``results.csv``
+(:mod:`~..report.results`) and the printed markdown table, which summarise every method the folder holds.
+
+``resume=True`` checks the fingerprint (any difference is one :class:`~.fingerprint.ResumeError`), skips the
+finished runs, continues the others from their last checkpoint, and adds the methods and seeds not yet in the
+folder. A start that fails before any run wrote to a new folder (missing data, a missing extra) removes the
+config.json it wrote, so the same command starts afresh.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -33,15 +38,24 @@ from ...registry import make
 from ..base import Benchmark
 from ..catalog import DEFAULT_METHODS, make_benchmark
 from ..datasets.cache import atomic_open, cache_dir
+from ..report.folder import load_run, method_dir
 from ..report.results import markdown_table, results_json, write_results
-from ..report.summary import SeedResult, slug
+from .fingerprint import (
+    MANIFEST,
+    ResumeError,
+    canonical_spec,
+    check_resume,
+    data_manifest,
+    describe_method,
+    fingerprint,
+    manifest_digest,
+    merged,
+)
 from .training import SELECTION_RULE, Job, RunTrainer, Settings, StepHook, torch_threads
 
 #: bump when a change makes cached single-task baselines stale
 STL_CACHE_VERSION = 1
 _STL_FILES = ("final.json", "metrics.jsonl", "weights.csv", "checkpoint.pt")
-#: config entries that must match for ``resume`` to continue a run folder
-_RESUME_KEYS = ("benchmark", "protocol", "epochs", "batch_size", "lr", "train_size")
 
 
 @dataclass(frozen=True)
@@ -72,21 +86,23 @@ def parse_seeds(seeds: int | Sequence[int]) -> list[int]:
 
 
 def check_methods(methods: Sequence[str], n_tasks: int) -> list[str]:
-    """The specs, each checked by building it once (unknown names and bad specs fail here, before training)."""
+    """The canonical specs (:func:`.fingerprint.canonical_spec`), each checked by building it once (unknown names
+    and bad specs fail here, before training); two spellings of one method are one method listed twice."""
     specs = [m.strip() for m in methods if m.strip()]
     if not specs:
         raise ValueError("no methods given (e.g. --methods ew,igbv1+nashmtl; `taskbalance methods` lists them)")
-    duplicates = sorted({s for s in specs if specs.count(s) > 1})
-    if duplicates:
-        raise ValueError(f"methods listed twice: {', '.join(duplicates)}")
+    canonical = []
     for spec in specs:
-        if spec == "stl":
+        if spec.lower() == "stl":
             raise ValueError("'stl' is not a method: the single-task baselines are always trained")
         try:
-            make(spec, n_tasks=n_tasks)
+            canonical.append(canonical_spec(spec, n_tasks))
         except (ValueError, TypeError, KeyError) as error:
             raise ValueError(f"method {spec!r}: {error} (`taskbalance methods` lists the names)") from error
-    return specs
+    duplicates = sorted({s for s in canonical if canonical.count(s) > 1})
+    if duplicates:
+        raise ValueError(f"methods listed twice: {', '.join(duplicates)}")
+    return canonical
 
 
 def schedule_notes(specs: Sequence[str], n_tasks: int, epochs: int) -> list[str]:
@@ -130,15 +146,13 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _stl_cache_root(benchmark: Benchmark, settings: Settings) -> Path:
+def _stl_cache_root(benchmark: Benchmark, settings: Settings, data_digest: str) -> Path:
+    """The cache folder of the single-task baselines: keyed by the data's content (its manifest digest), not its
+    path, so baselines are never reused on other data."""
     protocol = benchmark.protocol
-    data = "installed"
-    if benchmark.data_dir is not None:
-        resolved = str(Path(benchmark.data_dir).expanduser().resolve())
-        data = "data-" + hashlib.sha1(resolved.encode()).hexdigest()[:10]
     key = (
         f"{protocol.name}-e{settings.epochs}-b{settings.batch_size}-lr{protocol.lr:g}-n{protocol.train_size or 'all'}"
-        f"-{data}-{settings.device.type}-v{STL_CACHE_VERSION}"
+        f"-data-{data_digest[:10]}-{settings.device.type}-v{STL_CACHE_VERSION}"
     )
     return cache_dir() / "stl" / benchmark.name / key
 
@@ -158,30 +172,82 @@ def _write_json(path: Path, data: Any) -> None:
         handle.write((json.dumps(data, indent=2) + "\n").encode())
 
 
-def _prepare_out_dir(out_dir: Path, config: dict[str, Any], resume: bool) -> None:
+def _previous_config(config_path: Path) -> dict[str, Any]:
+    try:
+        previous = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:
+        raise ResumeError(f"{config_path} is unreadable ({error}); restore it or use a new --out") from error
+    if not isinstance(previous, dict):
+        raise ResumeError(f"{config_path} is not a config.json the runner writes; restore it or use a new --out")
+    for key in ("methods", "seeds"):
+        if not isinstance(previous.get(key), list):
+            raise ResumeError(f"{config_path} has no list of {key}; restore it or use a new --out")
+    return previous
+
+
+def _prepare_out_dir(out_dir: Path, config: dict[str, Any], resume: bool, manifest: dict[str, list[Any]]) -> bool:
+    """Check ``out_dir`` against ``config`` (its fingerprint on a resume), then write config.json and the data
+    manifest; a resume keeps the methods and seeds the folder already has. True when config.json is new."""
     config_path = out_dir / "config.json"
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} is a file, not a folder: choose another --out")
-    if config_path.exists():
+    fresh = not config_path.exists()
+    if not fresh:
         if not resume:
             raise FileExistsError(
                 f"{out_dir} already holds a run: continue it with --resume, or choose another folder with --out"
             )
-        try:
-            previous = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"{config_path} is unreadable ({error}); delete it to reuse {out_dir}") from error
-        changed = [key for key in _RESUME_KEYS if previous.get(key) != config.get(key)]
-        if changed:
-            details = ", ".join(f"{k}: {previous.get(k)!r} → {config.get(k)!r}" for k in changed)
-            raise ValueError(
-                f"cannot resume {out_dir} with different settings ({details}); use the original settings or "
-                "another --out"
-            )
+        previous = _previous_config(config_path)
+        check_resume(out_dir, previous, config["fingerprint"], manifest, config["data_dir"])
+        recorded = previous.get("fingerprint") or {}
+        config["methods"] = merged([str(m) for m in previous["methods"]], config["methods"])
+        config["seeds"] = merged([int(s) for s in previous["seeds"]], config["seeds"])
+        config["fingerprint"]["methods"] = {**recorded.get("methods", {}), **config["fingerprint"]["methods"]}
     elif out_dir.exists() and any(out_dir.iterdir()) and not resume:
         raise FileExistsError(f"{out_dir} exists and is not empty: choose another folder with --out")
     out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(out_dir / MANIFEST, manifest)
     _write_json(config_path, config)
+    return fresh
+
+
+def _roll_back(out_dir: Path, created_dir: bool) -> None:
+    """Undo a start that failed before any run wrote to ``out_dir`` (missing data, a missing extra): the same
+    command must then start afresh, not ask for --resume."""
+    if any(p.name not in ("config.json", MANIFEST) for p in out_dir.iterdir()):
+        return
+    for name in ("config.json", MANIFEST):
+        (out_dir / name).unlink(missing_ok=True)
+    if created_dir:
+        out_dir.rmdir()
+
+
+def _summarise(
+    out: Path, bench: Benchmark, epochs: int, header: dict[str, Any]
+) -> tuple[dict[str, Any], dict[int, float]]:
+    """results.json's dict from what the run folder holds: every method of its config.json over the seeds whose
+    single-task baselines are all finished (a resume that adds or drops methods keeps the finished ones); and per
+    seed, the baselines' seconds per epoch summed over the tasks (results.csv's STL rows)."""
+    folder = load_run(out)
+    stl_found = folder.stl_results()
+    seeds = [s for s in folder.config["seeds"] if all(s in stl_found.get(t, {}) for t in bench.tasks)]
+    stl = {task: {s: stl_found[task][s] for s in seeds} for task in bench.tasks}
+    finals = {m.name: {s: m.finished[s] for s in seeds if s in m.finished} for m in folder.methods}
+    finals = {name: runs for name, runs in finals.items() if runs}
+    notes = schedule_notes(list(finals), bench.n_tasks, epochs)
+    notes += [
+        f"{name}: seed{'s' if len(runs) > 1 else ''} {', '.join(map(str, runs))} only"
+        for name, runs in finals.items()
+        if len(runs) < len(seeds)
+    ]
+    times = {}
+    for seed in seeds:
+        total = 0.0
+        for task in bench.tasks:
+            total += float(stl[task][seed].time_per_epoch_s or 0.0)
+        times[seed] = total
+    summary_header = {**header, "seeds": seeds, "notes": notes}
+    return results_json(summary_header, bench.tasks, bench.metrics, stl, finals), times
 
 
 def run(
@@ -244,6 +310,7 @@ def run(
     if settings.epochs != bench.protocol.epochs:
         description += f" — run for {settings.epochs} epochs instead of {bench.protocol.epochs}"
     out = Path(out_dir)
+    manifest = data_manifest(bench.data_sources())
     header = {
         "benchmark": bench.name,
         "protocol": bench.protocol.name,
@@ -260,24 +327,49 @@ def run(
         "train_size": bench.protocol.train_size,
         "device": str(settings.device),
         "threads": threads if threads is not None else torch.get_num_threads(),
-        "data_dir": data_dir,
+        "data_dir": bench.data_dir,
         "selection_rule": SELECTION_RULE,
         "command": command if command is not None else "taskbalance.benchmarks.runner.run (Python API)",
         "versions": _versions(),
         "tasks": list(bench.tasks),
         "metrics": [{"name": m.name, "task": m.task, "higher_is_better": m.higher_is_better} for m in bench.metrics],
+        "fingerprint": fingerprint(
+            bench, settings.epochs, settings.device, {s: describe_method(s, bench.n_tasks) for s in specs}, manifest
+        ),
     }
-    _prepare_out_dir(out, config, resume)
+    created_dir = not out.exists()
+    fresh = _prepare_out_dir(out, config, resume, manifest)
+    try:
+        _train_all(bench, specs, seed_list, settings, out, resume, threads, on_step, manifest_digest(manifest))
+    except BaseException:
+        if fresh:
+            _roll_back(out, created_dir)
+        raise
+    summary_header = {**header, "description": description, "selection_rule": SELECTION_RULE}
+    del summary_header["protocol_description"]
+    results, stl_time = _summarise(out, bench, settings.epochs, summary_header)
+    write_results(out, results, stl_time)
+    return RunResults(results, markdown_table(results), out)
 
-    stl_root = _stl_cache_root(bench, settings)
+
+def _train_all(
+    bench: Benchmark,
+    specs: list[str],
+    seed_list: list[int],
+    settings: Settings,
+    out: Path,
+    resume: bool,
+    threads: int | None,
+    on_step: StepHook | None,
+    data_digest: str,
+) -> None:
+    """The single-task baselines of every seed (in the cache, linked into ``out``), then every seed × method."""
+    stl_root = _stl_cache_root(bench, settings, data_digest)
     jobs = [Job("stl", seed, task) for seed in seed_list for task in range(bench.n_tasks)]
     jobs += [Job(spec, seed) for seed in seed_list for spec in specs]
     stl_val: dict[int, dict[str, float]] = {s: {} for s in seed_list}
-    stl: dict[str, dict[int, SeedResult]] = {task: {} for task in bench.tasks}
-    stl_time: dict[int, float] = dict.fromkeys(seed_list, 0.0)
-    finals: dict[str, dict[int, SeedResult]] = {spec: {} for spec in specs}
     with torch_threads(threads):
-        overall = tqdm(jobs, desc=f"{bench.name} runs", disable=not progress, dynamic_ncols=True)
+        overall = tqdm(jobs, desc=f"{bench.name} runs", disable=not settings.progress, dynamic_ncols=True)
         for job in overall:
             overall.set_postfix_str(job.label(bench.tasks), refresh=True)
             if job.task is not None:
@@ -289,24 +381,9 @@ def run(
                     if (cached / name).exists():
                         _link_or_copy(cached / name, out / "stl" / task / f"seed{job.seed}" / name)
                 stl_val[job.seed].update(final["val"])
-                stl[task][job.seed] = SeedResult.from_final(job.seed, final)
-                stl_time[job.seed] += float(final["time_per_epoch_s"])
             else:
-                run_dir = out / "runs" / slug(job.spec) / f"seed{job.seed}"
+                run_dir = out / "runs" / method_dir(job.spec) / f"seed{job.seed}"
                 trainer = RunTrainer(bench, job, run_dir, settings, reference=stl_val[job.seed], on_step=on_step)
-                finished = trainer.finished() if resume else None
-                final = finished or trainer.train(resume=resume)
-                finals[job.spec][job.seed] = SeedResult.from_final(job.seed, final)
+                if not (resume and trainer.finished()):
+                    trainer.train(resume=resume)
         overall.close()
-
-    summary_header = {
-        **header,
-        "description": description,
-        "selection_rule": SELECTION_RULE,
-        "seeds": seed_list,
-    }
-    del summary_header["protocol_description"]
-    summary_header["notes"] = schedule_notes(specs, bench.n_tasks, settings.epochs)
-    results = results_json(summary_header, bench.tasks, bench.metrics, stl, finals)
-    write_results(out, results, stl_time)
-    return RunResults(results, markdown_table(results), out)

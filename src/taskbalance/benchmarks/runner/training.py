@@ -10,7 +10,8 @@ would (on the CPU, with the same thread count).
 Files in the run folder: ``metrics.jsonl`` (one line per finished epoch: training seconds, learning rate, the
 mean over the epoch's batches of each raw training loss, validation and test metrics), ``weights.csv`` (effective
 task weights at up to 50 evenly spaced steps per epoch), ``checkpoint.pt`` and, once the last epoch is done,
-``final.json``.
+``final.json``. Every file is replaced atomically (``weights.csv`` too, rewritten whole each epoch), so a kill
+never leaves a torn line; a resume cuts ``weights.csv`` back to the checkpoint's epoch and step.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ...registry import make
 from ..base import Benchmark, Split
 from ..datasets.cache import atomic_open
 from ..metrics.delta_m import delta_m
+from ..report.folder import parse_weights_row, read_final
 from .checkpoint import CheckpointError, load_checkpoint, restore_rng, rng_state, save_checkpoint
 
 #: offset of the dropout stream's seed from the run seed (any constant: it only has to differ from the init's)
@@ -115,12 +117,18 @@ def _write_text(path: Path, text: str) -> None:
         handle.write(text.encode())
 
 
-def _truncate_weights(path: Path, last_epoch: int) -> None:
-    """Keep the header and the rows of epochs <= ``last_epoch`` (a crash may leave rows of an unfinished one)."""
+def _truncate_weights(path: Path, last_epoch: int, last_step: int) -> None:
+    """Keep the header and the rows of the checkpointed epochs and steps: a crash may have left rows of an
+    unfinished epoch, and a runner before atomic rewrites a torn last line (dropped here, never parsed)."""
     if not path.exists():
         return
     lines = path.read_text().splitlines()
-    kept = lines[:1] + [line for line in lines[1:] if line and int(line.split(",")[1]) <= last_epoch]
+    width = len(lines[0].split(",")) if lines else 0
+    kept = lines[:1]
+    for line in lines[1:]:
+        row = parse_weights_row(line.split(","), width)
+        if row is not None and row[1] <= last_epoch and row[0] <= last_step:
+            kept.append(line)
     _write_text(path, "\n".join(kept) + "\n")
 
 
@@ -160,11 +168,12 @@ class RunTrainer:
         return self.run_dir / "checkpoint.pt"
 
     def finished(self) -> dict[str, Any] | None:
-        """The run's final.json when it completed, else None (also when unreadable: training then picks up from
-        the checkpoint, which after the last epoch only rewrites final.json)."""
+        """The run's final.json when it completed, else None (also when it is unreadable or not what the runner
+        writes: training then picks up from the checkpoint, which after the last epoch only rewrites final.json)."""
         try:
             final: dict[str, Any] = json.loads(self.final_path.read_text())
-        except (OSError, json.JSONDecodeError):
+            read_final(self.final_path, self.job.seed)
+        except (OSError, ValueError):
             return None
         return final
 
@@ -207,7 +216,7 @@ class RunTrainer:
                 raise CheckpointError(f"{self.checkpoint_path} does not fit this run ({error}); {fix}") from error
             state = {"epoch": int(saved["epoch"]), "step": int(saved["step"]), "history": list(saved["history"])}
         self._rewrite_metrics(state["history"])
-        _truncate_weights(self.run_dir / "weights.csv", state["epoch"])
+        _truncate_weights(self.run_dir / "weights.csv", state["epoch"], state["step"])
         if state["epoch"] == 0:
             _write_text(self.run_dir / "weights.csv", "step,epoch," + ",".join(self.benchmark.tasks) + "\n")
 
@@ -352,8 +361,9 @@ class RunTrainer:
             f"{step},{epoch}," + ",".join(repr(float(w)) for w in row) + "\n"
             for step, row in zip(steps, rows, strict=True)
         )
-        with (self.run_dir / "weights.csv").open("a") as handle:
-            handle.write(lines)
+        path = self.run_dir / "weights.csv"
+        head = path.read_text() if path.exists() else "step,epoch," + ",".join(self.benchmark.tasks) + "\n"
+        _write_text(path, head + lines)  # rewritten whole and atomically: a kill never tears a line
 
     def _rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
         _write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
