@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..benchmarks.extras import require
-from ..benchmarks.runner.compare import _device as resolve_device
+from ..benchmarks.runner.compare import resolve_device
 from ..benchmarks.runner.compare import check_methods as check_specs
 from . import torchjd_steps
 from .cases import CASE_NAMES, build

@@ -67,6 +67,10 @@ class RunResults:
     out_dir: Path
 
 
+#: the largest seed (and seed count) a run takes: seeds become torch generator seeds, which are 64-bit
+MAX_SEED = 2**32 - 1
+
+
 def parse_seeds(seeds: int | Sequence[int]) -> list[int]:
     """``N`` → seeds 0..N−1; a sequence → those seeds (distinct, non-negative)."""
     if isinstance(seeds, bool):
@@ -74,8 +78,12 @@ def parse_seeds(seeds: int | Sequence[int]) -> list[int]:
     if isinstance(seeds, int):
         if seeds < 1:
             raise ValueError(f"the number of seeds must be >= 1, got {seeds}")
+        if seeds > MAX_SEED:
+            raise ValueError(f"the number of seeds must be <= {MAX_SEED}, got {seeds}")
         return list(range(seeds))
     chosen = [int(s) for s in seeds]
+    if any(s > MAX_SEED for s in chosen):
+        raise ValueError(f"seeds must be <= {MAX_SEED} (they seed torch's 64-bit generators), got {chosen}")
     if not chosen:
         raise ValueError("no seeds given")
     if any(s < 0 for s in chosen):
@@ -124,13 +132,23 @@ def schedule_notes(specs: Sequence[str], n_tasks: int, epochs: int) -> list[str]
     return notes
 
 
-def _device(device: str | torch.device) -> torch.device:
+#: device types a run can train on (torch knows more, e.g. meta, which holds no data to train with)
+TRAINING_DEVICES = ("cpu", "cuda", "mps")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device a run can train on; ValueError (one line) for anything else."""
     try:
         resolved = torch.device(device)
     except RuntimeError as error:
         raise ValueError(f"unknown device {device!r} (e.g. cpu, cuda, cuda:1, mps)") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    if resolved.type not in TRAINING_DEVICES:
+        raise ValueError(f"device {device!r} cannot train a model; use one of {', '.join(TRAINING_DEVICES)}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     if resolved.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {device!r} requested but MPS is not available; use --device cpu")
     return resolved
@@ -302,7 +320,7 @@ def run(
     settings = Settings(
         epochs=bench.protocol.epochs if epochs is None else epochs,
         batch_size=bench.protocol.batch_size,
-        device=_device(device),
+        device=resolve_device(device),
         progress=progress,
     )
     reduced = bench.protocol.reduced or settings.epochs < bench.protocol.epochs
