@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from ..benchmarks.extras import require
-from ..benchmarks.runner.compare import resolve_device
 from ..benchmarks.runner.compare import check_methods as check_specs
+from ..benchmarks.runner.compare import resolve_device
 from . import torchjd_steps
 from .cases import CASE_NAMES, build
 from .report import Row, case_table, solve_median, targets, targets_table
