@@ -192,8 +192,11 @@ def test_run_mistakes(argv: list[str], expected: str, capsys: pytest.CaptureFixt
 def test_run_on_an_empty_data_dir_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(compare, "RunTrainer", RUN_TRAINER)  # the data is read when the first run starts
-    assert "no train-images-idx3-ubyte" in one_line_failure([*RUN, "--data-dir", "empty"], capsys)
+    monkeypatch.setattr(compare, "RunTrainer", RUN_TRAINER)
+    # refused before the progress bar starts (so with the bar on, too) and before the run folder is made
+    argv = ["run", "multimnist", "--out", "out", "--data-dir", "empty"]
+    assert one_line_failure(argv, capsys) == "taskbalance run: error: no data files in empty (data_dir)"
+    assert not Path("out").exists()
 
 
 @pytest.mark.parametrize(
