@@ -47,6 +47,21 @@ def accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], owned: 
             p.grad = torch.empty_like(p).copy_(g)
 
 
+def unaliased(grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """Gradients from autograd made safe to hand over with ``owned=True``: one that shares memory with an earlier
+    one (autograd may hand one tensor to two inputs) is copied."""
+    seen: set[int] = set()
+    out: list[Tensor | None] = []
+    for g in grads:
+        if g is not None:
+            address = g.untyped_storage().data_ptr()
+            if address in seen:
+                g = g.clone()
+            seen.add(address)
+        out.append(g)
+    return out
+
+
 def accumulate_summed(balanced: Tensor, task_params: Sequence[Tensor]) -> None:
     """∇ Σ_k ℓ̃_k into the task parameters (heads, loss methods' own parameters); the graph is kept."""
     accumulate(task_params, summed_gradient(balanced, task_params))
