@@ -3,8 +3,10 @@
 A loss can be finite while its gradient is not (``1e-30 * sqrt(z)`` at z = 0), and finite float32 gradients of
 norm ≳ 1.8e19 give an infinite G = J Jᵀ. Either way a method would hand back NaN (or a wrong number) and the
 engine would write it into ``.grad``. Each step reduces what it computed to one small tensor — G (K × K), the
-row norms of J (K,), the largest |entry| of each other gradient — and reads one bool from it: no more host
-synchronisations than that read. The message is built only on failure.
+row norms of J (K,), the norm of each other gradient (one fused ``_foreach_norm``, as ``clip_grad_norm_`` takes)
+— and reads one bool from it: no more host synchronisations than that read. A NaN or Inf anywhere makes these
+non-finite. Only then is more computed: whether an other gradient really holds one (its norm may merely
+overflow, which is no error there), and the message.
 
 :func:`require_finite` is the only place that decides what a non-finite step does (today: raise).
 """
@@ -23,12 +25,16 @@ _ADVICE = (
 )
 
 
-def max_abs(tensors: Sequence[Tensor | None]) -> Tensor | None:
-    """The largest |entry| of each present tensor (NaN where a tensor holds NaN), in one fused reduction."""
-    present = [t.detach() for t in tensors if t is not None and t.numel() > 0]
+def _present(tensors: Sequence[Tensor | None]) -> list[Tensor]:
+    return [t.detach() for t in tensors if t is not None and t.numel() > 0]
+
+
+def norms(tensors: Sequence[Tensor | None]) -> Tensor | None:
+    """‖t‖ of each present tensor in one fused reduction: non-finite when t holds NaN/Inf (or ‖t‖² overflows)."""
+    present = _present(tensors)
     if not present:
         return None
-    return torch.stack([n.float() for n in torch._foreach_norm(present, float("inf"))])
+    return torch.stack([n.float() for n in torch._foreach_norm(present)])
 
 
 def row_norms(matrix: Tensor) -> Tensor:
@@ -52,15 +58,18 @@ def require_finite(
             gradient from an overflowing norm; without it that is told from G's diagonal where it can be.
     """
     parts = [] if per_task is None else [per_task.detach().reshape(-1).float()]
-    largest = max_abs(others)
-    if largest is not None:
-        parts.append(largest)
+    sizes = norms(others)
+    if sizes is not None:
+        parts.append(sizes)
     if not parts or bool(torch.isfinite(torch.cat(parts)).all()):
         return
-    raise ValueError(_describe(per_task, largest, rows_finite))
+    broken = [i for i, t in enumerate(_present(others)) if not bool(torch.isfinite(t).all())]
+    if (per_task is None or bool(torch.isfinite(per_task).all())) and not broken:
+        return  # an other gradient's norm overflowed, its entries are finite: nothing reads its norm
+    raise ValueError(_describe(per_task, len(broken), rows_finite))
 
 
-def _describe(per_task: Tensor | None, largest: Tensor | None, rows_finite: Callable[[], Tensor] | None) -> str:
+def _describe(per_task: Tensor | None, broken: int, rows_finite: Callable[[], Tensor] | None) -> str:
     if per_task is not None and not bool(torch.isfinite(per_task).all()):
         scale = per_task if per_task.dim() == 1 else per_task.diagonal()  # ‖g_k‖ or ‖g_k‖²: a NaN row of J
         bad = torch.nonzero(~torch.isfinite(scale)).flatten()  # spreads over G's row, not over its diagonal
@@ -82,8 +91,8 @@ def _describe(per_task: Tensor | None, largest: Tensor | None, rows_finite: Call
                 "method reading it would be NaN, or the gradient holds an Inf"
             )
         return "; ".join(found) + ". " + _ADVICE
-    count = 0 if largest is None else int((~torch.isfinite(largest)).sum())
     return (
-        f"the gradient of {count} parameter tensor(s) is non-finite (NaN or Inf) although the losses are finite "
-        f"(this path takes no per-task gradients, so the task is not known). {_ADVICE}"
+        f"the gradient of {broken} parameter tensor(s) is non-finite (NaN or Inf) although the losses are finite: "
+        "of a task-specific parameter, or of any parameter on a step that takes no per-task gradients (which task "
+        f"is then not known). {_ADVICE}"
     )
