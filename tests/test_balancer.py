@@ -321,3 +321,21 @@ def test_the_sum_step_is_bit_identical_to_a_plain_backward(check_finite: bool) -
         balancer.backward(losses, model.encoder.parameters())
     for a, b in zip(_grads(model), expected, strict=True):
         assert torch.equal(a, 2 * b) or torch.equal(a, b + b)
+
+
+def test_a_reuse_step_checks_its_update_and_restores_the_call_count() -> None:
+    """Between two solves the reused w is applied by one backward: its update is checked before .grad too."""
+    model = TinyMTL()
+    x, y = make_data()
+    balancer = tb.make("ew+mgda", n_tasks=3, update_weights_every=3, max_norm=None)
+    z, losses = task_losses(model, x, y)
+    balancer.backward(losses, model.encoder.parameters(), features=z)  # the solve
+    state, grads = _saved(balancer), _grads(model)
+    z, losses = task_losses(model, x, y)
+    losses = torch.stack([losses[0] + 1e-30 * torch.sqrt((z - z.detach()).pow(2).sum()), losses[1], losses[2]])
+    with pytest.raises(ValueError, match="non-finite"):
+        balancer.backward(losses, model.encoder.parameters(), features=z)
+    assert balancer._engine.last_path == "reuse"
+    assert _saved(balancer) == state
+    for a, b in zip(_grads(model), grads, strict=True):
+        assert torch.equal(a, b)
