@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -336,13 +337,27 @@ def _snapshot(state: Mapping[str, Any]) -> dict[str, Any]:
     """
     saved: dict[str, Any] = {}
     for key, value in state.items():
-        if isinstance(value, Tensor):
-            saved[key] = value.clone()
-        elif key.endswith(_EXTRA_STATE) and isinstance(value, Mapping):
-            saved[key] = {k: v if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in value.items()}
+        if key.endswith(_EXTRA_STATE) and isinstance(value, dict):
+            saved[key] = {k: v if isinstance(v, Tensor) else _copied(v) for k, v in value.items()}
         else:
-            saved[key] = copy.deepcopy(value)
+            saved[key] = _copied(value)
     return saved
+
+
+def _copied(value: Any) -> Any:
+    """A deep copy of a state value: tensors cloned, dicts, lists and tuples rebuilt, plain values shared.
+
+    ``copy.deepcopy`` does the same at ~100 µs per tensor; IGBv2's agent alone holds about a hundred.
+    """
+    if isinstance(value, Tensor):
+        return value.detach().clone().requires_grad_(value.requires_grad)
+    if type(value) in (dict, OrderedDict):
+        return type(value)((k, _copied(v)) for k, v in value.items())
+    if type(value) in (list, tuple):
+        return type(value)(_copied(v) for v in value)
+    if isinstance(value, (type(None), bool, int, float, str, bytes)):
+        return value
+    return copy.deepcopy(value)
 
 
 def _result(losses: Tensor, balanced: Balanced, combination: Combination | None, overhead: float) -> BalanceResult:
