@@ -21,23 +21,12 @@ from torch import Tensor, nn
 
 import taskbalance as tb
 from tests.models import TinyMTL, make_data, task_losses
+from tests.test_method_state import OPTIONS as PHASES
 
 K = 3
 SPECS = [*tb.available(), "igbv1+nashmtl", "igbv2+cagrad", "igbv1+imgrad"]
-#: options that give every method history within the few good steps
-OPTIONS: dict[str, dict[str, Any]] = {
-    "igbv1": {"base_epoch": 0},
-    "stch": {"warmup_epochs": 1},
-    "igbv2": {
-        "base_epoch": 0,
-        "train_epoch": 1,
-        "policy_epoch": 2,
-        "update_every": 2,
-        "batch_size": 4,
-        "buffer_size": 16,
-        "hidden": (8,),
-    },
-}
+#: options that give every method history within the few good steps (IGBv2 through SAC into its policy)
+OPTIONS: dict[str, dict[str, Any]] = {**PHASES, "igbv1": {"base_epoch": 0}}
 EPOCHS, STEPS = 3, 2
 EXAMPLES = settings(max_examples=3, deadline=None, derandomize=True)
 

@@ -262,19 +262,20 @@ def test_load_state_dict_is_all_or_nothing() -> None:
     assert _saved(target) == before
 
 
-@pytest.mark.parametrize(
-    "spec",
-    [*WROTE_NAN, "ew", "ew+mgda", "ew+nashmtl"],
-)
+def _on_path(spec: str, engine: str) -> tuple[tb.Balancer, TinyMTL, torch.Tensor, torch.Tensor]:
+    """A balancer for ``spec`` on ``engine`` (skipped where the path cannot serve it), a model, z and L."""
+    if engine == "gramian" and tb.make(spec, n_tasks=3).gradient.needs == "jacobian":
+        pytest.skip("the Gramian path serves methods that read G only")
+    model = TinyMTL()
+    z, losses = task_losses(model, *make_data())
+    return tb.make(spec, n_tasks=3, engine=engine), model, z, losses
+
+
+@pytest.mark.parametrize("spec", [*WROTE_NAN, "ew", "ew+mgda", "ew+nashmtl"])
 @pytest.mark.parametrize("engine", ["loop", "features", "gramian"])
 def test_a_non_finite_gradient_of_a_finite_loss_is_refused(spec: str, engine: str) -> None:
     """1e-30·√u at u = 0: the loss is finite, its gradient NaN; these methods used to write NaN into .grad."""
-    model = TinyMTL()
-    x, y = make_data()
-    if engine == "gramian" and tb.make(spec, n_tasks=3).gradient.needs == "jacobian":
-        pytest.skip("the Gramian path serves methods that read G only")
-    balancer = tb.make(spec, n_tasks=3, engine=engine)
-    z, losses = task_losses(model, x, y)
+    balancer, model, z, losses = _on_path(spec, engine)
     kink = 1e-30 * torch.sqrt((z - z.detach()).pow(2).sum())
     losses = torch.stack([losses[0], losses[1] + kink, losses[2]])
     named = r"task\(s\) \[[0-9, ]*1" if balancer.gradient.needs != "nothing" else "non-finite"
@@ -286,12 +287,7 @@ def test_a_non_finite_gradient_of_a_finite_loss_is_refused(spec: str, engine: st
 @pytest.mark.parametrize("spec", ["ew+mgda", "ew+nashmtl", "ew+upgrad", "ew+pcgrad", "ew+cagrad", "ew+imtl_g"])
 @pytest.mark.parametrize("engine", ["loop", "gramian"])
 def test_a_gradient_whose_squared_norm_overflows_is_refused_naming_the_cause(spec: str, engine: str) -> None:
-    model = TinyMTL()
-    x, y = make_data()
-    if engine == "gramian" and tb.make(spec, n_tasks=3).gradient.needs == "jacobian":
-        pytest.skip("the Gramian path serves methods that read G only")
-    balancer = tb.make(spec, n_tasks=3, engine=engine)
-    z, losses = task_losses(model, x, y)
+    balancer, model, z, losses = _on_path(spec, engine)
     losses = torch.stack([losses[0], losses[1], losses[2] + 1e20 * (z - z.detach()).sum()])
     with pytest.raises(ValueError, match=r"task\(s\) \[2\] is finite but too large: its squared norm overflows"):
         balancer.backward(losses, model.encoder.parameters(), features=z)
