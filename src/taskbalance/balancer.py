@@ -74,7 +74,8 @@ class Balancer(nn.Module):
             that G = J Jᵀ overflows), before anything is written: one more device synchronisation per step on
             CUDA. ``False`` lets such values into ``.grad`` (e.g. for a GradScaler, which skips those steps
             itself) and runs the steps without per-task gradients as a plain ``backward()``, which also fires
-            hooks registered on gradient accumulation (see :class:`~taskbalance.engine.Engine`).
+            hooks registered on gradient accumulation and fills ``.grad`` of non-leaf tensors that
+            ``retain_grad()`` (see :class:`~taskbalance.engine.Engine`).
         update_weights_every: amortisation for weight-based gradient methods (``needs == "gramian"``): the
             method solves for its weights w on every N-th call of :meth:`backward` (the first included) and the
             calls in between reuse that w with one ordinary backward of Σ_k w_k ℓ̃_k into θ: no per-task

@@ -5,8 +5,9 @@ in, and nothing else in taskbalance touches ``.grad``:
 
 - :func:`backward`: an ordinary backward, where autograd accumulates itself (it takes the gradient without a copy
   where it can, and runs the hooks registered on gradient accumulation). The steps that need no per-task
-  gradients use it: no balancing, and the reuse of amortised weights.
-- :func:`accumulate`: gradients the engine computed (an update, per-task sums, gradients captured on the way).
+  gradients use it (no balancing, and the reuse of amortised weights) when ``check_finite`` is off.
+- :func:`accumulate`: gradients the engine computed (an update, per-task sums, gradients captured on the way),
+  and those steps' gradients when they are checked first (:mod:`~taskbalance.engine.finite`): the same values.
 
 Clipping: the shared update u is scaled by min(1, max_norm / ‖u‖).
 """
