@@ -9,14 +9,11 @@
 
 from __future__ import annotations
 
-import copy
 import time
 import warnings
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,10 +24,7 @@ from .gradient_balancing.base import Combination, GradientBalancer
 from .gradient_balancing.sum import Sum
 from .loss_balancing.base import Balanced, LossBalancer
 from .loss_balancing.equal import Equal
-
-_T = TypeVar("_T")
-#: torch's key of a module's extra state inside ``state_dict()``
-_EXTRA_STATE = "_extra_state"
+from .method import atomic
 
 
 @dataclass(frozen=True)
@@ -172,7 +166,7 @@ class Balancer(nn.Module):
         losses = self._check_losses(losses)
         shared = self._check_shared(shared_params, losses)
         self._engine.check(losses, shared, self.gradient, features)
-        with self._atomic():
+        with atomic(self):
             balanced = self.loss(losses)
             before_engine = time.perf_counter()
             combination = self._engine.step(losses, balanced.losses, shared, self.gradient, features)
@@ -183,7 +177,7 @@ class Balancer(nn.Module):
 
     def end_epoch(self) -> None:
         """Call once at the end of every training epoch (DWA, IGBv1's baseline, IGBv2's schedule use it)."""
-        with self._atomic():
+        with atomic(self):
             self.loss.end_epoch()
 
     def after_step(self, losses: Tensor | Iterable[Tensor]) -> None:
@@ -192,7 +186,7 @@ class Balancer(nn.Module):
         A no-op for every other method, so a training loop may always call it.
         """
         checked = self._check_losses(losses, need_grad=False).detach()
-        with self._atomic():
+        with atomic(self):
             self.loss.after_step(checked)
 
     def reset(self) -> None:
@@ -278,26 +272,8 @@ class Balancer(nn.Module):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``, all or nothing: a state refused anywhere (by a method, for K, for missing
         or unexpected keys) leaves the Balancer exactly as it was, its own counters included."""
-        return self._atomic_call(lambda: super(Balancer, self).load_state_dict(state_dict, strict, assign))
-
-    @contextmanager
-    def _atomic(self) -> Iterator[None]:
-        """Run the block as one transaction on ``state_dict()``: an exception restores it exactly, then propagates.
-
-        One mechanism for every method, instead of each committing its new state after the step succeeds: the
-        snapshot is taken before the block and costs a copy of the methods' state (a few K-vectors for most;
-        DB-MTL's and MoCo's K × P gradients).
-        """
-        saved = _snapshot(self.state_dict())
-        try:
-            yield
-        except BaseException:
-            nn.Module.load_state_dict(self, saved)
-            raise
-
-    def _atomic_call(self, call: Callable[[], _T]) -> _T:
-        with self._atomic():
-            return call()
+        with atomic(self):
+            return super().load_state_dict(state_dict, strict, assign)
 
     def extra_repr(self) -> str:
         every = f", update_weights_every={self.update_weights_every}" if self.update_weights_every > 1 else ""
@@ -327,38 +303,6 @@ def _sharing_memory(tensors: list[Tensor]) -> list[list[int]]:
             groups.append([i])
             end, device = stop, dev
     return [sorted(group) for group in groups if len(group) > 1]
-
-
-def _snapshot(state: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a ``state_dict()`` that no later step can change, copying each tensor once.
-
-    Parameters and buffers come as aliases: cloned. A method's extra state (:mod:`taskbalance.method`) holds its
-    tensor fields as copies already and nested objects' ``state_dict()`` (an optimizer's, live) as references:
-    those are deep-copied. The Balancer's own extra state replaces its reused weights, never changes them.
-    """
-    saved: dict[str, Any] = {}
-    for key, value in state.items():
-        if key.endswith(_EXTRA_STATE) and isinstance(value, dict):
-            saved[key] = {k: v if isinstance(v, Tensor) else _copied(v) for k, v in value.items()}
-        else:
-            saved[key] = _copied(value)
-    return saved
-
-
-def _copied(value: Any) -> Any:
-    """A deep copy of a state value: tensors cloned, dicts, lists and tuples rebuilt, plain values shared.
-
-    ``copy.deepcopy`` does the same at ~100 µs per tensor; IGBv2's agent alone holds about a hundred.
-    """
-    if isinstance(value, Tensor):
-        return value.detach().clone().requires_grad_(value.requires_grad)
-    if type(value) in (dict, OrderedDict):
-        return type(value)((k, _copied(v)) for k, v in value.items())
-    if type(value) in (list, tuple):
-        return type(value)(_copied(v) for v in value)
-    if isinstance(value, (type(None), bool, int, float, str, bytes)):
-        return value
-    return copy.deepcopy(value)
 
 
 def _result(losses: Tensor, balanced: Balanced, combination: Combination | None, overhead: float) -> BalanceResult:
