@@ -221,3 +221,16 @@ def test_declarations_add_up_and_initial_values_come_back_on_reset() -> None:
     assert method.count == 0
     with pytest.raises(TypeError, match="must be None, a bool"):
         fields(tensor=torch.zeros(1))
+
+
+def test_a_refusal_inside_a_nested_object_leaves_the_method_as_it_was() -> None:
+    """IGBv2's state passes its own check, then its agent's buffer has the wrong shape: the generator and the
+    baseline, loaded before the agent, are put back (``Declared.load_state_dict`` is one transaction)."""
+    method = _used("igbv2")
+    before = copy.deepcopy(method.state_dict())
+    state = _method(_train("igbv2", seed=1)[1], "igbv2").state_dict()
+    agent = state["_extra_state"]["agent"]
+    agent["buffer.states"] = agent["buffer.states"][:-1]
+    with pytest.raises(RuntimeError, match=r"size mismatch for buffer\.states"):
+        method.load_state_dict(state)
+    _assert_same(method.state_dict(), before)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from .gradient_balancing.base import Combination, GradientBalancer
 from .gradient_balancing.sum import Sum
 from .loss_balancing.base import Balanced, LossBalancer
 from .loss_balancing.equal import Equal
+from .method import atomic
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,12 @@ class Balancer(nn.Module):
         gradient: a gradient-balancing method (default: ``Sum``, one ordinary backward).
         n_tasks: K, the number of tasks (losses per step).
         engine: how per-task gradients are obtained for gradient methods (see :mod:`taskbalance.engine`).
-        check_finite: raise on NaN/Inf losses (one device synchronisation per step on CUDA).
+        check_finite: raise on NaN/Inf losses, and on NaN/Inf gradients of finite losses (or gradients so large
+            that G = J Jᵀ overflows), before anything is written: one more device synchronisation per step on
+            CUDA. ``False`` lets such values into ``.grad`` (e.g. for a GradScaler, which skips those steps
+            itself) and runs the steps without per-task gradients as a plain ``backward()``, which also fires
+            hooks registered on gradient accumulation and fills ``.grad`` of non-leaf tensors that
+            ``retain_grad()`` (see :class:`~taskbalance.engine.Engine`).
         update_weights_every: amortisation for weight-based gradient methods (``needs == "gramian"``): the
             method solves for its weights w on every N-th call of :meth:`backward` (the first included) and the
             calls in between reuse that w with one ordinary backward of Σ_k w_k ℓ̃_k into θ: no per-task
@@ -75,6 +81,10 @@ class Balancer(nn.Module):
 
     The Balancer is an ``nn.Module``: ``parameters()`` are the methods' learnable parameters (UW, IMTL-L),
     ``state_dict()`` holds all their state, ``to(device)`` moves them.
+
+    Every call either completes or raises and changes nothing: :meth:`backward`, :meth:`after_step`,
+    :meth:`end_epoch` and :meth:`load_state_dict` restore ``state_dict()`` exactly when they raise, and
+    :meth:`backward` writes ``.grad`` only after everything that can fail has run.
     """
 
     def __init__(
@@ -90,7 +100,7 @@ class Balancer(nn.Module):
         super().__init__()
         if not isinstance(n_tasks, int) or isinstance(n_tasks, bool) or n_tasks < 1:
             raise ValueError(f"n_tasks must be a positive int, got {n_tasks!r}")
-        self._engine = Engine(engine, update_weights_every)
+        self._engine = Engine(engine, update_weights_every, check_finite)
         loss = Equal() if loss is None else loss
         gradient = Sum() if gradient is None else gradient
         if not isinstance(loss, LossBalancer):
@@ -99,7 +109,6 @@ class Balancer(nn.Module):
             raise TypeError(f"gradient must be a GradientBalancer, got {type(gradient).__name__}")
         self._engine.check_method(gradient)
         self.n_tasks = n_tasks
-        self.check_finite = check_finite
         self.loss = loss
         self.gradient = gradient
         loss.setup(n_tasks)
@@ -110,6 +119,15 @@ class Balancer(nn.Module):
     def engine(self) -> EnginePath:
         """The engine path asked for (``"auto"`` unresolved; :attr:`Engine.last_path` says what ran)."""
         return self._engine.path
+
+    @property
+    def check_finite(self) -> bool:
+        """Whether losses and gradients are required to be finite (the engine's setting, which it applies)."""
+        return self._engine.check_finite
+
+    @check_finite.setter
+    def check_finite(self, value: bool) -> None:
+        self._engine.check_finite = value
 
     @property
     def update_weights_every(self) -> int:
@@ -131,18 +149,27 @@ class Balancer(nn.Module):
             features: the shared representation (the encoder's output) when the heads consume it; lets the
                 engine take the cheaper features-first path. Optional.
 
+        Each shared parameter must be listed once: the same tensor twice, or two tensors sharing memory (views
+        of one parameter), is refused rather than merged, because its gradient would enter J twice (MGDA's update
+        doubles, Nash-MTL's norm changes) and a list with a repeat is a mistake in building it, not a request.
+
         Raises:
             ValueError: wrong shape, NaN/Inf loss (with the task index), non-positive loss for a method that
-                takes a log, a shared parameter the losses do not depend on, an engine path the call cannot take
-                (``"features"`` without features through which every shared path runs). Nothing is changed then.
+                takes a log, a shared parameter the losses do not depend on or listed twice, an engine path the
+                call cannot take (``"features"`` without features through which every shared path runs), a
+                non-finite gradient of a finite loss or one whose squared norm overflows (with ``check_finite``).
+                Nothing is changed then: ``state_dict()`` and every ``.grad`` are as before the call, whatever
+                raised (the checks above come first; a failure found later, in the engine or a method's solver,
+                restores the methods' state).
         """
         start = time.perf_counter()
         losses = self._check_losses(losses)
         shared = self._check_shared(shared_params, losses)
         self._engine.check(losses, shared, self.gradient, features)
-        balanced = self.loss(losses)
-        before_engine = time.perf_counter()
-        combination = self._engine.step(losses, balanced.losses, shared, self.gradient, features)
+        with atomic(self):
+            balanced = self.loss(losses)
+            before_engine = time.perf_counter()
+            combination = self._engine.step(losses, balanced.losses, shared, self.gradient, features)
         # with no gradient method the engine ran the ordinary backward of Σ ℓ̃: no overhead in it
         overhead = (before_engine if combination is None else time.perf_counter()) - start
         self._warn_unconverged(combination)
@@ -150,14 +177,17 @@ class Balancer(nn.Module):
 
     def end_epoch(self) -> None:
         """Call once at the end of every training epoch (DWA, IGBv1's baseline, IGBv2's schedule use it)."""
-        self.loss.end_epoch()
+        with atomic(self):
+            self.loss.end_epoch()
 
     def after_step(self, losses: Tensor | Iterable[Tensor]) -> None:
         """Call after ``optimizer.step()`` with the same batch's losses under the updated model (FAMO).
 
         A no-op for every other method, so a training loop may always call it.
         """
-        self.loss.after_step(self._check_losses(losses, need_grad=False).detach())
+        checked = self._check_losses(losses, need_grad=False).detach()
+        with atomic(self):
+            self.loss.after_step(checked)
 
     def reset(self) -> None:
         """Forget all history of both methods (and re-initialise their parameters)."""
@@ -212,6 +242,13 @@ class Balancer(nn.Module):
         frozen = [i for i, p in enumerate(shared) if not p.requires_grad]
         if frozen:
             raise ValueError(f"shared parameters at positions {frozen} do not require grad")
+        repeated = _sharing_memory(shared)
+        if repeated:
+            groups = "; ".join(str(group) for group in repeated)
+            raise ValueError(
+                f"shared parameters at positions {groups} are the same tensor (or share memory): list each shared "
+                "parameter once (e.g. model.encoder.parameters(), which yields a tied weight once)"
+            )
         leaf_ids = {id(t) for t in reachable_leaves(losses)}
         unused = [i for i, p in enumerate(shared) if id(p) not in leaf_ids]
         if unused:
@@ -226,13 +263,46 @@ class Balancer(nn.Module):
         return {"n_tasks": self.n_tasks, **self._engine.reuse.state()}
 
     def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, Mapping) or "n_tasks" not in state:
+            raise ValueError("not a saved Balancer state: it does not say its number of tasks")
         if state["n_tasks"] != self.n_tasks:
             raise ValueError(f"state is for {state['n_tasks']} tasks, this Balancer has {self.n_tasks}")
         self._engine.reuse.load(state)
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, all or nothing: a state refused anywhere (by a method, for K, for missing
+        or unexpected keys) leaves the Balancer exactly as it was, its own counters included."""
+        with atomic(self):
+            return super().load_state_dict(state_dict, strict, assign)
+
     def extra_repr(self) -> str:
         every = f", update_weights_every={self.update_weights_every}" if self.update_weights_every > 1 else ""
         return f"n_tasks={self.n_tasks}, engine={self.engine!r}{every}"
+
+
+def _sharing_memory(tensors: list[Tensor]) -> list[list[int]]:
+    """Groups (≥ 2) of positions whose tensors overlap in memory: one tensor listed twice, or views of one.
+
+    Disjoint views of one buffer (parameters carved out of a flat buffer) do not overlap and are not grouped.
+    """
+    spans = []
+    for i, t in enumerate(tensors):
+        if t.numel() == 0 or t.device.type == "meta":
+            continue
+        start = t.data_ptr()
+        extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+        spans.append((str(t.device), start, start + extent * t.element_size(), i))
+    spans.sort()
+    groups: list[list[int]] = []
+    end, device = -1, ""
+    for dev, start, stop, i in spans:
+        if dev == device and start < end:
+            groups[-1].append(i)
+            end = max(end, stop)
+        else:
+            groups.append([i])
+            end, device = stop, dev
+    return [sorted(group) for group in groups if len(group) > 1]
 
 
 def _result(losses: Tensor, balanced: Balanced, combination: Combination | None, overhead: float) -> BalanceResult:

@@ -38,6 +38,10 @@ Two steps of a Balancer take no path at all (:meth:`Engine.step`): ``"sum"``, no
 (``needs == "nothing"``), is one ordinary backward of Σ_k ℓ̃_k; ``"reuse"``, the calls between two solves of
 amortised weights (:mod:`~taskbalance.engine.reuse`), is one backward of Σ_k w_k ℓ̃_k into θ.
 
+Finiteness (``Balancer(check_finite=True)``, the default): each step checks what it computed — G, the row norms
+of J, the other gradients, the summed or reused update — once for NaN/Inf (and G for overflow) before the method
+combines and before ``.grad`` is written, and raises naming the task (:mod:`~taskbalance.engine.finite`).
+
 Clipping: the shared update u is scaled by min(1, max_norm / ‖u‖). On the Gramian path ‖Jᵀw‖ = √(wᵀGw), so w
 is scaled before the update backward.
 """

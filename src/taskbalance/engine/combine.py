@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..gradient_balancing.base import Combination, GradientBalancer
+from .finite import require_finite, row_norms
 from .grad import accumulate, clip_factor, clip_update
 from .vjp import BlockBuffers
 
@@ -34,15 +35,26 @@ def apply_blocks(
     blocks: Sequence[Tensor | None],
     method: GradientBalancer,
     buffers: BlockBuffers | None = None,
+    check: Sequence[Tensor | None] | None = None,
 ) -> Combination:
-    """The method's combination of the per-parameter blocks (K, *p.shape), and the clipped update into ``θ.grad``."""
+    """The method's combination of the per-parameter blocks (K, *p.shape), and the clipped update into ``θ.grad``.
+
+    With ``check`` (the other gradients of the step, possibly none), G or J and those are first required to be
+    finite (:func:`~taskbalance.engine.finite.require_finite`): before the method runs and anything is written.
+    """
     n = balanced.shape[0]
     full = [b if b is not None else p.new_zeros((n, *p.shape)) for b, p in zip(blocks, shared, strict=True)]
+
+    def rows_finite() -> Tensor:
+        return torch.stack([torch.isfinite(b.reshape(n, -1)).all(dim=1) for b in full]).all(dim=0)
+
     if reads_gramian(method):
         gramian = full[0].new_zeros((n, n))
         for block in full:
             flat = block.reshape(n, -1)
             gramian.addmm_(flat, flat.T)
+        if check is not None:
+            require_finite(gramian, check, rows_finite=rows_finite)
         combination = call_method(method, gramian, balanced.detach())
         weights = weights_for_gramian(combination, gramian, method)
         updates = [(weights.to(b.dtype) @ b.reshape(n, -1)).view(p.shape) for b, p in zip(full, shared, strict=True)]
@@ -52,6 +64,8 @@ def apply_blocks(
     size = sum(r.shape[1] for r in rows)
     # J is valid during the method's call only (a method keeps copies, never J itself): reused across steps
     jacobian = torch.cat(rows, dim=1, out=None if buffers is None else buffers.get(("J",), (n, size), rows[0]))
+    if check is not None:
+        require_finite(row_norms(jacobian), check, rows_finite=rows_finite)
     combination = call_method(method, jacobian, balanced.detach())
     if combination.direction is not None:
         check_direction(combination.direction, jacobian.shape[1], "the shared parameters")

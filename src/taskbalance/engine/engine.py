@@ -9,12 +9,13 @@ from torch import Tensor
 
 from ..gradient_balancing.base import Combination, GradientBalancer
 from .combine import apply_blocks, call_method, check_direction, check_weights, reads_gramian, weights_for_gramian
-from .grad import accumulate, accumulate_summed, backward, clip_blocks
+from .finite import require_finite, row_norms
+from .grad import accumulate, accumulate_summed, backward, clip_blocks, unaliased
 from .graph import FeatureCut, reachable_leaves, task_split
 from .heads import features_jacobian
 from .paths import CUT_PATHS, ENGINE_PATHS, FEATURE_PATHS, EnginePath, resolve_auto
 from .reuse import WeightReuse
-from .vjp import BlockBuffers, VmapMemo, batched_vjp, streaming_gramian
+from .vjp import BlockBuffers, VmapMemo, batched_vjp, streaming_gramian, summed_gradient
 
 
 class Engine:
@@ -25,10 +26,18 @@ class Engine:
     each step frees the graph like an ordinary ``backward()``. ``last_path`` names the path the last call took
     (``"auto"`` resolved; ``"sum"`` and ``"reuse"`` for :meth:`step`), and :attr:`fell_back` says whether vmap
     failed, for logs and tests. ``update_weights_every`` amortises weight-based methods (:attr:`reuse`).
+
+    ``check_finite`` (default True): every step checks what it computed — G, the row norms of J, the task
+    parameters' gradients, the summed or reused update — for NaN/Inf once, before the method combines and before
+    ``.grad`` is written (:mod:`~taskbalance.engine.finite`), and raises instead. The steps without per-task
+    gradients then take their gradients with ``autograd.grad`` and add them in (same values); ``False`` lets
+    non-finite values through and runs those steps as an ordinary ``backward()`` again, which also fires hooks
+    registered on gradient accumulation.
     """
 
-    def __init__(self, path: EnginePath = "auto", update_weights_every: int = 1) -> None:
+    def __init__(self, path: EnginePath = "auto", update_weights_every: int = 1, check_finite: bool = True) -> None:
         self.reuse = WeightReuse(update_weights_every)
+        self.check_finite = check_finite
         if path not in ENGINE_PATHS:
             raise ValueError(f"unknown engine path {path!r}; choose from {', '.join(ENGINE_PATHS)}")
         self.path: EnginePath = path
@@ -94,7 +103,13 @@ class Engine:
         """
         if method.needs == "nothing":
             self.last_path = "sum"
-            backward(balanced.sum())
+            if not self.check_finite:
+                backward(balanced.sum())
+                return None
+            leaves = reachable_leaves(balanced)
+            grads = torch.autograd.grad(balanced.sum(), leaves, allow_unused=True)
+            require_finite(None, grads)
+            accumulate(leaves, unaliased(grads), owned=True)
             return None
         shared_ids = {id(p) for p in shared}
         task_params = [t for t in reachable_leaves(balanced) if id(t) not in shared_ids]
@@ -137,13 +152,17 @@ class Engine:
         frees the graph, like an ordinary ``backward()``. Cost: one backward plus one more through the heads.
         """
         check_weights(weights, balanced.shape[0])
-        accumulate_summed(balanced, task_params)
         self.last_path = "reuse"
-        if max_norm is None:  # straight into .grad, exactly like backward()
+        if max_norm is None and not self.check_finite:  # straight into .grad, exactly like backward()
+            accumulate_summed(balanced, task_params)
             backward(balanced, weights.to(balanced.dtype), shared)
             return
+        task_grads = summed_gradient(balanced, task_params)
         update = torch.autograd.grad(balanced, shared, weights.to(balanced.dtype), allow_unused=True)
-        accumulate(shared, clip_blocks(update, max_norm), owned=True)
+        if self.check_finite:
+            require_finite(None, [*update, *task_grads])
+        accumulate(task_params, task_grads)
+        accumulate(shared, unaliased(update) if max_norm is None else clip_blocks(update, max_norm), owned=True)
 
     # -- paths -------------------------------------------------------------------------------------------------
     def _solve(
@@ -188,7 +207,8 @@ class Engine:
             blocks = grads[: len(shared)]
             task_grads = [None if g is None else g.sum(0) for g in grads[len(shared) :]]
         self.last_path = path
-        combination = apply_blocks(balanced, shared, blocks, method, self.buffers)
+        check = task_grads if self.check_finite else None
+        combination = apply_blocks(balanced, shared, blocks, method, self.buffers, check)
         accumulate(task_params, task_grads, owned=path != "features")  # sums over K, unless captured
         return combination
 
@@ -227,6 +247,8 @@ class Engine:
                 features, shared, split.trunk_side, jz, self.memo, kind="trunk", final=False
             )
             self.last_path = "gramian"
+            if self.check_finite:
+                require_finite(gramian, [*head_grads, *trunk_grads])
             combination = call_method(method, gramian, balanced.detach())
             weights = weights_for_gramian(combination, gramian, method)
             cotangent = torch.tensordot(weights.to(jz.dtype), jz, dims=1)
@@ -237,10 +259,13 @@ class Engine:
         eye = torch.eye(n, dtype=balanced.dtype, device=balanced.device)
         gramian, _ = streaming_gramian(balanced, shared, [], eye, self.memo, kind="whole", final=False)
         self.last_path = "gramian"
+        task_grads = summed_gradient(balanced, task_params)
+        if self.check_finite:
+            require_finite(gramian, task_grads)
         combination = call_method(method, gramian, balanced.detach())
         weights = weights_for_gramian(combination, gramian, method)
-        accumulate_summed(balanced, task_params)
         update = torch.autograd.grad(balanced, shared, weights.to(balanced.dtype), allow_unused=True)
+        accumulate(task_params, task_grads)
         accumulate(shared, update)
         return combination
 
@@ -251,7 +276,15 @@ class Engine:
         jz, head_grads = self._features_jacobian(balanced, features, split)
         self.last_path = "representation"
         flat = jz.reshape(n, -1)
-        combination = call_method(method, flat @ flat.T if reads_gramian(method) else flat, balanced.detach())
+        matrix = flat @ flat.T if reads_gramian(method) else flat
+        if self.check_finite:
+            rows = flat  # what the method reads: J_z, and its Gramian
+            require_finite(
+                matrix if reads_gramian(method) else row_norms(flat),
+                head_grads,
+                rows_finite=lambda: torch.isfinite(rows).all(dim=1),
+            )
+        combination = call_method(method, matrix, balanced.detach())
         if combination.weights is not None and combination.direction is None:
             check_weights(combination.weights, n)
             cotangent = (combination.weights.to(flat.dtype) @ flat).reshape(features.shape)

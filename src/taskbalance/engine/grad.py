@@ -5,8 +5,9 @@ in, and nothing else in taskbalance touches ``.grad``:
 
 - :func:`backward`: an ordinary backward, where autograd accumulates itself (it takes the gradient without a copy
   where it can, and runs the hooks registered on gradient accumulation). The steps that need no per-task
-  gradients use it: no balancing, and the reuse of amortised weights.
-- :func:`accumulate`: gradients the engine computed (an update, per-task sums, gradients captured on the way).
+  gradients use it (no balancing, and the reuse of amortised weights) when ``check_finite`` is off.
+- :func:`accumulate`: gradients the engine computed (an update, per-task sums, gradients captured on the way),
+  and those steps' gradients when they are checked first (:mod:`~taskbalance.engine.finite`): the same values.
 
 Clipping: the shared update u is scaled by min(1, max_norm / ‖u‖).
 """
@@ -45,6 +46,21 @@ def accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], owned: 
             p.grad = g
         else:
             p.grad = torch.empty_like(p).copy_(g)
+
+
+def unaliased(grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """Gradients from autograd made safe to hand over with ``owned=True``: one that shares memory with an earlier
+    one (autograd may hand one tensor to two inputs) is copied."""
+    seen: set[int] = set()
+    out: list[Tensor | None] = []
+    for g in grads:
+        if g is not None:
+            address = g.untyped_storage().data_ptr()
+            if address in seen:
+                g = g.clone()
+            seen.add(address)
+        out.append(g)
+    return out
 
 
 def accumulate_summed(balanced: Tensor, task_params: Sequence[Tensor]) -> None:

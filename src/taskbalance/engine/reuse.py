@@ -7,6 +7,7 @@ resumed run solves on the same calls as an uninterrupted one.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
@@ -47,6 +48,6 @@ class WeightReuse:
     def state(self) -> dict[str, Any]:
         return {"calls": self.calls, "reused_weights": self.weights}
 
-    def load(self, state: dict[str, Any]) -> None:
+    def load(self, state: Mapping[str, Any]) -> None:
         self.calls = int(state.get("calls", 0))
         self.weights = state.get("reused_weights")
