@@ -125,3 +125,14 @@ def simplex_grid(k: int, n: int) -> Tensor:
         t = torch.linspace(0, 1, n + 1, dtype=F64)
         return torch.stack([t, 1 - t], dim=1)
     return torch.tensor([(i / n, j / n, (n - i - j) / n) for i in range(n + 1) for j in range(n + 1 - i)], dtype=F64)
+
+
+def descend(
+    shared: Sequence[Tensor], update: Tensor, heads: Sequence[Tensor], head_grads: Sequence[Tensor], lr: float
+) -> None:
+    """One SGD step by hand: the flat ``update`` on the shared parameters, ``head_grads`` on the heads."""
+    with torch.no_grad():
+        for p, piece in zip(shared, torch.split(update, [p.numel() for p in shared]), strict=True):
+            p.sub_(lr * piece.view_as(p))
+        for p, g in zip(heads, head_grads, strict=True):
+            p.sub_(lr * g)

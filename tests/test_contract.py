@@ -392,6 +392,7 @@ def test_balancer_applies_the_methods_update(name: str) -> None:
         expected = reference.combine(twin.gradient, jac, balanced.detach())
         head_grad = reference.flat_grad(balanced.sum(), heads)
         result = balancer.backward(losses, shared)
+        assert result.converged == expected.converged, result.note
         update = clip_update(reference.update(expected, jac), twin.gradient.max_norm)
         torch.testing.assert_close(reference.accumulated(shared), update, **tolerance)
         torch.testing.assert_close(reference.accumulated(heads), head_grad)
