@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import torch
+from hypothesis import strategies as st
 from torch import Tensor
 
 from taskbalance.gradient_balancing.base import Combination, GradientBalancer
@@ -35,6 +36,17 @@ def set_up(method: Method, n_tasks: int) -> Method:
     """``method`` bound to K tasks, as a Balancer would bind it."""
     method.setup(n_tasks)
     return method
+
+
+def loss_epochs(n_epochs: int, values: st.SearchStrategy[float]) -> st.SearchStrategy[list[list[list[float]]]]:
+    """``n_epochs`` epochs of 1 to 3 steps of K losses drawn from ``values`` (K from 1 to 5, one K per example)."""
+    return st.integers(min_value=1, max_value=5).flatmap(
+        lambda k: st.lists(
+            st.lists(st.lists(values, min_size=k, max_size=k), min_size=1, max_size=3),
+            min_size=n_epochs,
+            max_size=n_epochs,
+        )
+    )
 
 
 # -- running a gradient method ---------------------------------------------------------------------------------------

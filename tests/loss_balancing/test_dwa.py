@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import taskbalance as tb
+from tests.reference import loss_epochs
 
 positive = st.floats(min_value=1e-2, max_value=1e2)
 
@@ -52,14 +53,7 @@ def test_balanced_losses_and_log_variant() -> None:
     torch.testing.assert_close(plain(losses).losses, losses)
 
 
-@given(
-    st.integers(min_value=1, max_value=5).flatmap(
-        lambda k: st.lists(
-            st.lists(st.lists(positive, min_size=k, max_size=k), min_size=1, max_size=3), min_size=4, max_size=4
-        )
-    ),
-    st.data(),
-)
+@given(loss_epochs(4, positive), st.data())
 def test_invariant_to_loss_scaling(epochs: list[list[list[float]]], data: st.DataObject) -> None:
     """Per-task loss scales leave w unchanged, and w sums to K (task permutation: tests/test_contract.py)."""
     k = len(epochs[0][0])

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import taskbalance as tb
 from tests.models import TinyMTL, make_data, task_losses
-from tests.reference import set_up
+from tests.reference import loss_epochs, set_up
 
 positive = st.floats(min_value=1e-2, max_value=1e2)
 
@@ -70,14 +70,7 @@ def test_balancer_gradient_on_tiny_model_over_epochs() -> None:
     assert not torch.allclose(result.weights, torch.ones(3))
 
 
-@given(
-    st.integers(min_value=1, max_value=5).flatmap(
-        lambda k: st.lists(
-            st.lists(st.lists(positive, min_size=k, max_size=k), min_size=1, max_size=3), min_size=3, max_size=3
-        )
-    ),
-    st.data(),
-)
+@given(loss_epochs(3, positive), st.data())
 def test_invariant_to_loss_scaling(epochs: list[list[list[float]]], data: st.DataObject) -> None:
     """Losses L = s ⊙ u: weights and the gradient in u are the same for any per-task scale s; w sums to K.
 
