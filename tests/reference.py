@@ -19,7 +19,7 @@ from taskbalance.loss_balancing.base import LossBalancer
 
 F64 = torch.float64
 
-Method = TypeVar("Method", LossBalancer, GradientBalancer)
+Method = TypeVar("Method", bound=LossBalancer | GradientBalancer)
 
 
 # -- factories -------------------------------------------------------------------------------------------------------

@@ -69,8 +69,10 @@ def _class(name: str) -> type[Any]:
 
 def _make(spec: str, k: int, seed: int = 0) -> tb.Balancer:
     """``tb.make(spec)``, seeded when the method draws random numbers (so that two builds agree)."""
-    seeded = "seed" in inspect.signature(_class(_name(spec)).__init__).parameters
-    return tb.make(spec, n_tasks=k, **({"seed": seed} if seeded else {}))
+    options: dict[str, Any] = (
+        {"seed": seed} if "seed" in inspect.signature(_class(_name(spec)).__init__).parameters else {}
+    )
+    return tb.make(spec, n_tasks=k, **options)
 
 
 def _gradient(spec: str, k: int) -> GradientBalancer:
@@ -145,7 +147,7 @@ def test_gradient_methods_are_task_permutation_equivariant(spec: str, seed: int,
         losses = torch.rand(k, generator=gen, dtype=F64) + 0.5
         base, other = reference.combine(plain, jac, losses), reference.combine(permuted, jac[perm], losses[perm])
         scale = float(jac.abs().max())
-        tolerance = {} if rule.atol is None else {"atol": rule.atol * scale, "rtol": 1e-7}
+        tolerance: dict[str, Any] = {} if rule.atol is None else {"atol": rule.atol * scale, "rtol": 1e-7}
         torch.testing.assert_close(reference.update(other, jac[perm]), reference.update(base, jac), **tolerance)
         if rule.weights:
             assert base.weights is not None and other.weights is not None
@@ -198,8 +200,13 @@ def _moco_tracking(t: int) -> float:
     return 1 - remaining
 
 
+def _sum(k: int, g: Tensor, t: int) -> Tensor:
+    return k * g
+
+
 def _unit_sqrt_k(k: int, g: Tensor, t: int) -> Tensor:
-    return k**0.5 * g / g.norm()
+    update: Tensor = k**0.5 * g / g.norm()
+    return update
 
 
 #: update for K equal gradients g at step t (1-based), where it is not K·g (the sum convention)
@@ -227,7 +234,7 @@ def test_equal_gradients_give_the_sum(spec: str, seed: int, k: int, p: int, dtyp
     g = reference.jacobian(seed, 1, p, dtype=dtype)[0]
     jac = g.repeat(k, 1)
     method = _gradient(spec, k)
-    expected = EQUAL_GRADIENTS.get(spec, lambda k, g, t: k * g)
+    expected = EQUAL_GRADIENTS.get(spec, _sum)
     for t in range(1, 4):
         torch.testing.assert_close(reference.update(reference.combine(method, jac), jac), expected(k, g, t))
 
@@ -300,7 +307,7 @@ def _drive(balancer: tb.Balancer, k: int, dtype: torch.dtype, steps: range) -> l
         with torch.no_grad():
             for param in balancer.parameters():
                 if param.grad is not None:
-                    param -= 0.1 * param.grad
+                    param.sub_(0.1 * param.grad)
                     param.grad = None
         balancer.after_step(0.9 * values)
         if t % 2 == 1:
@@ -361,7 +368,7 @@ def test_reset_returns_to_the_fresh_state(name: str, dtype: torch.dtype) -> None
 # -- the Balancer applies what the method returns --------------------------------------------------------------------
 #: on TinyMTL against the method run on J from autograd; solver-based methods meet a solve on a J that differs from
 #: the engine's in rounding, hence the looser tolerance (None: float32's default)
-APPLIED_TOLERANCE: dict[str, dict[str, float]] = {
+APPLIED_TOLERANCE: dict[str, dict[str, Any]] = {
     "cagrad": {"rtol": 1e-4, "atol": 1e-5},
     "imgrad": {"rtol": 1e-4, "atol": 1e-5},
     "mgda": {"rtol": 1e-5, "atol": 1e-6},
