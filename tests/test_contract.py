@@ -225,6 +225,15 @@ EQUAL_GRADIENTS: dict[str, Callable[[int, Tensor, int], Tensor]] = {
 }
 
 
+#: (method, dtype) where the default tolerance (float64 rtol 1e-7, float32 1.3e-6) is tighter than the method's own
+EQUAL_GRADIENTS_TOLERANCE: dict[tuple[str, torch.dtype], dict[str, Any]] = {
+    # equal gradients make the unit-gradient differences vanish: a solve on rounding, up to ~1e-4 of the update
+    ("imtl_g", F32): {"rtol": 5e-4, "atol": 1e-5},
+    # Newton stops at a relative residual of 1e-6
+    ("fairgrad", F64): {"rtol": 1e-6, "atol": 1e-7},
+}
+
+
 @pytest.mark.parametrize("spec", EQUAL_GRADIENT_SPECS)
 @FEW
 @given(st.integers(0, 2**31), st.integers(1, 6), st.integers(1, 8), st.sampled_from([F32, F64]))
@@ -234,8 +243,10 @@ def test_equal_gradients_give_the_sum(spec: str, seed: int, k: int, p: int, dtyp
     jac = g.repeat(k, 1)
     method = _gradient(spec, k)
     expected = EQUAL_GRADIENTS.get(spec, _sum)
+    tolerance = EQUAL_GRADIENTS_TOLERANCE.get((spec, dtype), {})
     for t in range(1, 4):
-        torch.testing.assert_close(reference.update(reference.combine(method, jac), jac), expected(k, g, t))
+        update = reference.update(reference.combine(method, jac), jac)
+        torch.testing.assert_close(update, expected(k, g, t), **tolerance)
 
 
 # -- degenerate inputs, both dtypes ----------------------------------------------------------------------------------
