@@ -12,30 +12,16 @@ from hypothesis import strategies as st
 
 from taskbalance import solvers
 from taskbalance.solvers import SolverResult, linear_plus_norm, lower_bounded_qp, min_norm_point, project_simplex
+from tests import reference
 from tests.models import DEGENERATE_JACOBIANS
 
 F64 = torch.float64
 
 
-def _jacobian(seed: int, k: int, p: int, shift: float = 0.0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(k, p, generator=gen, dtype=F64) + shift * torch.randn(1, p, generator=gen, dtype=F64)
-
-
 def _brute_min_norm(gram: torch.Tensor) -> float:
     """Smallest wᵀGw over the equality-constrained optima of every support (exhaustive, small K, G ≻ 0)."""
-    k = gram.shape[0]
-    best = float("inf")
-    for size in range(1, k + 1):
-        for support in itertools.combinations(range(k), size):
-            idx = list(support)
-            a = torch.linalg.solve(gram[idx][:, idx], torch.ones(size, dtype=F64))
-            if (a < 0).any() or a.sum() <= 0:
-                continue
-            w = torch.zeros(k, dtype=F64)
-            w[idx] = a / a.sum()
-            best = min(best, float(w @ gram @ w))
-    return best
+    w = reference.brute_min_norm(gram)
+    return float(w @ gram @ w)
 
 
 def _brute_lower_bounded(gram: torch.Tensor, lower: torch.Tensor) -> float:
@@ -86,7 +72,7 @@ def test_min_norm_point_two_tasks_closed_form() -> None:
 
 @given(st.integers(0, 2**31), st.integers(1, 5), st.integers(5, 12), st.sampled_from([0.0, 1.0, 3.0]))
 def test_min_norm_point_kkt_and_brute_force(seed: int, k: int, p: int, shift: float) -> None:
-    jac = _jacobian(seed, k, p, shift)
+    jac = reference.jacobian(seed, k, p, shift)
     gram = jac @ jac.T
     result = min_norm_point(gram)
     w = result.x
@@ -104,7 +90,7 @@ def test_min_norm_point_kkt_and_brute_force(seed: int, k: int, p: int, shift: fl
 
 @given(st.integers(0, 2**31), st.integers(2, 6))
 def test_min_norm_point_warm_start_does_not_change_the_answer(seed: int, k: int) -> None:
-    jac = _jacobian(seed, k, 8, 1.0)
+    jac = reference.jacobian(seed, k, 8, 1.0)
     gram = jac @ jac.T
     cold = min_norm_point(gram)
     init = torch.rand(k, generator=torch.Generator().manual_seed(seed), dtype=F64)
@@ -121,7 +107,7 @@ def test_min_norm_point_degenerate_inputs() -> None:
         "opposite": torch.stack([g, -2 * g]),
         "1e6 longer": torch.stack([1e6 * g, torch.ones(6, dtype=F64)]),
         "K=1": g[None],
-        "K=40, P=10": _jacobian(1, 40, 10),
+        "K=40, P=10": reference.jacobian(1, 40, 10),
     }
     for name, jac in cases.items():
         result = min_norm_point(jac @ jac.T)
@@ -136,7 +122,7 @@ def test_min_norm_point_degenerate_inputs() -> None:
 
 
 def test_min_norm_point_keeps_dtype_and_refuses_non_finite() -> None:
-    jac = _jacobian(3, 3, 5).float()
+    jac = reference.jacobian(3, 3, 5).float()
     assert min_norm_point(jac @ jac.T).x.dtype == torch.float32
     bad = torch.eye(2, dtype=F64)
     bad[0, 1] = float("nan")
@@ -147,7 +133,7 @@ def test_min_norm_point_keeps_dtype_and_refuses_non_finite() -> None:
 # -- lower_bounded_qp ----------------------------------------------------------------------------------------------
 @given(st.integers(0, 2**31), st.integers(1, 4), st.integers(4, 10), st.sampled_from([0.0, 2.0]))
 def test_lower_bounded_qp_kkt_and_brute_force(seed: int, k: int, p: int, shift: float) -> None:
-    jac = _jacobian(seed, k, p, shift)
+    jac = reference.jacobian(seed, k, p, shift)
     gram = jac @ jac.T
     lower = torch.eye(k, dtype=F64)
     result = lower_bounded_qp(gram, lower)
@@ -180,7 +166,7 @@ def test_lower_bounded_qp_degenerate_and_large() -> None:
         k = jac.shape[0]
         result = lower_bounded_qp(jac @ jac.T, torch.eye(k, dtype=F64))
         assert result.converged and torch.isfinite(result.x).all()
-    jac = _jacobian(4, 40, 30)
+    jac = reference.jacobian(4, 40, 30)
     result = lower_bounded_qp(jac @ jac.T, torch.eye(40, dtype=F64))
     assert result.converged and float(result.residual) <= 1e-9
 
@@ -190,22 +176,14 @@ def _objective(w: torch.Tensor, gram: torch.Tensor, b: torch.Tensor, rho: float)
     return w @ b + rho * ((w @ gram) * w).sum(-1).clamp_min(0).sqrt()
 
 
-def _simplex_grid(k: int, n: int) -> torch.Tensor:
-    if k == 2:
-        t = torch.linspace(0, 1, n + 1, dtype=F64)
-        return torch.stack([t, 1 - t], dim=1)
-    points = [(i / n, j / n, (n - i - j) / n) for i in range(n + 1) for j in range(n + 1 - i)]
-    return torch.tensor(points, dtype=F64)
-
-
 @given(st.integers(0, 2**31), st.integers(2, 3), st.integers(1, 6), st.floats(0.0, 2.0))
 def test_linear_plus_norm_beats_a_fine_grid(seed: int, k: int, p: int, c: float) -> None:
-    jac = _jacobian(seed, k, p)
+    jac = reference.jacobian(seed, k, p)
     gram = jac @ jac.T
     b = gram.mean(dim=1)
     rho = c * float(gram.mean().clamp_min(0).sqrt())
     result = linear_plus_norm(gram, b, rho)
-    grid = _simplex_grid(k, 2000 if k == 2 else 150)
+    grid = reference.simplex_grid(k, 2000 if k == 2 else 150)
     scale = float(b.abs().max()) + rho * float(gram.diagonal().max().sqrt())
     best = float(_objective(grid, gram, b, rho).min())
     assert float(_objective(result.x, gram, b, rho)) <= best + 1e-9 * scale
@@ -238,7 +216,7 @@ def test_linear_plus_norm_reports_pareto_stationarity() -> None:
 
 @given(st.integers(0, 2**31), st.integers(2, 8))
 def test_linear_plus_norm_converges_from_any_warm_start(seed: int, k: int) -> None:
-    jac = _jacobian(seed, k, 10, 0.5)
+    jac = reference.jacobian(seed, k, 10, 0.5)
     gram = jac @ jac.T
     rho = 0.4 * float(gram.mean().sqrt())
     cold = linear_plus_norm(gram, gram.mean(1), rho)
@@ -382,7 +360,7 @@ def test_batched_small_qps_equal_the_active_set(seed: int, k: int, shift: float,
     """The closed form (min-norm point, K = 2), all working sets (K <= 6) or the warm start's and its neighbours
     (K <= 12, with the active set behind them) give the active-set method's answer; on full-rank G the weights
     themselves agree."""
-    jac = _jacobian(seed, k, k + 3, shift)
+    jac = reference.jacobian(seed, k, k + 3, shift)
     gram = jac @ jac.T
     gen = torch.Generator().manual_seed(seed)
     _check_min_norm(gram, jac, torch.rand(k, generator=gen, dtype=F64) if warm else None, True)
@@ -401,7 +379,7 @@ def test_batched_small_qps_equal_the_active_set(seed: int, k: int, shift: float,
 @given(st.integers(0, 2**31), st.integers(2, 12), st.integers(1, 4))
 def test_batched_small_qps_on_rank_deficient_gramians(seed: int, k: int, rank: int) -> None:
     """K > P: G is singular and w is not unique, but Jᵀw (the min-norm element, the dual-cone projection) is."""
-    jac = _jacobian(seed, k, rank, 0.5)
+    jac = reference.jacobian(seed, k, rank, 0.5)
     gram = jac @ jac.T
     _check_min_norm(gram, jac, None, False)
     _check_lower_bounded(gram, jac, None, False)
@@ -419,7 +397,7 @@ def test_batched_small_qps_on_degenerate_jacobians(name: str) -> None:
 def test_neighbour_candidates_fall_back_to_the_active_set(seed: int, k: int) -> None:
     """A warm start far from the solution (a vertex) leaves the solution's free set out of the candidates: the
     active set takes over from the best of them, with the same answer."""
-    jac = _jacobian(seed, k, 2 * k, 1.0)
+    jac = reference.jacobian(seed, k, 2 * k, 1.0)
     gram = jac @ jac.T
     _check_min_norm(gram, jac, torch.nn.functional.one_hot(torch.tensor(seed % k), k).to(F64), True)
 
@@ -428,7 +406,7 @@ def test_neighbour_candidates_fall_back_to_the_active_set(seed: int, k: int) -> 
 def test_sqp_subproblems_equal_the_active_set(seed: int, k: int, c: float) -> None:
     """linear_plus_norm (whose subproblems have a linear term and a singular exact Hessian) gives the same w
     through the batched subproblems as through the active set."""
-    jac = _jacobian(seed, k, k + 5, 0.5)
+    jac = reference.jacobian(seed, k, k + 5, 0.5)
     gram = jac @ jac.T
     rho = c * float(gram.mean().sqrt())
     fast = linear_plus_norm(gram, gram.mean(1), rho)

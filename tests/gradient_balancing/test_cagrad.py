@@ -1,4 +1,7 @@
-"""CAGrad: the dual solved from G, the closed-form update, the ball constraint, scaling, state, the Balancer path."""
+"""CAGrad: the dual solved from G, the closed-form update, the ball constraint, its rescalings, degenerate cases.
+
+Task permutation, dtypes, state and the Balancer path: tests/test_contract.py.
+"""
 
 from __future__ import annotations
 
@@ -9,30 +12,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import taskbalance as tb
-from taskbalance.gradient_balancing.base import Combination
 from taskbalance.gradient_balancing.cagrad import CAGrad
-from tests.models import TinyMTL, make_data, task_losses
+from tests import reference
 
 F64 = torch.float64
 
 
 def _method(k: int, **options: Any) -> CAGrad:
-    method = CAGrad(**options)
-    method.setup(k)
-    return method
-
-
-def _jacobian(seed: int, k: int, p: int, shift: float = 0.0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(k, p, generator=gen, dtype=F64) + shift * torch.randn(1, p, generator=gen, dtype=F64)
-
-
-def _weights(method: CAGrad, jac: torch.Tensor, converged: bool = True) -> torch.Tensor:
-    combination: Combination = method(jac @ jac.T, torch.ones(jac.shape[0], dtype=jac.dtype))
-    assert combination.weights is not None
-    assert combination.converged == converged, combination.note
-    return combination.weights
+    return reference.set_up(CAGrad(**options), k)
 
 
 def _dual(w: torch.Tensor, jac: torch.Tensor, c: float) -> torch.Tensor:
@@ -44,21 +31,13 @@ def _dual(w: torch.Tensor, jac: torch.Tensor, c: float) -> torch.Tensor:
     return gw @ g0 + c * g0_norm * gw_norm
 
 
-def _simplex_grid(k: int) -> torch.Tensor:
-    if k == 2:
-        t = torch.linspace(0, 1, 4001, dtype=F64)
-        return torch.stack([t, 1 - t], dim=1)
-    n = 150
-    return torch.tensor([(i / n, j / n, (n - i - j) / n) for i in range(n + 1) for j in range(n + 1 - i)], dtype=F64)
-
-
 def test_hand_computed() -> None:
     # orthogonal unit gradients: w = (½, ½) by symmetry, g_w = g₀, d = 2(1 + c)g₀/(1 + c²)
     jac = torch.eye(2, dtype=F64)
-    weights = _weights(_method(2), jac)
+    weights = reference.weights(_method(2), jac)
     torch.testing.assert_close(weights, torch.full((2,), 1.4 / 1.16, dtype=F64))
     # c = 0 is gradient descent on Σℓ̃
-    torch.testing.assert_close(_weights(_method(2, c=0.0), jac), torch.ones(2, dtype=F64))
+    torch.testing.assert_close(reference.weights(_method(2, c=0.0), jac), torch.ones(2, dtype=F64))
 
 
 @given(
@@ -69,7 +48,7 @@ def test_hand_computed() -> None:
     st.sampled_from([0.0, 1.0]),
 )
 def test_update_is_the_closed_form_of_the_optimal_dual(seed: int, k: int, p: int, c: float, shift: float) -> None:
-    jac = _jacobian(seed, k, p, shift)
+    jac = reference.jacobian(seed, k, p, shift)
     g0 = jac.mean(0)
     combination = _method(k, c=c)(jac @ jac.T, torch.ones(k, dtype=F64))
     assert combination.weights is not None
@@ -84,53 +63,41 @@ def test_update_is_the_closed_form_of_the_optimal_dual(seed: int, k: int, p: int
     # d lies on the ball ‖d − g₀‖ ≤ c‖g₀‖ (on its boundary)
     assert float((direction - g0).norm()) <= c * float(g0.norm()) * (1 + 1e-9)
     # the solved w beats a fine grid, and strong duality: min_k g_kᵀd equals the dual optimum
-    grid_best = float(_dual(_simplex_grid(k), jac, c).min())
+    grid_best = float(_dual(reference.simplex_grid(k, 4000 if k == 2 else 150), jac, c).min())
     scale = float(jac.norm(dim=1).max()) ** 2
     assert float(_dual(w, jac, c)) <= grid_best + 1e-9 * scale
     torch.testing.assert_close((jac @ direction).min(), _dual(w, jac, c), atol=1e-8 * scale, rtol=1e-8)
 
 
-@given(st.integers(0, 2**31), st.integers(2, 6), st.integers(2, 10))
-def test_task_permutation_equivariance(seed: int, k: int, p: int) -> None:
-    jac = _jacobian(seed, k, p, 1.0)
-    perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
-    base = _weights(_method(k), jac)
-    permuted = _weights(_method(k), jac[perm])
-    torch.testing.assert_close(permuted @ jac[perm], base @ jac, atol=1e-8 * float(jac.abs().max()), rtol=1e-7)
-
-
 @given(st.integers(0, 2**31), st.integers(1, 6), st.integers(1, 8), st.sampled_from([0.0, 0.4, 1.0]))
 def test_scaling_with_equal_gradients(seed: int, k: int, p: int, c: float) -> None:
-    g = _jacobian(seed, 1, p)[0]
+    g = reference.jacobian(seed, 1, p)[0]
     jac = g.repeat(k, 1)
     for rescale, divisor in ((0, 1.0), (1, 1 + c * c), (2, 1 + c)):
-        weights = _weights(_method(k, c=c, rescale=rescale), jac)
+        weights = reference.weights(_method(k, c=c, rescale=rescale), jac)
         torch.testing.assert_close(weights @ jac, k * (1 + c) / divisor * g)
 
 
 def test_invariant_to_scaling_all_gradients() -> None:
-    jac = _jacobian(3, 4, 7)
-    torch.testing.assert_close(_weights(_method(4), 1e3 * jac), _weights(_method(4), jac))
+    jac = reference.jacobian(3, 4, 7)
+    torch.testing.assert_close(reference.weights(_method(4), 1e3 * jac), reference.weights(_method(4), jac))
 
 
-def test_degenerate_inputs() -> None:
-    g = _jacobian(0, 1, 6)[0]
+def test_convergence_flags_and_fallback_on_degenerate_inputs() -> None:
+    g = reference.jacobian(0, 1, 6)[0]
     cases = {
         "zero": (torch.zeros(3, 6, dtype=F64), True),
         "opposite equal": (torch.stack([g, -g]), True),
         "opposite": (torch.stack([g, -2 * g]), True),
         "parallel": (torch.stack([g, 3 * g]), True),
-        "1e6 longer": (torch.stack([1e6 * g, _jacobian(1, 1, 6)[0]]), True),
+        "1e6 longer": (torch.stack([1e6 * g, reference.jacobian(1, 1, 6)[0]]), True),
         "K=1": (g[None], True),
-        "K=40": (_jacobian(2, 40, 30, 0.5), True),
-        "float32": (_jacobian(3, 4, 6).float(), True),
-        "one zero": (torch.stack([g, torch.zeros(6, dtype=F64), _jacobian(4, 1, 6)[0]]), False),
+        "K=40": (reference.jacobian(2, 40, 30, 0.5), True),
+        "float32": (reference.jacobian(3, 4, 6).float(), True),
+        "one zero": (torch.stack([g, torch.zeros(6, dtype=F64), reference.jacobian(4, 1, 6)[0]]), False),
     }
     for name, (jac, converged) in cases.items():
-        combination = _method(jac.shape[0])(jac @ jac.T, torch.ones(jac.shape[0], dtype=jac.dtype))
-        assert combination.weights is not None, name
-        assert combination.weights.dtype == jac.dtype, name
-        assert torch.isfinite(combination.weights).all(), name
+        combination = reference.combine(_method(jac.shape[0]), jac)
         assert combination.converged == converged, (name, combination.note)
     # a zero gradient: 0 is the optimal g_w, d is not unique; the fallback is K·g₀/(1 + c²)
     jac = cases["one zero"][0]
@@ -138,7 +105,7 @@ def test_degenerate_inputs() -> None:
     assert "Pareto-stationary" in combination.note
     assert combination.weights is not None
     torch.testing.assert_close(combination.weights, torch.full((3,), 1 / 1.16, dtype=F64))
-    torch.testing.assert_close(_weights(_method(1), g[None]), torch.full((1,), 1.4 / 1.16, dtype=F64))
+    torch.testing.assert_close(reference.weights(_method(1), g[None]), torch.full((1,), 1.4 / 1.16, dtype=F64))
 
 
 def test_bad_options() -> None:
@@ -146,33 +113,3 @@ def test_bad_options() -> None:
         CAGrad(c=-0.1)
     with pytest.raises(ValueError, match="rescale"):
         CAGrad(rescale=3)
-
-
-def test_state_round_trip_keeps_the_warm_start() -> None:
-    method = _method(5)
-    jac = _jacobian(5, 5, 9, 0.5)
-    method(jac @ jac.T, torch.ones(5, dtype=F64))
-    fresh = _method(5)
-    fresh.load_state_dict(method.state_dict())
-    assert torch.equal(fresh.state_dict()["_extra_state"]["warm"], method.state_dict()["_extra_state"]["warm"])
-    nxt = _jacobian(6, 5, 9, 0.5)
-    a = method(nxt @ nxt.T, torch.ones(5, dtype=F64)).weights
-    b = fresh(nxt @ nxt.T, torch.ones(5, dtype=F64)).weights
-    assert a is not None and b is not None
-    assert torch.equal(a, b)
-
-
-def test_through_the_balancer() -> None:
-    model = TinyMTL()
-    x, y = make_data()
-    shared = list(model.encoder.parameters())
-    _, losses = task_losses(model, x, y)
-    jac = torch.stack(
-        [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared, retain_graph=True)]) for loss in losses]
-    )
-    expected = _weights(_method(3), jac.double()).float()
-    result = tb.make("cagrad", n_tasks=3, engine="loop").backward(losses, shared)
-    assert result.gradient_weights is not None and result.converged
-    torch.testing.assert_close(result.gradient_weights, expected, rtol=1e-4, atol=1e-5)
-    update = torch.cat([p.grad.reshape(-1) for p in shared])  # type: ignore[union-attr]
-    torch.testing.assert_close(update, expected @ jac, rtol=1e-4, atol=1e-5)

@@ -1,28 +1,27 @@
-"""MoCo: tracked gradients, one projected step on λ per iteration, update K · yᵀλ; state y, λ, t."""
+"""MoCo: tracked gradients, one projected step on λ per iteration, update K · yᵀλ; state y, λ, t.
+
+Task permutation, the tracking of equal gradients, degenerate inputs (both λ updates), state, reset and the
+Balancer path: tests/test_contract.py.
+"""
 
 from __future__ import annotations
 
-import io
 import math
-from collections.abc import Sequence
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import taskbalance as tb
 from taskbalance.gradient_balancing import moco
 from taskbalance.gradient_balancing.base import Combination
 from taskbalance.gradient_balancing.moco import MoCo
 from taskbalance.solvers import project_simplex
-from tests.models import DEGENERATE_JACOBIANS, TinyMTL, make_data, task_losses
+from tests import reference
 
 
 def _method(k: int, **options: object) -> MoCo:
-    method = MoCo(**options)  # type: ignore[arg-type]
-    method.setup(k)
-    return method
+    return reference.set_up(MoCo(**options), k)  # type: ignore[arg-type]
 
 
 def _step(method: MoCo, jacobian: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,17 +85,6 @@ def test_simplex_projection_is_the_closest_point(values: list[float]) -> None:
     assert ((vertices - p) @ (v - p) <= 1e-12).all()
 
 
-@given(st.integers(0, 2**31), st.integers(1, 6), st.integers(1, 8))
-def test_task_permutation_equivariance(seed: int, k: int, p: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(k, generator=generator)
-    plain, permuted = _method(k), _method(k)
-    for _ in range(3):
-        jacobian = torch.randn(k, p, generator=generator, dtype=torch.float64)
-        torch.testing.assert_close(_step(permuted, jacobian[perm]), _step(plain, jacobian))
-        torch.testing.assert_close(permuted.lambd, plain.lambd[perm])
-
-
 @given(
     st.integers(0, 2**31),
     st.integers(1, 5),
@@ -152,62 +140,11 @@ def test_sum_convention_holds_once_the_tracking_has_caught_up() -> None:
     torch.testing.assert_close(update, 3 * g, rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("jacobian", list(DEGENERATE_JACOBIANS.values()), ids=list(DEGENERATE_JACOBIANS))
-@pytest.mark.parametrize("options", [{}, {"lambda_update": "softmax", "normalize": True}])
-def test_degenerate_inputs_give_finite_updates(jacobian: torch.Tensor, options: dict[str, object]) -> None:
-    method = _method(jacobian.shape[0], **options)
-    for _ in range(3):
-        update = _step(method, jacobian)
-        assert update.dtype == jacobian.dtype and torch.isfinite(update).all()
-        assert torch.isfinite(method.lambd).all() and (method.lambd >= 0).all()
-
-
-def test_state_round_trip_and_reset() -> None:
-    generator = torch.Generator().manual_seed(5)
-    jacobians = [torch.randn(4, 7, generator=generator) for _ in range(6)]
-    method = _method(4, rho=0.01)
-    first = [_step(method, j) for j in jacobians[:3]]
-    buffer = io.BytesIO()
-    torch.save(method.state_dict(), buffer)
-    buffer.seek(0)
-    fresh = _method(4, rho=0.01)
-    fresh.load_state_dict(torch.load(buffer, weights_only=True))
-    for j in jacobians[3:]:
-        assert torch.equal(_step(method, j), _step(fresh, j))
-    method.reset()
-    assert method.step == 0 and method.tracked is None
-    for j, expected in zip(jacobians[:3], first, strict=True):
-        assert torch.equal(_step(method, j), expected)
-
-
 def test_changed_gradient_size_is_refused() -> None:
     method = _method(2)
     _step(method, torch.ones(2, 3))
     with pytest.raises(ValueError, match="must not change"):
         _step(method, torch.ones(2, 4))
-
-
-def _flat_grad(output: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(output, params, retain_graph=True)])
-
-
-def test_end_to_end_through_the_balancer() -> None:
-    model, (x, y) = TinyMTL(), make_data()
-    shared = list(model.encoder.parameters())
-    reference = _method(3)
-    balancer = tb.make("moco", n_tasks=3)
-    for _ in range(2):  # the second step depends on the tracked state of the first
-        model.zero_grad(set_to_none=True)
-        _, losses = task_losses(model, x, y)
-        expected = _step(reference, torch.stack([_flat_grad(losses[k], shared) for k in range(3)]))
-        result = balancer.backward(losses, shared)
-        torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in shared]), expected)  # type: ignore[union-attr]
-        assert result.gradient_weights is not None
-        torch.testing.assert_close(result.gradient_weights, 3 * reference.lambd)
-        with torch.no_grad():
-            for p in model.parameters():
-                assert p.grad is not None
-                p.sub_(0.1 * p.grad)
 
 
 @pytest.mark.parametrize(

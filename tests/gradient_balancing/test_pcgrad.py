@@ -1,28 +1,21 @@
-"""PCGrad: projections against the original gradients, from the Gramian; random orders from its own generator."""
+"""PCGrad: projections against the original gradients, from the Gramian; random orders from its own generator.
+
+The sum convention, degenerate inputs, state (the generator), reset and the Balancer path: tests/test_contract.py.
+"""
 
 from __future__ import annotations
-
-import io
-from collections.abc import Sequence
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import taskbalance as tb
 from taskbalance.gradient_balancing.pcgrad import PCGrad, project_conflicting, random_orders
-from tests.models import DEGENERATE_JACOBIANS, TinyMTL, make_data, task_losses
+from tests import reference
 
 
 def _method(k: int, seed: int = 0) -> PCGrad:
-    method = PCGrad(seed=seed)
-    method.setup(k)
-    return method
-
-
-def _jacobian(seed: int, k: int, p: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    return torch.randn(k, p, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return reference.set_up(PCGrad(seed=seed), k)
 
 
 def test_hand_computed_two_tasks() -> None:
@@ -36,7 +29,7 @@ def test_hand_computed_two_tasks() -> None:
 
 @given(st.integers(0, 2**31), st.integers(1, 10))
 def test_two_tasks_no_conflict_remains(seed: int, p: int) -> None:
-    jacobian = _jacobian(seed, 2, p)
+    jacobian = reference.jacobian(seed, 2, p)
     gram = jacobian @ jacobian.T
     projected = project_conflicting(gram, random_orders(2, torch.Generator())) @ jacobian
     scale = gram.diagonal().max()
@@ -51,7 +44,7 @@ def test_two_tasks_no_conflict_remains(seed: int, p: int) -> None:
 
 @given(st.integers(0, 2**31), st.integers(1, 6), st.integers(1, 8))
 def test_without_conflict_the_update_is_the_sum(seed: int, k: int, p: int) -> None:
-    jacobian = _jacobian(seed, k, p).abs()  # non-negative entries: no pair conflicts
+    jacobian = reference.jacobian(seed, k, p).abs()  # non-negative entries: no pair conflicts
     weights = _method(k, seed)(jacobian @ jacobian.T, torch.ones(k)).weights
     assert weights is not None
     torch.testing.assert_close(weights, torch.ones(k, dtype=torch.float64))
@@ -59,7 +52,7 @@ def test_without_conflict_the_update_is_the_sum(seed: int, k: int, p: int) -> No
 
 @given(st.integers(0, 2**31), st.integers(1, 6), st.integers(1, 8))
 def test_task_permutation_equivariance_with_matching_orders(seed: int, k: int, p: int) -> None:
-    jacobian = _jacobian(seed, k, p)
+    jacobian = reference.jacobian(seed, k, p)
     orders = random_orders(k, torch.Generator().manual_seed(seed))
     perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed + 1))
     inverse = perm.argsort()
@@ -77,66 +70,11 @@ def test_random_orders_visit_every_other_task_once() -> None:
     assert random_orders(1, torch.Generator()).shape == (1, 0)
 
 
-def test_sum_convention_for_equal_gradients() -> None:
-    g = torch.randn(6, generator=torch.Generator().manual_seed(0))
-    jacobian = g.expand(4, 6)
-    weights = _method(4)(jacobian @ jacobian.T, torch.ones(4)).weights
-    assert weights is not None
-    torch.testing.assert_close(weights @ jacobian, 4 * g)
-
-
-@pytest.mark.parametrize("jacobian", list(DEGENERATE_JACOBIANS.values()), ids=list(DEGENERATE_JACOBIANS))
-def test_degenerate_inputs_give_finite_updates(jacobian: torch.Tensor) -> None:
-    k = jacobian.shape[0]
-    weights = _method(k)(jacobian @ jacobian.T, torch.ones(k, dtype=jacobian.dtype)).weights
-    assert weights is not None and weights.dtype == jacobian.dtype
-    assert torch.isfinite(weights).all() and torch.isfinite(weights @ jacobian).all()
-
-
 def test_opposite_gradients_cancel() -> None:
     jacobian = torch.tensor([[1.0, 2.0], [-1.0, -2.0]])
     weights = _method(2)(jacobian @ jacobian.T, torch.ones(2)).weights
     assert weights is not None
     torch.testing.assert_close(weights @ jacobian, torch.zeros(2))
-
-
-def test_state_round_trip_and_reset() -> None:
-    jacobian = _jacobian(5, 5, 9)
-    gram = jacobian @ jacobian.T
-    method = _method(5, seed=11)
-    first = [method(gram, torch.ones(5)).weights for _ in range(3)]
-    buffer = io.BytesIO()
-    torch.save(method.state_dict(), buffer)
-    buffer.seek(0)
-    fresh = _method(5, seed=99)
-    fresh.load_state_dict(torch.load(buffer, weights_only=True))
-    assert fresh.seed == 11
-    for _ in range(3):
-        a, b = method(gram, torch.ones(5)).weights, fresh(gram, torch.ones(5)).weights
-        assert a is not None and b is not None and torch.equal(a, b)
-    method.reset()
-    replay = [method(gram, torch.ones(5)).weights for _ in range(3)]
-    for a, b in zip(first, replay, strict=True):
-        assert a is not None and b is not None and torch.equal(a, b)
-
-
-def _flat_grad(output: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(output, params, retain_graph=True)])
-
-
-def test_end_to_end_through_the_balancer() -> None:
-    model, (x, y) = TinyMTL(), make_data()
-    _, losses = task_losses(model, x, y)
-    shared, heads = list(model.encoder.parameters()), list(model.heads.parameters())
-    jacobian = torch.stack([_flat_grad(losses[k], shared) for k in range(3)])
-    head_grad = _flat_grad(losses.sum(), heads)
-    weights = _method(3, seed=4)(jacobian @ jacobian.T, losses.detach()).weights
-    assert weights is not None
-    result = tb.make("pcgrad", n_tasks=3, seed=4).backward(losses, shared)
-    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in shared]), weights @ jacobian)  # type: ignore[union-attr]
-    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in heads]), head_grad)  # type: ignore[union-attr]
-    assert result.gradient_weights is not None
-    torch.testing.assert_close(result.gradient_weights, weights)
 
 
 def test_bad_seed_is_refused() -> None:

@@ -11,14 +11,13 @@ from hypothesis import strategies as st
 
 import taskbalance as tb
 from tests.models import TinyMTL, make_data, task_losses
+from tests.reference import loss_epochs, set_up
 
 positive = st.floats(min_value=1e-2, max_value=1e2)
 
 
 def _igb(k: int, **options: int) -> tb.IGBv1:
-    method = tb.IGBv1(**options)
-    method.setup(k)
-    return method
+    return set_up(tb.IGBv1(**options), k)
 
 
 def test_hand_computed_scripted_sequence() -> None:
@@ -61,39 +60,32 @@ def test_balancer_gradient_on_tiny_model_over_epochs() -> None:
             result = balancer.backward(losses, model.encoder.parameters())
             torch.testing.assert_close(result.weights, weights)
             for p, g in zip(model.parameters(), expected, strict=True):
-                assert p.grad is not None
                 torch.testing.assert_close(p.grad, g)
             optimizer.step()
             optimizer.zero_grad()
         balancer.end_epoch()
         if epoch == 1:
             baseline = torch.stack(epoch_one).double().mean(dim=0).float()
-    assert baseline is not None
+    # the last epochs ran on the baseline: their weights left 1 (else the comparison above proves little)
+    assert not torch.allclose(result.weights, torch.ones(3))
 
 
-@given(
-    st.integers(min_value=1, max_value=5).flatmap(
-        lambda k: st.lists(
-            st.lists(st.lists(positive, min_size=k, max_size=k), min_size=1, max_size=3), min_size=3, max_size=3
-        )
-    ),
-    st.data(),
-)
-def test_invariant_to_loss_scaling_and_equivariant_to_permutation(
-    epochs: list[list[list[float]]], data: st.DataObject
-) -> None:
-    """Losses L = s ⊙ u: weights and the gradient in u are the same for any per-task scale s."""
+@given(loss_epochs(3, positive), st.data())
+def test_invariant_to_loss_scaling(epochs: list[list[list[float]]], data: st.DataObject) -> None:
+    """Losses L = s ⊙ u: weights and the gradient in u are the same for any per-task scale s; w sums to K.
+
+    (Task permutation: tests/test_contract.py.)
+    """
     k = len(epochs[0][0])
     scale = torch.tensor(data.draw(st.lists(positive, min_size=k, max_size=k)), dtype=torch.float64)
-    perm = data.draw(st.permutations(range(k)))
     weights, grads = [], []
-    for s, order in ((torch.ones(k, dtype=torch.float64), list(range(k))), (scale, list(range(k))), (scale, perm)):
+    for s in (torch.ones(k, dtype=torch.float64), scale):
         method = _igb(k)
         seen, seen_grads = [], []
         for steps in epochs:
             for step in steps:
                 u = torch.tensor(step, dtype=torch.float64, requires_grad=True)
-                out = method((s * u)[order])
+                out = method(s * u)
                 (g,) = torch.autograd.grad(out.losses.sum(), u)
                 seen.append(out.weights)
                 seen_grads.append(g)
@@ -102,8 +94,6 @@ def test_invariant_to_loss_scaling_and_equivariant_to_permutation(
         grads.append(torch.stack(seen_grads))
     torch.testing.assert_close(weights[1], weights[0])
     torch.testing.assert_close(grads[1], grads[0])
-    torch.testing.assert_close(weights[2], weights[1][:, list(perm)])
-    torch.testing.assert_close(grads[2], grads[1])
     torch.testing.assert_close(weights[0].sum(dim=1), torch.full((len(weights[0]),), float(k), dtype=torch.float64))
 
 

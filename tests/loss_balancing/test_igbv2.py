@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Any
 
@@ -12,6 +11,7 @@ from torch import Tensor
 
 import taskbalance as tb
 from taskbalance.rl import SAC
+from tests import reference
 from tests.models import TinyMTL, make_data, task_losses
 
 N = 20  # iterations per epoch in the schedule test
@@ -172,31 +172,6 @@ def _steps(balancer: tb.Balancer, model: TinyMTL, optimizer: torch.optim.Optimiz
     return out
 
 
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}/{key}").items()}
-    if isinstance(value, list | tuple):
-        return {k: v for i, item in enumerate(value) for k, v in _flat(item, f"{prefix}/{i}").items()}
-    return {prefix: value}
-
-
-def _assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
-    flat_a, flat_b = _flat(a), _flat(b)
-    assert flat_a.keys() == flat_b.keys()
-    for key, value in flat_a.items():
-        if isinstance(value, Tensor):
-            assert torch.equal(value, flat_b[key]), key
-        else:
-            assert value == flat_b[key], key
-
-
-def _roundtrip(state: Any) -> Any:
-    stream = io.BytesIO()
-    torch.save(state, stream)
-    stream.seek(0)
-    return torch.load(stream, weights_only=True)
-
-
 @pytest.mark.parametrize("interrupt", [37, 47])
 def test_resumed_run_is_bit_identical(interrupt: int) -> None:
     """Interrupted at step 37 (epoch 3: random weights, SAC training) or 47 (epoch 4: the policy acts), saved
@@ -214,7 +189,7 @@ def test_resumed_run_is_bit_identical(interrupt: int) -> None:
 
     first, model_1, optimizer_1 = fresh(0)
     _steps(first, model_1, optimizer_1, range(interrupt))
-    saved = _roundtrip(
+    saved = reference.roundtrip(
         {"balancer": first.state_dict(), "model": model_1.state_dict(), "optimizer": optimizer_1.state_dict()}
     )
     resumed, model_2, optimizer_2 = fresh(123)  # different seed and weights: everything must come from the state
@@ -228,7 +203,7 @@ def test_resumed_run_is_bit_identical(interrupt: int) -> None:
         assert torch.equal(a, b), t
     for p, q in zip(model.parameters(), model_2.parameters(), strict=True):
         assert torch.equal(p, q)
-    _assert_same_state(balancer.state_dict(), resumed.state_dict())
+    assert reference.same(balancer.state_dict(), resumed.state_dict())
 
 
 def test_reset_restores_the_freshly_set_up_state() -> None:
@@ -238,7 +213,7 @@ def test_reset_restores_the_freshly_set_up_state() -> None:
     _steps(balancer, model, torch.optim.SGD(model.parameters(), lr=0.01), range(45))
     assert _igb(balancer).agent.n_updates > 0
     balancer.reset()
-    _assert_same_state(fresh, balancer.state_dict())
+    assert reference.same(fresh, balancer.state_dict())
 
 
 # -- parameters, dtype, invariance ---------------------------------------------------------------------------
@@ -302,7 +277,7 @@ def test_reward_scale_is_settable_and_saved() -> None:
     igb = _igb(balancer)
     igb.reward_scale = 4.0  # e.g. initial_lr / current_lr at an epoch start
     other = tb.make("igbv2", n_tasks=2, seed=0)
-    other.load_state_dict(_roundtrip(balancer.state_dict()))
+    other.load_state_dict(reference.roundtrip(balancer.state_dict()))
     assert math.isclose(_igb(other).reward_scale, 4.0)
     balancer.reset()
     assert igb.reward_scale == 1.0

@@ -32,12 +32,9 @@ def test_eps_reproduces_dbmtl_shift() -> None:
         tb.ScaleInvariant(eps=-1.0)
 
 
-@given(
-    st.lists(st.tuples(positive, positive), min_size=1, max_size=6),
-    st.permutations(range(6)),
-)
-def test_gradient_invariant_to_loss_scaling_and_permutation(pairs: list[tuple[float, float]], perm: list[int]) -> None:
-    """L_k(θ) = c_k · (1 + a_k θ_k²): the SI gradient in θ does not depend on c, and permuting tasks permutes it."""
+@given(st.lists(st.tuples(positive, positive), min_size=1, max_size=6))
+def test_gradient_invariant_to_loss_scaling(pairs: list[tuple[float, float]]) -> None:
+    """L_k(θ) = c_k · (1 + a_k θ_k²): the SI gradient in θ does not depend on c (permutation: test_contract)."""
     a = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
     c = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
     theta = torch.linspace(-1.0, 1.0, len(pairs), dtype=torch.float64)
@@ -54,9 +51,6 @@ def test_gradient_invariant_to_loss_scaling_and_permutation(pairs: list[tuple[fl
     expected = 2 * a * theta / (1 + a * theta**2)
     torch.testing.assert_close(grad(c, identity), expected)
     torch.testing.assert_close(grad(torch.ones_like(c), identity), expected)
-    order = [i for i in perm if i < len(pairs)]
-    torch.testing.assert_close(grad(c, order), expected)
-    torch.testing.assert_close(method(c[order]).losses, torch.log(c)[order])
 
 
 def test_balancer_refuses_non_positive_loss() -> None:

@@ -69,23 +69,20 @@ def test_gradient_is_exact(
     torch.testing.assert_close(ours, direct)
 
 
-@given(st.lists(st.tuples(positive, positive, positive), min_size=1, max_size=5), st.permutations(range(5)))
-def test_normalised_weights_invariant_to_scaling_and_equivariant(
-    rows: list[tuple[float, float, float]], perm: list[int]
-) -> None:
+@given(st.lists(st.tuples(positive, positive, positive), min_size=1, max_size=5))
+def test_normalised_weights_invariant_to_scaling(rows: list[tuple[float, float, float]]) -> None:
+    """Per-task loss scales leave w unchanged, and w sums to K (task permutation: tests/test_contract.py)."""
     k = len(rows)
     base = torch.tensor([r[0] for r in rows], dtype=torch.float64)
     current = torch.tensor([r[1] for r in rows], dtype=torch.float64)
     scale = torch.tensor([r[2] for r in rows], dtype=torch.float64)
-    order = [i for i in perm if i < k]
     weights = []
-    for b, c in ((base, current), (base * scale, current * scale), (base[order], current[order])):
+    for b, c in ((base, current), (base * scale, current * scale)):
         method = tb.STCH()
         method.setup(k)
         _warm(method, b.tolist(), 5)
         weights.append(method(c).weights)
     torch.testing.assert_close(weights[1], weights[0])
-    torch.testing.assert_close(weights[2], weights[0][order])
     torch.testing.assert_close(weights[0].sum(), torch.tensor(float(k), dtype=torch.float64))
 
 
