@@ -345,8 +345,10 @@ def _check_lower_bounded(gram: torch.Tensor, jac: torch.Tensor, init: torch.Tens
     scale = float(gram.diagonal().max()) + 1e-300
     v, gv = fast.x, fast.x @ gram
     # UPGrad's projection conditions: v ≥ u, Jᵀv in the dual cone (Gv ≥ 0), complementarity (v − u)ᵀGv = 0
-    assert (v >= lower - 1e-12).all() and (gv >= -1e-9 * scale).all()
-    assert ((v - lower) * gv).abs().max() <= 1e-9 * scale * (1 + float(v.abs().max()))
+    # Gv's rounding grows with |v| (rank-deficient G leaves v large along its null space): both tolerances scale so
+    tolerance = 1e-9 * scale * (1 + float(v.abs().max()))
+    assert (v >= lower - 1e-12).all() and (gv >= -tolerance).all()
+    assert ((v - lower) * gv).abs().max() <= tolerance
     # the projection Jᵀv onto the dual cone is unique even where v is not
     torch.testing.assert_close(
         v @ jac, general.x @ jac, rtol=0, atol=1e-7 * math.sqrt(scale) * (1 + float(v.abs().max()))

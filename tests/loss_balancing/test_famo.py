@@ -83,7 +83,9 @@ def test_update_defined_below_one_and_invariant_to_loss_scaling(
         method.after_step(a)
         assert bool(torch.isfinite(method.logits).all())
         results.append((method.logits.clone(), weights / b))
-    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-9, rtol=0)
+    # scaling changes the gradient only by float64 rounding (~1e-15 on log ratios of order 1); Adam's first step
+    # moves ξ by w_lr·g/(|g| + 1e-8), so a component that is zero up to rounding moves by up to w_lr·1e-7
+    torch.testing.assert_close(results[1][0], results[0][0], atol=0.025 * 1e-6, rtol=0)
     torch.testing.assert_close(results[2][0], results[0][0][order])
     torch.testing.assert_close(results[2][1], results[0][1][order])
     # tasks that improved more than the (uniformly weighted) mean lose logit, the others gain
