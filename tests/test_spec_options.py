@@ -80,6 +80,8 @@ def test_sequences_read_back(values: list[float]) -> None:
 def test_literal_and_none() -> None:
     choice = Literal["a", "b"]
     assert read_option("b", choice, option="o", owner="m") == "b"
+    assert read_option("'b'", choice, option="o", owner="m") == "b"
+    assert read_option('"b"', choice, option="o", owner="m") == "b"
     assert read_option("None", float | None, option="o", owner="m") is None
     assert read_option("null", float | None, option="o", owner="m") is None
 

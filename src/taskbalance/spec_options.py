@@ -11,6 +11,8 @@ method as a string. Instead each value is read by the annotation of the construc
 - ``Sequence[X]``: ``(x1, x2, ...)``, each read as X;
 - ``str``: the text as written.
 
+Words (``Literal`` and ``str`` values) may also be quoted, ``normalization='l2'``, as in Python.
+
 A value that does not read as its type raises one ``ValueError`` naming the option, the method and the type.
 """
 
@@ -71,8 +73,8 @@ def _read(text: str, annotation: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         return _read_union(text, args)
     if origin is typing.Literal:
-        if text in args:
-            return text
+        if _unquoted(text) in args:
+            return _unquoted(text)
         raise _Mismatch("one of " + ", ".join(repr(a) for a in args))
     if origin in (Sequence, list, tuple) or annotation in (list, tuple):
         return _read_sequence(text, args[0] if args else Any)
@@ -81,7 +83,7 @@ def _read(text: str, annotation: Any) -> Any:
     if annotation in (int, float):
         return _read_number(text, annotation)
     if annotation is str or annotation is Any:
-        return text
+        return _unquoted(text)
     raise _Mismatch(f"a value of type {annotation!r}, which a spec cannot express; pass it as a keyword instead")
 
 
@@ -98,6 +100,13 @@ def _read_union(text: str, arms: tuple[Any, ...]) -> Any:
         except _Mismatch as mismatch:
             expected.append(mismatch.expected)
     raise _Mismatch(" or ".join(expected))
+
+
+def _unquoted(text: str) -> str:
+    """``'word'`` or ``"word"`` → ``word``; anything else as it is."""
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
 
 
 def _read_bool(text: str) -> bool:
