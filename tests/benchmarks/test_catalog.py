@@ -33,8 +33,7 @@ def test_names_and_mnist_family_classes() -> None:
 @pytest.mark.parametrize("name", list(catalog.BENCHMARKS))
 def test_every_entry_resolves_to_a_benchmark_of_that_name(name: str) -> None:
     module = "taskbalance.benchmarks." + catalog.BENCHMARKS[name].split(":")[0]
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} is not in this checkout")
+    assert importlib.util.find_spec(module) is not None, f"{name}: the catalog names {module}, which does not exist"
     try:
         cls = catalog.benchmark_class(name)
     except ImportError as error:  # an optional dependency (torch_geometric, pillow) that CI does not install

@@ -106,7 +106,6 @@ def test_run_then_resume_then_report(mnist_dir: Path, tmp_path: Path, capsys: py
     assert cli.main([*argv, "--resume"]) == 0
     capsys.readouterr()
 
-    pytest.importorskip("taskbalance.benchmarks.report.markdown")
     # in a subprocess, as a user runs it (and so that this process does not keep the plotting module imported)
     done = subprocess.run(
         [sys.executable, "-m", "taskbalance", "report", str(out), "--out", str(tmp_path / "report")],
