@@ -9,9 +9,10 @@
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,38 @@ class BalanceResult:
     overhead_s: float
     converged: bool = True
     note: str = ""
+
+    def as_dict(self, task_names: Sequence[str] | None = None, prefix: str = "") -> dict[str, float]:
+        """The step as plain Python floats for any logger (TensorBoard, CSV, wandb), one device read in all.
+
+        Keys: ``{prefix}weight/{task}``, ``{prefix}loss/{task}`` (raw), ``{prefix}balanced_loss/{task}``,
+        ``{prefix}loss_weight/{task}``, ``{prefix}gradient_weight/{task}`` (weight-based gradient methods only),
+        ``{prefix}overhead_s`` and ``{prefix}converged`` (1.0 or 0.0). Tasks are named ``task0``, ``task1``, ...
+        unless ``task_names`` (K distinct strings) are given.
+        """
+        n = self.losses.shape[0]
+        names = [f"task{k}" for k in range(n)] if task_names is None else list(task_names)
+        if len(names) != n or len(set(names)) != n or not all(isinstance(name, str) for name in names):
+            raise ValueError(f"task_names must be {n} distinct strings, got {task_names!r}")
+        columns = {
+            "weight": self.weights,
+            "loss": self.losses,
+            "balanced_loss": self.balanced_losses,
+            "loss_weight": self.loss_weights,
+        }
+        if self.gradient_weights is not None:
+            columns["gradient_weight"] = self.gradient_weights
+        dtype = functools.reduce(torch.promote_types, (column.dtype for column in columns.values()))
+        stacked = torch.stack([column.detach().to(dtype) for column in columns.values()])  # on the device: one read
+        values: list[list[float]] = stacked.cpu().double().tolist()
+        logged = {
+            f"{prefix}{column}/{name}": value
+            for column, row in zip(columns, values, strict=True)
+            for name, value in zip(names, row, strict=True)
+        }
+        logged[f"{prefix}overhead_s"] = float(self.overhead_s)
+        logged[f"{prefix}converged"] = 1.0 if self.converged else 0.0
+        return logged
 
 
 class Balancer(nn.Module):
