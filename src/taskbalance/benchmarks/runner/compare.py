@@ -203,12 +203,16 @@ def _previous_config(config_path: Path) -> dict[str, Any]:
     return previous
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file, not a folder: choose another --out")
+
+
 def _prepare_out_dir(out_dir: Path, config: dict[str, Any], resume: bool, manifest: dict[str, list[Any]]) -> bool:
     """Check ``out_dir`` against ``config`` (its fingerprint on a resume), then write config.json and the data
     manifest; a resume keeps the methods and seeds the folder already has. True when config.json is new."""
     config_path = out_dir / "config.json"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} is a file, not a folder: choose another --out")
+    _check_out_dir(out_dir)
     fresh = not config_path.exists()
     if not fresh:
         if not resume:
@@ -328,6 +332,7 @@ def run(
     if settings.epochs != bench.protocol.epochs:
         description += f" — run for {settings.epochs} epochs instead of {bench.protocol.epochs}"
     out = Path(out_dir)
+    _check_out_dir(out)  # before the data: reading (or downloading) it can take a while
     manifest = data_manifest(bench.data_sources())
     header = {
         "benchmark": bench.name,

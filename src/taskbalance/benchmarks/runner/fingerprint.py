@@ -124,8 +124,8 @@ def data_manifest(sources: Mapping[str, Path]) -> dict[str, list[Any]]:
     before = dict(cache)
     manifest: dict[str, list[Any]] = {}
     for label, root in sorted(sources.items()):
-        if not root.is_file() and not any(path.is_file() for path in root.rglob("*")):
-            # checked before any run starts: a missing or empty data folder is one line, not a failure mid-job
+        if label == "data_dir" and not root.is_file() and not any(path.is_file() for path in root.rglob("*")):
+            # the user's folder, checked before any run starts: one line, not a failure inside the first job
             raise FileNotFoundError(f"no data files in {root} ({label})")
         if root.is_file():
             manifest[label] = [root.stat().st_size, _sha256(root, cache)]
