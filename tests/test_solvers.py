@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from taskbalance import solvers
@@ -379,12 +379,44 @@ def test_batched_small_qps_equal_the_active_set(seed: int, k: int, shift: float,
 
 
 @given(st.integers(0, 2**31), st.integers(2, 12), st.integers(1, 4))
+@example(seed=524287, k=11, rank=3)  # an ill-conditioned vertex: was converged=True with a KKT residual of 0.06
+@example(seed=276, k=8, rank=3)
+@example(seed=217, k=10, rank=2)
+@example(seed=292, k=7, rank=2)
 def test_batched_small_qps_on_rank_deficient_gramians(seed: int, k: int, rank: int) -> None:
     """K > P: G is singular and w is not unique, but Jᵀw (the min-norm element, the dual-cone projection) is."""
     jac = reference.jacobian(seed, k, rank, 0.5)
     gram = jac @ jac.T
     _check_min_norm(gram, jac, None, False)
     _check_lower_bounded(gram, jac, None, False)
+
+
+#: seeds of reference.jacobian(seed, k, rank, 0.5) whose UPGrad problems have an ill-conditioned working set at
+#: some (k, rank): 524287 (11, 3), 217 (10, 2), 276 (8, 3), 292 (7, 2)
+ILL_CONDITIONED_SEEDS = (524287, 217, 276, 292, 0, 1)
+
+
+def test_converged_means_kkt_on_rank_deficient_gramians() -> None:
+    """converged=True is a promise: the KKT residual is within 1e-9·max G_kk·(1 + |v|) (|w| <= 1 for MGDA), on
+    264 rank-deficient problems, where a working set's equations can be ill-conditioned (a near-dependent free
+    set) and v large (10⁴: Jᵀv = 0 needs a large combination of nearly one-sided gradients)."""
+    checked = 0
+    for seed, k, rank in itertools.product(ILL_CONDITIONED_SEEDS, range(2, 13), range(1, 5)):
+        jac = reference.jacobian(seed, k, rank, 0.5)
+        gram = jac @ jac.T
+        scale = float(gram.diagonal().max())
+        lower = torch.eye(k, dtype=F64)
+        result = lower_bounded_qp(gram, lower)
+        v, gv = result.x, result.x @ gram
+        bound = 1e-9 * scale * (1 + v.abs().amax(dim=1))
+        residual = torch.maximum((-gv).clamp_min(0).amax(dim=1), ((v - lower) * gv).abs().amax(dim=1))
+        assert result.converged and (residual <= bound).all(), (seed, k, rank, float((residual / bound).max()))
+        mgda = min_norm_point(gram)
+        w, gw = mgda.x, gram @ mgda.x
+        gap = float(torch.maximum((w @ gw - gw).clamp_min(0).max(), ((gw - w @ gw) * w).abs().max()))
+        assert mgda.converged and gap <= 1e-9 * scale, (seed, k, rank, gap / scale)
+        checked += 1
+    assert checked == 264
 
 
 @pytest.mark.parametrize("name", sorted(DEGENERATE_JACOBIANS))

@@ -17,7 +17,10 @@ K is the number of torch operations, not arithmetic: up to K = 6 every working s
 the feasible candidate of least objective is the answer; up to K = 12 the warm start's working set and its K
 neighbours are, for a single problem (not UPGrad's batch), with the active set behind them; the min-norm point
 of two gradients has a closed form. Each gives the active-set method's answer, with one read per solve (the
-finite check) or none.
+finite check) or none. Without a linear term (MGDA, UPGrad) an answer must also satisfy its own equations: a
+working set whose matrix has an eigenvalue near the ridge (dependent gradients nearly spanning a face) defeats the
+ridged solve and its refinements, and is solved again with the pseudo-inverse (the minimum-norm solution); where
+even that leaves a KKT residual above ACCURACY·(1 + max|x|), the answer is reported unconverged.
 
 Every problem is made strictly convex by a relative ridge G + δ·(diag G + δ·max diag G), δ = 1e-8: it
 perturbs each gradient by a private orthogonal component of relative size 1e-4 in norm, which picks, among
@@ -39,6 +42,12 @@ from torch import Tensor
 
 #: relative ridge that makes every quadratic strictly convex (see the module docstring)
 RIDGE = 1e-8
+#: a working-set solution of a problem without a linear term is accepted when its KKT residual on the free
+#: variables, |m_k|·(1 + |x_k − l_k|) (m the multipliers, G scaled to max G_kk = 1), is at most this times
+#: 1 + max|x|; above it the solve missed its own equations (see :meth:`_KKT.least_norm`)
+ACCURACY = 1e-10
+#: singular values below this fraction of the largest are dropped by the minimum-norm solve (rounding noise)
+PINV_RTOL = 1e-12
 
 
 @dataclass(frozen=True)
@@ -129,6 +138,13 @@ class _QP:
         return self.lower is None
 
     @property
+    def consistent(self) -> bool:
+        """Whether every working set's equality-constrained problem has a solution: true without a linear term
+        (½xᵀGx is bounded below on every face), so a solve that misses its equations is inaccurate, never the
+        sign of an unbounded face (as it may be for the SQP's subproblems, whose q need not lie in G's range)."""
+        return self.q is None
+
+    @property
     def h_exact(self) -> Tensor:
         return self.h if self.exact is None else self.exact
 
@@ -190,6 +206,19 @@ class _KKT(NamedTuple):
                 z = z + torch.linalg.lu_solve(factors, pivots, rhs - system_exact @ z)
         return z
 
+    def least_norm(self, mask: Tensor, rhs: Tensor) -> Tensor:
+        """The minimum-norm solution (B, n, 1) of the exact systems of the working sets ``mask`` (B, n): for a
+        working set whose matrix has eigenvalues near the ridge δ (dependent gradients nearly spanning a face), the
+        ridged solve and its two refinements keep a large part of the ridge's bias (each leaves a factor
+        δ/(λ + δ) of it), and the solution misses its own equations. The pseudo-inverse solves them to rounding
+        and, where the exact matrix is singular (more free variables than the rank of G), picks the solution of
+        least norm, bounded as the ridge's pick is. Singular values below PINV_RTOL of the largest are rounding
+        noise and dropped; one refinement with the pseudo-inverse follows."""
+        system = torch.where(mask[..., None], self.full[1], self.eye)
+        inverse: Tensor = torch.linalg.pinv(system, rtol=PINV_RTOL)
+        z = inverse @ rhs
+        return z + inverse @ (rhs - system @ z)
+
     def point(self, z: Tensor) -> Tensor:
         """x (B, K) from a scaled solution z (B, n, 1)."""
         return self.scale * z[:, : self.k, 0]
@@ -214,10 +243,36 @@ def _kkt(problem: _QP) -> _KKT:
     return _KKT(full, _identity(n, dtype, device), scale, top, problem.simplex, problem.exact is not None)
 
 
-def _kkt_test(
-    h_exact: Tensor, q: Tensor, lower: Tensor, x_hat: Tensor, mu: Tensor, free: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(feasible, optimal, the fixed variable with the most negative multiplier) of each row's working-set
+def _free_slack(multipliers: Tensor, lower: Tensor, x_hat: Tensor, free: Tensor) -> Tensor:
+    """The KKT residual on the free variables, per row: dual feasibility |m_k| and complementarity |x_k − l_k|·|m_k|
+    at once (m: the multipliers, which a working set's solution zeroes on its free variables)."""
+    return torch.where(free, multipliers.abs() * (1 + (x_hat - lower).abs()), 0.0).amax(dim=-1)
+
+
+class _KKTTest(NamedTuple):
+    """:func:`_kkt_test`'s verdict on each row's working-set solution."""
+
+    feasible: Tensor
+    optimal: Tensor  # feasible, and no fixed variable's multiplier negative beyond rounding
+    worst: Tensor  # the fixed variable with the most negative multiplier
+    multipliers: Tensor  # ∂/∂x_k of the Lagrangian (B, K)
+    size: Tensor  # 1 + max|x| (B,)
+
+    def accurate(self, lower: Tensor, x_hat: Tensor, free: Tensor) -> Tensor:
+        """Whether the solution satisfies its own equations (the free variables' multipliers vanish) to ACCURACY:
+        meaningful for a consistent problem (see _QP.consistent)."""
+        return _free_slack(self.multipliers, lower, x_hat, free) <= ACCURACY * self.size
+
+    def kkt(self, accurate: Tensor, free: Tensor) -> Tensor:
+        """The KKT conditions to ACCURACY: feasible, ``accurate``, and no fixed variable's multiplier below
+        −ACCURACY·(1 + max|x|); the test for a solution whose multipliers carry more than rounding error (an
+        ill-conditioned working set's, see _active_set)."""
+        dual = torch.where(free, 0.0, self.multipliers) >= -ACCURACY * self.size[:, None]
+        return self.feasible & accurate & dual.all(dim=-1)
+
+
+def _kkt_test(h_exact: Tensor, q: Tensor, lower: Tensor, x_hat: Tensor, mu: Tensor, free: Tensor) -> _KKTTest:
+    """(feasible, optimal, the fixed variable with the most negative multiplier, …) of each row's working-set
     solution; a multiplier counts as negative beyond the rounding error of the terms it sums."""
     size = 1 + x_hat.abs().amax(dim=-1, keepdim=True)
     feasible = ((x_hat >= lower - 1e-12 * size) | ~free).all(dim=-1)
@@ -226,7 +281,7 @@ def _kkt_test(
     terms = x_hat.abs() @ h_exact.abs() + q.abs() + mu.abs()
     candidates = torch.where(free, torch.inf, multipliers / terms.clamp_min(torch.finfo(x_hat.dtype).tiny))
     worst_value, worst = candidates.min(dim=-1)
-    return feasible, feasible & (worst_value >= -1e-12), worst
+    return _KKTTest(feasible, feasible & (worst_value >= -1e-12), worst, multipliers, size[:, 0])
 
 
 def _taken(problem: _QP, x_hat: Tensor, free: Tensor) -> Tensor:
@@ -245,7 +300,12 @@ def _active_set(problem: _QP, kkt: _KKT, x0: Tensor, max_iter: int) -> tuple[Ten
     blocks, which joins the working set. The working set starts as the bounds that ``x0`` touches, so a warm start
     with the right support costs one iteration. Each iteration's systems are masked from ``kkt`` and, when the
     problem has an exact matrix, refined against it; multipliers are taken with the exact matrix.
-    Every iteration reads one boolean from the device (the loop's exit depends on the data).
+    For a consistent problem (_QP.consistent) every solution must also satisfy its own equations (_kkt_test's
+    ``accurate``): a row whose solve missed them decides nothing and repeats the iteration with the minimum-norm
+    solve (:meth:`_KKT.least_norm`), which it keeps from then on; a row whose minimum-norm solve misses them too
+    stops, and the answer is reported unconverged (never a converged answer that violates the KKT conditions).
+    Every iteration reads one boolean from the device (the loop's exit depends on the data), or, for a consistent
+    problem, three at once.
     """
     batch, k = problem.batch, problem.k
     q, lower = problem.linear, problem.bounds
@@ -261,14 +321,21 @@ def _active_set(problem: _QP, kkt: _KKT, x0: Tensor, max_iter: int) -> tuple[Ten
     free = x > lower
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     rows = torch.arange(batch, device=device)
+    consistent = problem.consistent
+    # rows solved with the minimum-norm solve since theirs missed its equations, and rows where that missed them too
+    precise, failed = torch.zeros_like(done), torch.zeros_like(done)
+    any_precise = False
     iterations = 0
     for iterations in range(1, max_iter + 1):
         mask = torch.cat([free, border], dim=1)
         rhs = torch.where(mask, rhs_free, rhs_fixed)[:, :, None]
         factors, pivots = kkt.factored(mask)
         z = kkt.refined(mask, factors, pivots, rhs, torch.linalg.lu_solve(factors, pivots, rhs))
+        if any_precise:
+            z = torch.where(precise[:, None, None], kkt.least_norm(mask, rhs), z)
         x_hat, mu = kkt.point(z), kkt.multiplier(z, problem.zeros)
-        feasible, optimal, worst = _kkt_test(problem.h_exact, q, lower, x_hat, mu, free)
+        test = _kkt_test(problem.h_exact, q, lower, x_hat, mu, free)
+        feasible, optimal, worst = test.feasible, test.optimal, test.worst
         # infeasible: step from x toward x_hat until the first free variable reaches its bound
         step = x_hat - x
         ratio = torch.where(free & (step < 0), (lower - x) / step, torch.inf)
@@ -277,14 +344,29 @@ def _active_set(problem: _QP, kkt: _KKT, x0: Tensor, max_iter: int) -> tuple[Ten
         x_step[rows, block] = lower[rows, block]
         x_taken = _taken(problem, x_hat, free)
         active = ~done
+        if consistent:
+            accurate = test.accurate(lower, x_hat, free)
+            missed = active & ~accurate
+            failed = failed | (missed & precise)
+            precise = precise | missed
+            active = active & accurate
+            # the minimum-norm solve of an ill-conditioned working set is accurate to rounding times its condition,
+            # not to rounding: its multipliers are judged by the KKT residual (a degenerate vertex's multipliers,
+            # exactly 0, would otherwise come out slightly negative and release a bound again and again)
+            if any_precise:
+                optimal = optimal | (precise & test.kkt(accurate, free))
         take = active & feasible
         move = active & ~feasible
         x = torch.where(take[:, None], x_taken, torch.where(move[:, None], x_step, x))
         free = free.clone()
         free[rows, worst] |= take & ~optimal
         free[rows, block] &= ~move
-        done = done | (take & optimal)
-        if bool(done.all()):  # the one read from the device per iteration: the loop's exit depends on the data
+        done = done | (take & optimal) | failed
+        if consistent:  # the one read per iteration, with whether the next iteration needs the minimum-norm solve
+            finished, any_precise, any_failed = torch.stack([done.all(), precise.any(), failed.any()]).tolist()
+            if finished:
+                return x, iterations, not any_failed
+        elif bool(done.all()):  # the one read from the device per iteration: the loop's exit depends on the data
             return x, iterations, True
     return x, iterations, False
 
@@ -371,7 +453,14 @@ def _enumerated(problem: _QP, kkt: _KKT, free: Tensor | None) -> tuple[Tensor, T
     found = feasible.any(dim=-1)
     if neighbours:
         mu = kkt.multiplier(z, problem.zeros)
-        found = _kkt_test(problem.h_exact, problem.linear, problem.bounds, x, mu, free)[1]
+        test = _kkt_test(problem.h_exact, problem.linear, problem.bounds, x, mu, free)
+        found = test.optimal & test.accurate(problem.bounds, x, free) if problem.consistent else test.optimal
+    elif problem.consistent:
+        # the chosen candidate must also satisfy its own equations, else the active set takes over (with the
+        # minimum-norm solve, see _active_set): a consistent problem has q = 0
+        multipliers = x @ problem.h_exact - kkt.multiplier(z, problem.zeros)
+        size = 1 + x.abs().amax(dim=-1)
+        found = found & (_free_slack(multipliers, problem.bounds, x, free) <= ACCURACY * size)
     bounds = 0.0 if lower is None else lower
     x = torch.where(free, x.clamp_min(0) if lower is None else torch.maximum(x, lower), bounds)
     return (x / x.sum(dim=-1, keepdim=True) if simplex else x), found
