@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import taskbalance as tb
-from taskbalance.gradient_balancing.base import Combination, GradientBalancer
 from taskbalance.engine.grad import clip_update
+from taskbalance.gradient_balancing.base import Combination, GradientBalancer
 from taskbalance.loss_balancing.base import LossBalancer
 from taskbalance.registry import GRADIENT_METHODS, GRADIENT_PRESETS, LOSS_METHODS, LOSS_PRESETS, split_options
 from tests import reference
