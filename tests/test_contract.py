@@ -361,9 +361,7 @@ def test_state_round_trip_mid_run(name: str, dtype: torch.dtype) -> None:
 
 
 #: known departures from "reset() gives the fresh state"
-RESET_DEFECTS: dict[tuple[str, torch.dtype], str] = {
-    ("igbv2", F64): "reset() rebuilds the SAC agent in the default dtype (float32) after balancer.to(float64)",
-}
+RESET_DEFECTS: dict[tuple[str, torch.dtype], str] = {}
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import taskbalance as tb
 from taskbalance.gradient_balancing import moco
 from taskbalance.gradient_balancing.base import Combination
 from taskbalance.gradient_balancing.moco import MoCo
@@ -162,3 +163,41 @@ def test_changed_gradient_size_is_refused() -> None:
 def test_bad_options_are_refused(options: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         MoCo(**options)  # type: ignore[arg-type]
+
+
+def _weights_under_loss_scales(spec: str, steps: int = 20) -> torch.Tensor:
+    """K·λ per step (steps × 3) for L_k = s_k (½‖A_k θ − b_k‖² + 0.1), s = (1e-6, 1, 1e6), aligned gradients."""
+    gen = torch.Generator().manual_seed(0)
+    p = 8
+    a = torch.eye(p, dtype=torch.float64) + 0.1 * torch.randn(3, p, p, generator=gen, dtype=torch.float64)
+    b = 1 + 0.1 * torch.randn(3, p, generator=gen, dtype=torch.float64)
+    scales = torch.tensor([1e-6, 1.0, 1e6], dtype=torch.float64)
+    theta = torch.zeros(p, dtype=torch.float64, requires_grad=True)
+    balancer = tb.make(spec, n_tasks=3).double()
+    weights = []
+    for _ in range(steps):
+        result = balancer.backward(scales * (0.5 * ((a @ theta - b) ** 2).sum(1) + 0.1), [theta])
+        assert result.gradient_weights is not None and theta.grad is not None
+        weights.append(result.gradient_weights)
+        with torch.no_grad():
+            theta -= 1e-2 * theta.grad / theta.grad.norm()
+            theta.grad = None
+    return torch.stack(weights)
+
+
+@pytest.mark.parametrize("spec", ["moco", "moco[normalize=true]"])
+def test_dominant_loss_scale_gets_weight_zero(spec: str) -> None:
+    """The documented behaviour: min-norm descent puts all of λ on the smallest gradient, normalised or not."""
+    weights = _weights_under_loss_scales(spec)
+    assert (weights == torch.tensor([3.0, 0.0, 0.0], dtype=torch.float64)).all()
+
+
+def test_softmax_update_drops_the_dominant_scale_every_other_step() -> None:
+    weights = _weights_under_loss_scales("moco[lambda_update=softmax]")
+    assert (weights[::2, 2] == 0).all()
+
+
+def test_log_losses_keep_every_task_weighted() -> None:
+    """The documented remedy, si+moco: no loss scale reaches λ, every K·λ_k stays near 1."""
+    weights = _weights_under_loss_scales("si+moco")
+    assert (weights > 0.5).all() and (weights < 1.5).all()

@@ -131,6 +131,75 @@ def test_schedule_and_reward_over_epochs_0_to_6() -> None:
     assert torch.equal(torch.random.get_rng_state(), rng_before), "IGBv2 touched the global RNG"
 
 
+@pytest.mark.parametrize("observation", ["log", "baseline"])
+def test_observation_is_the_state_the_agent_stores_and_acts_on(observation: str) -> None:
+    """s = log L or L / L̄ in every stored transition and every action; the reward still reads the raw losses."""
+    options: dict[str, Any] = {"train_epoch": 2, "policy_epoch": 2, "update_every": 10, "batch_size": 8}
+    run = _Run(seed=0, hidden=(8, 8), observation=observation, **options)
+    for _ in range(3):
+        run.epoch(N)
+    losses, weights = torch.stack(run.losses), torch.stack(run.weights)
+    baseline = losses[N : 2 * N].double().mean(0).float()
+
+    def seen(raw: Tensor) -> Tensor:
+        return raw.log() if observation == "log" else raw / baseline
+
+    assert [step for step, _, _ in run.acts] == list(range(2 * N, 3 * N))
+    for step, state, action in run.acts:
+        assert torch.equal(state, seen(losses[step])) and torch.equal(weights[step], action)
+    buffer = _igb(run.balancer).agent.buffer
+    assert len(buffer) == N
+    for t in range(2 * N, 3 * N):
+        i = t - 2 * N
+        assert torch.equal(buffer.states[i], seen(losses[t - 1])), t
+        assert torch.equal(buffer.next_states[i], seen(losses[t])), t
+        torch.testing.assert_close(buffer.rewards[i], ((losses[t - 1] - losses[t]) / baseline).min())
+
+
+def _saturation_under_loss_scales(observation: str) -> tuple[float, float]:
+    """Losses scaled by 1e-6, 1, 1e6, policy from step 30 of 160: (share of the last 60 steps in which one task
+    has > 99.9% of the weight, largest second moment of the critics' Adam)."""
+    gen = torch.Generator().manual_seed(0)
+    options: dict[str, Any] = {"train_epoch": 2, "policy_epoch": 3, "update_every": 4, "batch_size": 16}
+    balancer = tb.make("igbv2", n_tasks=3, seed=0, hidden=(16, 16), observation=observation, **options)
+    theta, target = torch.zeros(4, 3, requires_grad=True), torch.randn(4, 3, generator=gen)
+    scales, weights = torch.tensor([1e-6, 1.0, 1e6]), []
+    for t in range(160):
+        x = torch.randn(16, 4, generator=gen)
+        noise = 0.1 * torch.randn(16, 3, generator=gen)
+        weights.append(balancer.backward(((x @ (theta - target) - noise) ** 2).mean(0) * scales, [theta]).weights)
+        with torch.no_grad():
+            theta -= 0.05 * theta.grad  # type: ignore[operator]
+            theta.grad = None
+        if (t + 1) % 10 == 0:
+            balancer.end_epoch()
+    saturated = (torch.stack(weights[-60:]).max(1).values > 3 * 0.999).float().mean().item()
+    critic = _igb(balancer).agent.critic_optimizer.state.values()
+    return saturated, max(state["exp_avg_sq"].max().item() for state in critic)
+
+
+@pytest.mark.parametrize("observation", ["raw", "log", "baseline"])
+def test_scale_free_observations_do_not_saturate_the_policy(observation: str) -> None:
+    """The documented trap (raw losses of scales 1e-6..1e6 saturate the policy) and its remedy."""
+    saturated, second_moment = _saturation_under_loss_scales(observation)
+    if observation == "raw":
+        assert saturated > 0.5 and second_moment > 1e12
+    else:
+        assert saturated == 0.0 and second_moment < 1e3
+
+
+def test_observation_option_from_a_spec_and_in_the_saved_identity() -> None:
+    logged = tb.make("igbv2[observation=log]", n_tasks=2, seed=0)
+    assert _igb(logged).observation == "log"
+    default = tb.make("igbv2", n_tasks=2, seed=0)
+    # the default is left out of the saved options: states saved before the option existed load as "raw"
+    assert "observation" not in default.state_dict()["loss._extra_state"]["options"]
+    with pytest.raises(ValueError, match="observation"):
+        default.load_state_dict(logged.state_dict())
+    with pytest.raises(ValueError, match="observation"):
+        logged.load_state_dict(default.state_dict())
+
+
 def test_default_update_counts_and_batch_sizes() -> None:
     """Paper defaults: int(50·k/2) updates of int(256·k/2), k = 1 + |buffer|/10,000."""
     balancer = tb.make("igbv2", n_tasks=2, seed=0)
@@ -294,6 +363,7 @@ def test_reward_scale_is_settable_and_saved() -> None:
         ({"batch_size": 1}, r"batch_size must be an int >= 2"),
         ({"buffer_size": 0}, r"buffer_size must be an int >= 1"),
         ({"log_prob": "tanh"}, r"'simplex' or 'reference'"),
+        ({"observation": "sqrt"}, r"observation must be 'raw', 'log' or 'baseline'"),
         ({"reward_scale": -1.0}, r"reward_scale must be a positive"),
         ({"gamma": 1.5}, r"gamma must be in \[0, 1\]"),
         ({"tau": 0.0}, r"tau must be in \(0, 1\]"),

@@ -172,16 +172,18 @@ def _fill_square(agent: SAC, n: int, seed: int = 1) -> None:
         agent.store(s, agent.act(s), float(torch.randn(1, generator=gen)), s2)
 
 
-def test_reset_restores_the_fresh_agent() -> None:
-    fresh = _agent(seed=3).state_dict()
-    agent = _agent(seed=3)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reset_restores_the_fresh_agent(dtype: torch.dtype) -> None:
+    """In float64: the float32 build cast to float64, not float64 draws (IGBv2's reset after balancer.double())."""
+    fresh = _agent(seed=3).to(dtype).state_dict()
+    agent = _agent(seed=3).to(dtype)
     _fill(agent)
     agent.update(4)
     agent.reset()
     state = agent.state_dict()
     for key, value in fresh.items():
         if isinstance(value, Tensor):
-            assert torch.equal(state[key], value), key
+            assert state[key].dtype == value.dtype and torch.equal(state[key], value), key
     assert state["_extra_state"]["optimizers"]["actor"]["state"] == {}
     assert torch.equal(state["_extra_state"]["generator"], fresh["_extra_state"]["generator"])
 

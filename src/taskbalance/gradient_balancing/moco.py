@@ -49,6 +49,18 @@ class MoCo(GradientBalancer):
             code); default False, the paper's algorithm.
         max_norm: clip the norm of the update (default None).
 
+    Losses of very different scales: λ descends ½‖yᵀλ‖², the min-norm objective, which favours small gradients.
+    Its minimiser on the simplex puts weight 0 on a task whose gradient's projection on a smaller one exceeds
+    that one's squared norm (y_K·y_j ≥ ‖y_j‖², which any positively correlated gradient many times larger
+    satisfies), and the step overshoots: (y yᵀλ)_K ≈ ‖y_K‖² λ_K is ~1e12 for a gradient 1e6 times the others, so
+    γ_t times it drives λ_K far below 0 and Π_Δ clips it to exactly 0 (with conflicting gradients λ jumps
+    between vertices of the simplex instead). With loss scales 1e-6, 1, 1e6 and aligned gradients, every step
+    gives K·λ = (3, 0, 0): the dominant-scale task is not trained through the update. This is the method (MGDA
+    gives the same vertex), not an error. Neither LibMTL option removes it: ``normalize`` rescales g_k to
+    ℓ̃_k, which keeps the loss's scale, and the softmax of a stepped λ_K ≈ −1e12 is exactly 0 (every other
+    step in that run). Remedy: give MoCo log losses, ``si+moco`` (∇ log L_k = ∇L_k / L_k has no loss scale; the
+    same run keeps every K·λ_k in [0.85, 1.14]).
+
     State (in ``state_dict()``): y (K × P, created at the first step on J's device, then updated in place, so
     ``state_dict()`` holds a copy of it), λ, the step t. One step reads J once and y twice (no temporary of J's
     size: see ``_track``).

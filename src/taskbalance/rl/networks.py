@@ -13,13 +13,17 @@ import torch
 from torch import Tensor, nn
 
 
-def init_linear_(layer: nn.Linear, generator: torch.Generator) -> None:
-    """Fill ``layer`` with U(−1/√fan_in, 1/√fan_in) draws from ``generator`` (PyTorch's default distribution)."""
+def init_linear_(layer: nn.Linear, generator: torch.Generator, dtype: torch.dtype | None = None) -> None:
+    """Fill ``layer`` with U(−1/√fan_in, 1/√fan_in) draws from ``generator`` (PyTorch's default distribution).
+
+    ``dtype``: round the draws to this dtype first, whatever the layer's own dtype (a layer built in float32 and
+    moved to float64 is re-initialised to the values its float32 build had); None rounds to the layer's dtype.
+    """
     bound = layer.in_features**-0.5
     with torch.no_grad():
         for p in (layer.weight, layer.bias):
             draw = torch.rand(p.shape, generator=generator, dtype=torch.float64) * (2 * bound) - bound
-            p.copy_(draw)
+            p.copy_(draw if dtype is None else draw.to(dtype))
 
 
 def uninitialised_linear(in_features: int, out_features: int) -> nn.Linear:
@@ -66,9 +70,9 @@ class GaussianActor(nn.Module):
         self.log_std = uninitialised_linear(width, action_dim)
         self.log_std_bounds = log_std_bounds
 
-    def reset_parameters(self, generator: torch.Generator) -> None:
+    def reset_parameters(self, generator: torch.Generator, dtype: torch.dtype | None = None) -> None:
         for layer in _linears(self):
-            init_linear_(layer, generator)
+            init_linear_(layer, generator, dtype)
 
     def forward(self, state: Tensor) -> tuple[Tensor, Tensor]:
         h = self.trunk(state)
@@ -85,9 +89,9 @@ class TwinCritic(nn.Module):
         self.q1 = mlp(sizes, out_activation=False)
         self.q2 = mlp(sizes, out_activation=False)
 
-    def reset_parameters(self, generator: torch.Generator) -> None:
+    def reset_parameters(self, generator: torch.Generator, dtype: torch.dtype | None = None) -> None:
         for layer in _linears(self):
-            init_linear_(layer, generator)
+            init_linear_(layer, generator, dtype)
 
     def forward(self, state: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
         """(Q1, Q2), each of shape (B,)."""

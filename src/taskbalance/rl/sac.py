@@ -153,6 +153,8 @@ class SAC(Declared):
         self.critic_target = TwinCritic(state_dim, action_dim, self.hidden)
         self.critic_target.requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.zeros(()))
+        # the dtype the initial values are drawn in: reset() after .double() must give the float32 build, moved
+        self._built_dtype = self.log_alpha.dtype
         self.buffer = ReplayBuffer(buffer_size, state_dim, action_dim)
         self.generator = torch.Generator()
         self.n_updates = 0
@@ -160,13 +162,17 @@ class SAC(Declared):
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Back to the freshly constructed agent (same seed), on the current device and dtype."""
+        """Back to the freshly constructed agent (same seed) as moved to the current device and dtype.
+
+        Initial values are rounded to the dtype the agent was built in before they are cast to the current one:
+        an agent built in float32 and moved to float64 resets to its float32 start, not to float64 draws.
+        """
         self.generator.manual_seed(self.seed)
-        self.actor.reset_parameters(self.generator)
-        self.critic.reset_parameters(self.generator)
+        self.actor.reset_parameters(self.generator, self._built_dtype)
+        self.critic.reset_parameters(self.generator, self._built_dtype)
         self.critic_target.load_state_dict(self.critic.state_dict())
         with torch.no_grad():
-            self.log_alpha.fill_(math.log(self.init_alpha))
+            self.log_alpha.fill_(torch.tensor(math.log(self.init_alpha), dtype=self._built_dtype))
         self.buffer.clear()
         self._build_optimizers()
         self.n_updates = 0
