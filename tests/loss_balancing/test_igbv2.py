@@ -192,8 +192,7 @@ def test_observation_option_from_a_spec_and_in_the_saved_identity() -> None:
     logged = tb.make("igbv2[observation=log]", n_tasks=2, seed=0)
     assert _igb(logged).observation == "log"
     default = tb.make("igbv2", n_tasks=2, seed=0)
-    # the default is left out of the saved options: states saved before the option existed load as "raw"
-    assert "observation" not in default.state_dict()["loss._extra_state"]["options"]
+    assert default.state_dict()["loss._extra_state"]["options"]["observation"] == "raw"
     with pytest.raises(ValueError, match="observation"):
         default.load_state_dict(logged.state_dict())
     with pytest.raises(ValueError, match="observation"):

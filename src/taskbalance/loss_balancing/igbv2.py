@@ -236,14 +236,6 @@ class IGBv2(LossBalancer):
     def end_epoch(self) -> None:
         self._baseline.end_epoch()
 
-    def _identity(self) -> dict[str, Any]:
-        # The default observation is left out: states saved before the option existed (all "raw") still load,
-        # and a default run saves the state it saved before; any other observation is checked as usual.
-        identity = super()._identity()
-        if identity.get("observation") == "raw":
-            del identity["observation"]
-        return identity
-
     # -- the step --------------------------------------------------------------------------------------------
     def balance(self, losses: Tensor) -> Balanced:
         agent = self.agent
