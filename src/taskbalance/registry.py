@@ -184,6 +184,43 @@ def _parse(spec: str) -> tuple[str, dict[str, Any], str, dict[str, Any], dict[st
     return loss_name, loss_options, grad_name, grad_options, balancer_options
 
 
+def _owners(loss_name: str, grad_name: str) -> dict[str, tuple[Callable[..., Any], str, set[str] | frozenset[str]]]:
+    """Who takes an option of this spec, by level: (constructor, name for messages, accepted option names)."""
+    loss_init, grad_init = loss_class(loss_name).__init__, gradient_class(grad_name).__init__
+    return {
+        "loss": (loss_init, loss_name, _accepts(loss_init)),
+        "gradient": (grad_init, grad_name, _accepts(grad_init)),
+        "balancer": (Balancer.__init__, "Balancer", BALANCER_OPTIONS),
+    }
+
+
+def _level(key: str, spec: str, owners: dict[str, tuple[Callable[..., Any], str, set[str] | frozenset[str]]]) -> str:
+    """The one level that accepts option ``key`` (TypeError when none or several do)."""
+    levels = [level for level, (_, _, accepted) in owners.items() if key in accepted]
+    if not levels:
+        names = sorted(set().union(*(accepted for _, _, accepted in owners.values())))
+        raise TypeError(f"option {key!r} is not accepted by {spec!r}; accepted: {', '.join(names)}")
+    if len(levels) > 1:
+        raise TypeError(
+            f"option {key!r} is ambiguous in {spec!r} (accepted by {' and '.join(levels)}); "
+            "pass it in loss_options= or gradient_options="
+        )
+    return levels[0]
+
+
+def read_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """The spec without its options, and the options written in it, each read by the type its owner declares
+    (``"CAGrad[c=0.5]"`` → (``"CAGrad"``, {"c": 0.5})). Raises what :func:`make` raises for a bad option."""
+    names, written = split_options(spec)
+    loss_name, _, grad_name, _, _ = _parse(names)
+    owners = _owners(loss_name, grad_name)
+    typed = {}
+    for key, text in written.items():
+        init, owner, _ = owners[_level(key, names, owners)]
+        typed[key] = read_option(text, parameter_types(init).get(key, Any), option=key, owner=owner)
+    return names, typed
+
+
 def make(
     spec: str,
     n_tasks: int,
@@ -197,36 +234,21 @@ def make(
     Each keyword option goes to whichever of the loss method, the gradient method or the Balancer accepts it
     (e.g. ``max_norm`` to Nash-MTL, ``base_epoch`` to IGBv1, ``engine`` to the Balancer). An option accepted by
     more than one (FAMO's and MoCo's ``gamma``) is an error: pass it in ``loss_options`` / ``gradient_options``.
+    A keyword overrides the same option written in the spec.
     """
-    spec, inline = split_options(spec)
-    loss_name, preset_loss, grad_name, preset_grad, balancer_options = _parse(spec)
-    loss_cls, grad_cls = loss_class(loss_name), gradient_class(grad_name)
-    loss_options = {**preset_loss, **(loss_options or {})}
-    grad_options = {**preset_grad, **(gradient_options or {})}
-    owners: dict[str, tuple[Callable[..., Any], str, dict[str, Any]]] = {
-        "loss": (loss_cls.__init__, loss_name, loss_options),
-        "gradient": (grad_cls.__init__, grad_name, grad_options),
-        "balancer": (Balancer.__init__, "Balancer", balancer_options),
+    names, written = read_spec(spec)
+    loss_name, preset_loss, grad_name, preset_grad, balancer_options = _parse(names)
+    owners = _owners(loss_name, grad_name)
+    targets = {
+        "loss": {**preset_loss, **(loss_options or {})},
+        "gradient": {**preset_grad, **(gradient_options or {})},
+        "balancer": balancer_options,
     }
-    accepted = {
-        "loss": _accepts(loss_cls.__init__),
-        "gradient": _accepts(grad_cls.__init__),
-        "balancer": BALANCER_OPTIONS,
-    }
-    for key, value in {**inline, **options}.items():
-        levels = [level for level, names in accepted.items() if key in names]
-        if not levels:
-            names = sorted(set().union(*accepted.values()))
-            raise TypeError(f"option {key!r} is not accepted by {spec!r}; accepted: {', '.join(names)}")
-        if len(levels) > 1:
-            raise TypeError(
-                f"option {key!r} is ambiguous in {spec!r} (accepted by {' and '.join(levels)}); "
-                "pass it in loss_options= or gradient_options="
-            )
-        init, owner, target = owners[levels[0]]
-        if key not in options:  # written in the spec: read it by the type the owner declares
-            value = read_option(value, parameter_types(init).get(key, Any), option=key, owner=owner)
-        target[key] = value
+    for key, value in {**written, **options}.items():
+        targets[_level(key, names, owners)][key] = value
     return Balancer(
-        loss=loss_cls(**loss_options), gradient=grad_cls(**grad_options), n_tasks=n_tasks, **balancer_options
+        loss=loss_class(loss_name)(**targets["loss"]),
+        gradient=gradient_class(grad_name)(**targets["gradient"]),
+        n_tasks=n_tasks,
+        **targets["balancer"],
     )

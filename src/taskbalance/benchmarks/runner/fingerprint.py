@@ -21,19 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ... import __version__
-from ...balancer import Balancer
-from ...registry import BALANCER_OPTIONS, make, split_options
-from ...spec_options import parameter_types, read_option
+from ...registry import make, read_spec
 from ..base import Benchmark
 from ..datasets.cache import atomic_open, cache_dir
 
@@ -64,19 +61,8 @@ def canonical_spec(spec: str, n_tasks: int) -> str:
     """``spec`` re-printed from its parsed form: names lower case, options sorted by name, each value read by its
     declared type and printed canonically (``NashMTL[max_norm=1, update_weights_every=10]`` →
     ``nashmtl[max_norm=1.0,update_weights_every=10]``). Raises what :func:`taskbalance.make` raises."""
-    balancer = make(spec, n_tasks=n_tasks)
-    names, written = split_options(spec)
-    owners: list[tuple[Callable[..., Any], str]] = [
-        (type(balancer.loss).__init__, type(balancer.loss).__name__),
-        (type(balancer.gradient).__init__, type(balancer.gradient).__name__),
-    ]
-    values: dict[str, Any] = {}
-    for key, text in written.items():
-        init: Callable[..., Any] = Balancer.__init__
-        owner = "Balancer"
-        if key not in BALANCER_OPTIONS:
-            init, owner = next((i, o) for i, o in owners if key in inspect.signature(i).parameters)
-        values[key] = read_option(text, parameter_types(init).get(key, Any), option=key, owner=owner)
+    make(spec, n_tasks=n_tasks)  # every check a build makes
+    names, values = read_spec(spec)
     base = "+".join(part.strip().lower() for part in names.split("+"))
     if not values:
         return base
