@@ -37,7 +37,8 @@ def test_values_are_the_results_tensors_as_floats() -> None:
         assert [logged[f"train/{column}/left"], logged[f"train/{column}/right"]] == tensor.double().tolist()
     assert logged["train/overhead_s"] == result.overhead_s
     assert logged["train/converged"] == 1.0
-    assert len(logged) == 5 * 2 + 2
+    assert logged["train/skipped"] == 0.0
+    assert len(logged) == 5 * 2 + 3
 
 
 def test_methods_without_gradient_weights_log_none_and_default_names() -> None:

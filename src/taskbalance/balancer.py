@@ -14,18 +14,25 @@ import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
+from torch.amp import GradScaler
 
 from .engine import Engine, EnginePath
+from .engine.accumulation import MicroBatches, loss_jacobian
+from .engine.context import StepContext
+from .engine.distributed import DistributedMode, Ranks, check_mode, signature
+from .engine.finite import NonFiniteGradientError, require_finite
+from .engine.grad import accumulate as accumulate_grads
 from .engine.graph import reachable_leaves
+from .engine.vjp import summed_gradient
 from .gradient_balancing.base import Combination, GradientBalancer
 from .gradient_balancing.sum import Sum
 from .loss_balancing.base import Balanced, LossBalancer
 from .loss_balancing.equal import Equal
-from .method import atomic
+from .method import Declared, atomic
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,10 @@ class BalanceResult:
         overhead_s: wall time spent in balancing beyond an ordinary backward of Σ ℓ̃ (loss method, per-task
             gradients, solver). On CUDA this is host time (no synchronisation is forced).
         converged: False when the gradient method's solver did not converge this step (see ``note``).
-        note: the solver's reason when ``converged`` is False.
+        note: the solver's reason when ``converged`` is False, or why the step was skipped.
+        skipped: True when the step was skipped (with a GradScaler: a non-finite loss or gradient). Nothing was
+            balanced then: ``.grad`` holds Inf so that ``scaler.step`` skips the update, no method's state advanced,
+            and the weights are NaN.
     """
 
     weights: Tensor
@@ -55,14 +65,15 @@ class BalanceResult:
     overhead_s: float
     converged: bool = True
     note: str = ""
+    skipped: bool = False
 
     def as_dict(self, task_names: Sequence[str] | None = None, prefix: str = "") -> dict[str, float]:
         """The step as plain Python floats for any logger (TensorBoard, CSV, wandb), one device read in all.
 
         Keys: ``{prefix}weight/{task}``, ``{prefix}loss/{task}`` (raw), ``{prefix}balanced_loss/{task}``,
         ``{prefix}loss_weight/{task}``, ``{prefix}gradient_weight/{task}`` (weight-based gradient methods only),
-        ``{prefix}overhead_s`` and ``{prefix}converged`` (1.0 or 0.0). Tasks are named ``task0``, ``task1``, ...
-        unless ``task_names`` (K distinct strings) are given.
+        ``{prefix}overhead_s``, ``{prefix}converged`` and ``{prefix}skipped`` (1.0 or 0.0). Tasks are named
+        ``task0``, ``task1``, ... unless ``task_names`` (K distinct strings) are given.
         """
         n = self.losses.shape[0]
         names = [f"task{k}" for k in range(n)] if task_names is None else list(task_names)
@@ -86,6 +97,7 @@ class BalanceResult:
         }
         logged[f"{prefix}overhead_s"] = float(self.overhead_s)
         logged[f"{prefix}converged"] = 1.0 if self.converged else 0.0
+        logged[f"{prefix}skipped"] = 1.0 if self.skipped else 0.0
         return logged
 
 
@@ -111,6 +123,13 @@ class Balancer(nn.Module):
             weight-based method. Its effect on results is staleness: w is up to N-1 steps old, and methods with
             state (GradVac's EMA, GradNorm's learnt weights, warm starts) advance it on solve steps only.
             Measured effects: docs/cost-model.md.
+        distributed: on an initialised ``torch.distributed`` process group of more than one rank (``group``, or
+            the world): ``"exact"`` (default) balances the global batch — every rank sees the mean losses and
+            solves on the mean per-task gradients, and writes the same update; ``"local"`` solves on each rank's
+            shard and averages the updates (an approximation of the method, P floats of traffic instead of K·P);
+            ``"none"`` balances each rank alone (ranks that train separate models).
+            See :mod:`taskbalance.engine.distributed`.
+        group: the process group (default: the world).
 
     The Balancer is an ``nn.Module``: ``parameters()`` are the methods' learnable parameters (UW, IMTL-L),
     ``state_dict()`` holds all their state, ``to(device)`` moves them.
@@ -129,10 +148,17 @@ class Balancer(nn.Module):
         engine: EnginePath = "auto",
         check_finite: bool = True,
         update_weights_every: int = 1,
+        distributed: DistributedMode = "exact",
+        group: Any = None,
     ) -> None:
         super().__init__()
         if not isinstance(n_tasks, int) or isinstance(n_tasks, bool) or n_tasks < 1:
             raise ValueError(f"n_tasks must be a positive int, got {n_tasks!r}")
+        check_mode(distributed)
+        self.distributed: DistributedMode = distributed
+        self.group = group
+        self._aligned = False
+        self._micro_batches = MicroBatches()
         self._engine = Engine(engine, update_weights_every, check_finite)
         loss = Equal() if loss is None else loss
         gradient = Sum() if gradient is None else gradient
@@ -168,45 +194,249 @@ class Balancer(nn.Module):
         return self._engine.reuse.every
 
     # -- the training step -----------------------------------------------------------------------------------
+    @overload
     def backward(
         self,
         losses: Tensor | Iterable[Tensor],
         shared_params: Iterable[Tensor],
         features: Tensor | None = None,
-    ) -> BalanceResult:
+        *,
+        scaler: GradScaler | None = None,
+        accumulate: Literal[False] = False,
+    ) -> BalanceResult: ...
+
+    @overload
+    def backward(
+        self,
+        losses: Tensor | Iterable[Tensor],
+        shared_params: Iterable[Tensor],
+        features: Tensor | None = None,
+        *,
+        scaler: GradScaler | None = None,
+        accumulate: bool,
+    ) -> BalanceResult | None: ...
+
+    def backward(
+        self,
+        losses: Tensor | Iterable[Tensor],
+        shared_params: Iterable[Tensor],
+        features: Tensor | None = None,
+        *,
+        scaler: GradScaler | None = None,
+        accumulate: bool = False,
+    ) -> BalanceResult | None:
         """Balance the K losses and accumulate gradients into ``.grad``.
 
         Args:
-            losses: the K raw task losses, a tensor of shape (K,) (or a sequence of K scalars).
+            losses: the K raw task losses, a tensor of shape (K,) (or a sequence of K scalars), unscaled, as batch
+                means. Losses in float16/bfloat16 (from autocast) are balanced in float32.
             shared_params: the shared parameters θ (e.g. ``model.encoder.parameters()``).
             features: the shared representation (the encoder's output) when the heads consume it; lets the
                 engine take the cheaper features-first path. Optional.
+            scaler: a ``torch.amp.GradScaler``: the methods see the unscaled losses and gradients, what is written
+                to ``.grad`` carries the scaler's scale (so ``scaler.unscale_``/``step``/``update`` work
+                unchanged), and a non-finite loss or gradient skips the step instead of raising: ``.grad`` gets
+                Inf, so the scaler skips the update and backs off, and no method's state advances.
+            accumulate: True on every micro-batch of an optimizer step but the last: its contribution is recorded
+                and nothing is written (returns None). The next call without it balances all the micro-batches
+                as one batch (:mod:`~taskbalance.engine.accumulation`): the methods' state and
+                ``update_weights_every`` advance once per optimizer step.
 
         Each shared parameter must be listed once: the same tensor twice, or two tensors sharing memory (views
         of one parameter), is refused rather than merged, because its gradient would enter J twice (MGDA's update
         doubles, Nash-MTL's norm changes) and a list with a repeat is a mistake in building it, not a request.
 
+        On a process group (see ``distributed``) every rank calls this with its own shard's losses; the ranks
+        exchange what :mod:`~taskbalance.engine.distributed` says and write the same update.
+
         Raises:
             ValueError: wrong shape, NaN/Inf loss (with the task index), non-positive loss for a method that
                 takes a log, a shared parameter the losses do not depend on or listed twice, an engine path the
                 call cannot take (``"features"`` without features through which every shared path runs), a
-                non-finite gradient of a finite loss or one whose squared norm overflows (with ``check_finite``).
-                Nothing is changed then: ``state_dict()`` and every ``.grad`` are as before the call, whatever
-                raised (the checks above come first; a failure found later, in the engine or a method's solver,
-                restores the methods' state).
+                non-finite gradient of a finite loss or one whose squared norm overflows (with ``check_finite``;
+                without a scaler). Nothing is changed then: ``state_dict()`` and every ``.grad`` are as before the
+                call, whatever raised (the checks above come first; a failure found later, in the engine or a
+                method's solver, restores the methods' state).
         """
         start = time.perf_counter()
+        if scaler is not None and not isinstance(scaler, GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         losses = self._check_losses(losses)
         shared = self._check_shared(shared_params, losses)
-        self._engine.check(losses, shared, self.gradient, features)
-        with atomic(self):
-            balanced = self.loss(losses)
-            before_engine = time.perf_counter()
-            combination = self._engine.step(losses, balanced.losses, shared, self.gradient, features)
+        ranks = Ranks.of(self.distributed, self.group)
+        if accumulate or self._micro_batches.pending:
+            return self._accumulated(losses, shared, scaler, ranks, start, last=not accumulate)
+        self._engine.check(losses, shared, self.gradient, features, StepContext(ranks=ranks))
+        values, seen = self._global_losses(losses, shared, ranks)
+        if not self._values_usable(values, scaler, ranks):
+            return self._skip(losses, shared, seen, scaler)
+        try:
+            with atomic(self):
+                balanced = self.loss(seen)
+                before_engine = time.perf_counter()
+                scaled = balanced.losses if scaler is None else scaler.scale(balanced.losses)
+                context = StepContext(_scale_of(scaler, balanced.losses), ranks)
+                combination = self._engine.step(seen, scaled, shared, self.gradient, features, context)
+        except NonFiniteGradientError:
+            if scaler is None:
+                raise
+            return self._skip(losses, shared, seen, scaler)
         # with no gradient method the engine ran the ordinary backward of Σ ℓ̃: no overhead in it
         overhead = (before_engine if combination is None else time.perf_counter()) - start
         self._warn_unconverged(combination)
-        return _result(losses, balanced, combination, overhead)
+        return _result(seen, balanced, combination, overhead)
+
+    def reset_accumulation(self) -> None:
+        """Drop the micro-batches recorded by ``backward(..., accumulate=True)`` since the last balanced step."""
+        self._micro_batches.clear()
+
+    def _global_losses(self, losses: Tensor, shared: Sequence[Tensor], ranks: Ranks | None) -> tuple[Tensor, Tensor]:
+        """(the values to check, the losses the loss method sees): this process's, or the global batch's.
+
+        On a process group the values are every rank's (R × K) and the loss method sees their mean in rank order
+        through ``L_r - L_r.detach() + L``: exactly L, with the gradient of the rank's own graph.
+        """
+        if ranks is None:
+            return losses.detach(), losses
+        self._align(ranks)
+        others = [t for t in reachable_leaves(losses) if all(t is not p for p in shared)]
+        gathered = ranks.gather_losses(losses, signature(shared, others))
+        mean = Ranks.mean_of(gathered, losses)
+        return gathered, (losses - losses.detach()) + mean
+
+    def _values_usable(self, values: Tensor, scaler: GradScaler | None, ranks: Ranks | None) -> bool:
+        """Refuse loss values the methods cannot take; False (skip the step) for a non-finite one with a scaler."""
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            if scaler is not None:
+                return False
+            if self.check_finite:
+                raise ValueError(f"non-finite loss (NaN or Inf) for {_where(~finite, ranks)}: {values.tolist()}")
+        if self.loss.takes_log and not bool((values > 0).all()):
+            raise ValueError(
+                f"{type(self.loss).__name__} takes log L_k, but {_where(values <= 0, ranks)} have loss <= 0: "
+                f"{values.tolist()}. Use strictly positive losses (e.g. add a small constant)."
+            )
+        return True
+
+    def _align(self, ranks: Ranks) -> None:
+        """On the first step on a process group: the same balancer on every rank, with rank 0's state."""
+        if not self._aligned:
+            ranks.align(self, self._identity_on_ranks())
+            self._aligned = True
+
+    def _identity_on_ranks(self) -> str:
+        """What must be the same on every rank: K, the settings, each method's class and options (not its seed,
+        which the state carries: rank 0's is taken)."""
+        methods = [
+            f"{name or 'balancer'}={type(module).__name__}{module._identity()}"
+            for name, module in self.named_modules()
+            if isinstance(module, Declared)
+        ]
+        return f"{self.extra_repr()}, distributed={self.distributed!r}; " + "; ".join(methods)
+
+    def _skip(self, losses: Tensor, shared: Sequence[Tensor], seen: Tensor, scaler: GradScaler | None) -> BalanceResult:
+        """A step the scaler skips: Inf into ``θ.grad`` (``scaler.unscale_`` finds it), nothing else changed."""
+        assert scaler is not None
+        scaler.scale(losses.detach().sum())  # the scaler's scale exists for unscale_, even on a first step
+        accumulate_grads(shared, [torch.full_like(p, float("inf")) for p in shared], owned=True)
+        nan = torch.full_like(seen.detach(), float("nan"))
+        return BalanceResult(
+            weights=nan,
+            losses=seen.detach(),
+            balanced_losses=nan,
+            loss_weights=nan,
+            gradient_weights=None,
+            overhead_s=0.0,
+            converged=False,
+            note="skipped: a loss or gradient is non-finite (the GradScaler skips the update and lowers its scale)",
+            skipped=True,
+        )
+
+    def _accumulated(
+        self,
+        losses: Tensor,
+        shared: list[Tensor],
+        scaler: GradScaler | None,
+        ranks: Ranks | None,
+        start: float,
+        last: bool,
+    ) -> BalanceResult | None:
+        """A micro-batch of exact gradient accumulation: record it, or (``last``) balance all of them as one."""
+        micro = self._micro_batches
+        heads = [t for t in reachable_leaves(losses) if all(t is not p for p in shared)]
+        inputs = [*shared, *heads]
+        micro.check_inputs(inputs)
+        self._engine.check_method(self.gradient)
+        if not last and not bool(torch.isfinite(losses.detach()).all()) and scaler is not None:
+            micro.record(losses.detach(), [p.new_zeros((self.n_tasks, *p.shape)) for p in inputs], inputs, False)
+            return None
+        if not last:
+            self._values_usable(losses.detach(), None, None)
+        scale = 1.0
+        if scaler is not None:
+            scale = _scale_of(scaler, losses)
+        blocks = self._engine.raw_jacobian(losses if scale == 1.0 else losses * scale, inputs)
+        blocks = [b if scale == 1.0 else b / scale for b in blocks]
+        finite = self._blocks_finite(blocks, scaler is not None)
+        if not last:
+            micro.record(losses, blocks, inputs, finite)
+            return None
+        mean, total = micro.totals(losses, blocks)
+        finite = finite and micro.finite and bool(torch.isfinite(losses.detach()).all())
+        if ranks is not None:
+            self._align(ranks)
+            gathered = ranks.gather_losses(mean, signature(shared, heads))
+            mean = Ranks.mean_of(gathered, losses)
+            if ranks.exact:
+                total = ranks.mean(total)
+            finite = ranks.all_true(finite)
+        if not finite:
+            micro.clear()
+            return self._skip(losses, shared, mean, scaler)
+        self._values_usable(mean, None, None)
+        context = StepContext(scale, ranks)
+        with atomic(self):
+            leaf = mean.detach().clone().requires_grad_(True)
+            balanced = self.loss(leaf)
+            before_engine = time.perf_counter()
+            chain = loss_jacobian(balanced.losses, leaf)  # D = ∂ℓ̃/∂L
+            own = [t for t in reachable_leaves(balanced.losses) if t is not leaf]
+            own_grads = summed_gradient(balanced.losses, own)
+            n, weights = self.n_tasks, chain.sum(0)  # heads: 1ᵀ D J_L,heads
+            shared_blocks: list[Tensor | None] = [
+                context.scaled((chain.to(b.dtype) @ b.reshape(n, -1)).view(b.shape)) for b in total[: len(shared)]
+            ]
+            head_grads = [
+                context.scaled((weights.to(b.dtype) @ b.reshape(n, -1)).view(b.shape[1:])) for b in total[len(shared) :]
+            ]
+            own_grads = [None if g is None else context.scaled(g) for g in own_grads]
+            combination = self._engine.step_blocks(
+                context.scaled(balanced.losses.detach()),
+                shared,
+                shared_blocks,
+                [*heads, *own],
+                [*head_grads, *own_grads],
+                self.gradient,
+                context,
+            )
+        micro.clear()
+        overhead = time.perf_counter() - (start if combination is not None else before_engine)
+        self._warn_unconverged(combination)
+        return _result(mean, balanced, combination, overhead)
+
+    def _blocks_finite(self, blocks: Sequence[Tensor], skip: bool) -> bool:
+        """Whether a micro-batch's per-task gradients are finite; raises when they are not (unless ``skip``)."""
+        if not (self.check_finite or skip):
+            return True
+        norms = torch.stack([b.reshape(self.n_tasks, -1).norm(dim=1) for b in blocks]).norm(dim=0)
+        try:
+            require_finite(norms)
+        except NonFiniteGradientError:
+            if skip:
+                return False
+            raise
+        return True
 
     def end_epoch(self) -> None:
         """Call once at the end of every training epoch (DWA, IGBv1's baseline, IGBv2's schedule use it)."""
@@ -219,15 +449,21 @@ class Balancer(nn.Module):
         A no-op for every other method, so a training loop may always call it.
         """
         checked = self._check_losses(losses, need_grad=False).detach()
+        ranks = Ranks.of(self.distributed, self.group)
+        values = checked if ranks is None else ranks.gather_losses(checked, [0.0] * 5)
+        self._values_usable(values, None, ranks)
+        seen = checked if ranks is None else Ranks.mean_of(values, checked)
         with atomic(self):
-            self.loss.after_step(checked)
+            self.loss.after_step(seen)
 
     def reset(self) -> None:
-        """Forget all history of both methods (and re-initialise their parameters)."""
+        """Forget all history of both methods (and re-initialise their parameters), and pending micro-batches."""
         self.loss.reset()
         self.gradient.reset()
         self._engine.reset()
+        self._micro_batches.clear()
         self._warned_solver = False
+        self._aligned = False
 
     def _warn_unconverged(self, combination: Combination | None) -> None:
         if combination is not None and not combination.converged and not self._warned_solver:
@@ -254,16 +490,8 @@ class Balancer(nn.Module):
             raise TypeError(f"losses must be floating point, got {losses.dtype}")
         if need_grad and not losses.requires_grad:
             raise ValueError("losses do not require grad: compute them from the model's outputs")
-        values = losses.detach()
-        if self.check_finite and not bool(torch.isfinite(values).all()):
-            bad = torch.nonzero(~torch.isfinite(values)).flatten().tolist()
-            raise ValueError(f"non-finite loss (NaN or Inf) for task(s) {bad}: {values.tolist()}")
-        if self.loss.takes_log and not bool((values > 0).all()):
-            bad = torch.nonzero(values <= 0).flatten().tolist()
-            raise ValueError(
-                f"{type(self.loss).__name__} takes log L_k, but task(s) {bad} have loss <= 0: "
-                f"{values.tolist()}. Use strictly positive losses (e.g. add a small constant)."
-            )
+        if losses.dtype in (torch.float16, torch.bfloat16):  # from autocast: the methods work in float32
+            losses = losses.float()
         return losses
 
     def _check_shared(self, shared_params: Iterable[Tensor], losses: Tensor) -> list[Tensor]:
@@ -311,6 +539,23 @@ class Balancer(nn.Module):
     def extra_repr(self) -> str:
         every = f", update_weights_every={self.update_weights_every}" if self.update_weights_every > 1 else ""
         return f"n_tasks={self.n_tasks}, engine={self.engine!r}{every}"
+
+
+def _where(mask: Tensor, ranks: Ranks | None) -> str:
+    """Which tasks (and, for values gathered from every rank, which ranks) ``mask`` marks."""
+    if mask.dim() == 1:
+        return f"task(s) {torch.nonzero(mask).flatten().tolist()}"
+    tasks = torch.nonzero(mask.any(dim=0)).flatten().tolist()
+    return f"task(s) {tasks} on rank(s) {torch.nonzero(mask.any(dim=1)).flatten().tolist()}"
+
+
+def _scale_of(scaler: GradScaler | None, like: Tensor) -> float:
+    """The scaler's current scale s (1.0 without one, or when it is disabled), created on ``like``'s device if
+    this is its first use (``scaler.scale`` makes it, and ``unscale_`` needs it)."""
+    if scaler is None:
+        return 1.0
+    scaler.scale(like.detach().sum())
+    return float(scaler.get_scale())
 
 
 def _sharing_memory(tensors: list[Tensor]) -> list[list[int]]:

@@ -110,7 +110,7 @@ def gradient_class(name: str) -> type[GradientBalancer]:
 
 
 #: the Balancer's options that a spec or a keyword of :func:`make` may set
-BALANCER_OPTIONS = frozenset({"engine", "check_finite", "update_weights_every"})
+BALANCER_OPTIONS = frozenset({"engine", "check_finite", "update_weights_every", "distributed", "group"})
 
 
 def _accepts(init: Any) -> set[str]:

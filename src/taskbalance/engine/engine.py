@@ -9,6 +9,8 @@ from torch import Tensor
 
 from ..gradient_balancing.base import Combination, GradientBalancer
 from .combine import apply_blocks, call_method, check_direction, check_weights, reads_gramian, weights_for_gramian
+from .context import StepContext
+from .distributed import Ranks
 from .finite import require_finite, row_norms
 from .grad import accumulate, accumulate_summed, backward, clip_blocks, unaliased
 from .graph import FeatureCut, reachable_leaves, task_split
@@ -44,6 +46,7 @@ class Engine:
         self.memo = VmapMemo()
         self.buffers = BlockBuffers()
         self.last_path = ""
+        self.context = StepContext()
 
     @property
     def fell_back(self) -> bool:
@@ -75,13 +78,24 @@ class Engine:
             )
 
     def check(
-        self, losses: Tensor, shared: Sequence[Tensor], method: GradientBalancer, features: Tensor | None = None
+        self,
+        losses: Tensor,
+        shared: Sequence[Tensor],
+        method: GradientBalancer,
+        features: Tensor | None = None,
+        context: StepContext | None = None,
     ) -> None:
         """Refuse a call of :meth:`step` this engine cannot serve, from the raw losses L, before the loss method runs.
 
         The feature cut is the same seen from L or from ℓ̃: a loss method reaches θ only through L.
         """
         self.check_method(method)
+        if context is not None and context.exact_ranks is not None and self.path in ("gramian", "representation"):
+            raise ValueError(
+                f"engine {self.path!r} cannot balance the global batch of a process group exactly (it never holds "
+                "the per-task gradients that the ranks must average); choose another engine, or "
+                "distributed='local' to solve on each rank's shard"
+            )
         if method.needs != "nothing" and self.path in FEATURE_PATHS:
             _require_exact(self.path, FeatureCut(losses, features, shared, []))
 
@@ -93,22 +107,28 @@ class Engine:
         shared: Sequence[Tensor],
         method: GradientBalancer,
         features: Tensor | None = None,
+        context: StepContext | None = None,
     ) -> Combination | None:
         """One balanced backward after :meth:`check`: sum, reuse, or solve. Returns the method's Combination.
 
         A method that needs nothing (Sum) gets one ordinary backward of Σ_k ℓ̃_k and None is returned. Otherwise
         the heads and the methods' own parameters (every leaf of ℓ̃ outside ``shared``) get ∇ Σ ℓ̃, and θ the
         update of reused weights (returned as a Combination in the dtype and on the device of the raw ``losses``)
-        or of the method's solve along this engine's path.
+        or of the method's solve along this engine's path. ``balanced`` carries the ``context``'s loss scale, and
+        its gradients are averaged over the context's ranks (:mod:`~taskbalance.engine.distributed`).
         """
+        self.context = StepContext() if context is None else context
         if method.needs == "nothing":
             self.last_path = "sum"
-            if not self.check_finite:
+            if not self.check_finite and self.context.ranks is None:
                 backward(balanced.sum())
                 return None
             leaves = reachable_leaves(balanced)
-            grads = torch.autograd.grad(balanced.sum(), leaves, allow_unused=True)
-            require_finite(None, grads)
+            grads: list[Tensor | None] = list(torch.autograd.grad(balanced.sum(), leaves, allow_unused=True))
+            if self.context.ranks is not None:
+                grads = self.context.ranks.mean_grads(leaves, grads)
+            if self.check_finite:
+                require_finite(None, grads)
             accumulate(leaves, unaliased(grads), owned=True)
             return None
         shared_ids = {id(p) for p in shared}
@@ -119,6 +139,60 @@ class Engine:
             self.apply_weights(balanced, shared, task_params, weights, method.max_norm)
             return Combination(weights=weights)
         combination = self._solve(balanced, shared, task_params, method, features)
+        self.reuse.keep(combination)
+        return combination
+
+    def raw_jacobian(self, losses: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
+        """The per-task gradients of the raw ``losses`` for each input, (K, *p.shape) (zeros where unused): what a
+        micro-batch of exact accumulation records (:mod:`~taskbalance.engine.accumulation`). Frees the graph."""
+        n = losses.shape[0]
+        eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
+        vmap = self.path == "batched" or (self.path != "loop" and losses.device.type != "cpu")
+        blocks = batched_vjp(losses, inputs, eye, self.memo, kind="raw", final=True, try_vmap=vmap)
+        return [p.new_zeros((n, *p.shape)) if b is None else b for b, p in zip(blocks, inputs, strict=True)]
+
+    def step_blocks(
+        self,
+        balanced: Tensor,
+        shared: Sequence[Tensor],
+        blocks: Sequence[Tensor | None],
+        task_params: Sequence[Tensor],
+        task_grads: Sequence[Tensor | None],
+        method: GradientBalancer,
+        context: StepContext,
+    ) -> Combination | None:
+        """One balanced step from per-task blocks of θ computed beforehand (accumulated micro-batches, averaged
+        over exact ranks already): sum, reuse or solve, as :meth:`step` does from a graph. ``balanced`` holds the
+        values of ℓ̃ and, like the blocks and ``task_grads``, carries the context's loss scale."""
+        self.context = context
+        n = balanced.shape[0]
+        if method.needs == "nothing":
+            self.last_path = "sum"
+            update: list[Tensor | None] = [None if b is None else b.sum(0) for b in blocks]
+            if self.check_finite:
+                require_finite(None, [*update, *task_grads], agree=context.agree)
+            self._write(shared, update, True, task_params, task_grads, True)
+            return None
+        reused = self.reuse.due()
+        if reused is not None:
+            self.last_path = "reuse"
+            weights = reused.to(device=balanced.device, dtype=balanced.dtype)
+            check_weights(weights, n)
+            update = [
+                None if b is None else (weights.to(b.dtype) @ b.reshape(n, -1)).view(p.shape)
+                for b, p in zip(blocks, shared, strict=True)
+            ]
+            max_norm = context.max_norm(method.max_norm)
+            if max_norm is not None:
+                update = clip_blocks(update, max_norm)
+            if self.check_finite:
+                require_finite(None, [*update, *task_grads], agree=context.agree)
+            self._write(shared, update, True, task_params, task_grads, True)
+            return Combination(weights=weights)
+        self.last_path = "accumulated"
+        check = task_grads if self.check_finite else None
+        combination, update, owned = apply_blocks(balanced, shared, blocks, method, None, check, context)
+        self._write(shared, update, owned, task_params, task_grads, True)
         self.reuse.keep(combination)
         return combination
 
@@ -153,15 +227,22 @@ class Engine:
         """
         check_weights(weights, balanced.shape[0])
         self.last_path = "reuse"
-        if max_norm is None and not self.check_finite:  # straight into .grad, exactly like backward()
+        ranks = self.context.ranks
+        if max_norm is None and not self.check_finite and ranks is None:  # straight into .grad, like backward()
             accumulate_summed(balanced, task_params)
             backward(balanced, weights.to(balanced.dtype), shared)
             return
         task_grads = summed_gradient(balanced, task_params)
-        update = torch.autograd.grad(balanced, shared, weights.to(balanced.dtype), allow_unused=True)
+        update: list[Tensor | None] = list(
+            torch.autograd.grad(balanced, shared, weights.to(balanced.dtype), allow_unused=True)
+        )
+        if ranks is not None:  # reused weights are the same on every rank only in exact mode: average the update
+            both = ranks.mean_grads([*shared, *task_params], [*update, *task_grads])
+            update, task_grads = both[: len(shared)], both[len(shared) :]
         if self.check_finite:
             require_finite(None, [*update, *task_grads])
         accumulate(task_params, task_grads)
+        max_norm = self.context.max_norm(max_norm)
         accumulate(shared, unaliased(update) if max_norm is None else clip_blocks(update, max_norm), owned=True)
 
     # -- paths -------------------------------------------------------------------------------------------------
@@ -178,8 +259,8 @@ class Engine:
         if path in FEATURE_PATHS:
             _require_exact(path, split)
         trunk_vmap = True
-        if path == "auto":
-            gramian_only = reads_gramian(method)
+        if path == "auto":  # the exact ranks average J: never the Gramian path, which does not hold it
+            gramian_only = reads_gramian(method) and self.context.exact_ranks is None
             size = balanced.shape[0] * sum(p.numel() * p.element_size() for p in shared) if gramian_only else 0
             path, trunk_vmap = resolve_auto(split.exact, balanced.device, size, gramian_only)
         if path == "representation":
@@ -207,10 +288,32 @@ class Engine:
             blocks = grads[: len(shared)]
             task_grads = [None if g is None else g.sum(0) for g in grads[len(shared) :]]
         self.last_path = path
+        ranks = self.context.exact_ranks
+        if ranks is not None:  # the global batch's per-task gradients: the mean over ranks, in one all-reduce
+            blocks, task_grads = _mean_blocks(ranks, balanced.shape[0], shared, blocks, task_params, task_grads)
         check = task_grads if self.check_finite else None
-        combination = apply_blocks(balanced, shared, blocks, method, self.buffers, check)
-        accumulate(task_params, task_grads, owned=path != "features")  # sums over K, unless captured
+        combination, update, owned = apply_blocks(balanced, shared, blocks, method, self.buffers, check, self.context)
+        # task gradients: sums over K, unless captured by the features path (or reduced)
+        self._write(shared, update, owned, task_params, task_grads, path != "features" or ranks is not None)
         return combination
+
+    def _write(
+        self,
+        shared: Sequence[Tensor],
+        update: Sequence[Tensor | None],
+        owned: bool,
+        task_params: Sequence[Tensor],
+        task_grads: Sequence[Tensor | None],
+        owned_task: bool = False,
+    ) -> None:
+        """The update into ``θ.grad`` and the task parameters' gradients into theirs; with ``"local"`` ranks, both
+        averaged over the ranks first (one all-reduce)."""
+        ranks = self.context.local_ranks
+        if ranks is not None:
+            both = ranks.mean_grads([*shared, *task_params], [*update, *task_grads])
+            update, task_grads, owned, owned_task = both[: len(shared)], both[len(shared) :], True, True
+        accumulate(task_params, task_grads, owned=owned_task)
+        accumulate(shared, update, owned=owned)
 
     def _features(
         self, balanced: Tensor, shared: Sequence[Tensor], features: Tensor, split: FeatureCut, trunk_vmap: bool
@@ -248,26 +351,29 @@ class Engine:
             )
             self.last_path = "gramian"
             if self.check_finite:
-                require_finite(gramian, [*head_grads, *trunk_grads])
-            combination = call_method(method, gramian, balanced.detach())
-            weights = weights_for_gramian(combination, gramian, method)
+                require_finite(gramian, [*head_grads, *trunk_grads], agree=self.context.agree)
+            combination = self._call(method, gramian, balanced, power=2)
+            weights = weights_for_gramian(combination, gramian, method, self.context.max_norm(method.max_norm))
             cotangent = torch.tensordot(weights.to(jz.dtype), jz, dims=1)
             update = torch.autograd.grad(features, shared, cotangent, allow_unused=True)
-            accumulate(shared, update)
-            accumulate([*split.head_side, *split.trunk_side], [*head_grads, *trunk_grads])
+            self._write(shared, update, False, [*split.head_side, *split.trunk_side], [*head_grads, *trunk_grads])
             return combination
         eye = torch.eye(n, dtype=balanced.dtype, device=balanced.device)
         gramian, _ = streaming_gramian(balanced, shared, [], eye, self.memo, kind="whole", final=False)
         self.last_path = "gramian"
         task_grads = summed_gradient(balanced, task_params)
         if self.check_finite:
-            require_finite(gramian, task_grads)
-        combination = call_method(method, gramian, balanced.detach())
-        weights = weights_for_gramian(combination, gramian, method)
+            require_finite(gramian, task_grads, agree=self.context.agree)
+        combination = self._call(method, gramian, balanced, power=2)
+        weights = weights_for_gramian(combination, gramian, method, self.context.max_norm(method.max_norm))
         update = torch.autograd.grad(balanced, shared, weights.to(balanced.dtype), allow_unused=True)
-        accumulate(task_params, task_grads)
-        accumulate(shared, update)
+        self._write(shared, update, False, task_params, task_grads)
         return combination
+
+    def _call(self, method: GradientBalancer, matrix: Tensor, balanced: Tensor, power: int) -> Combination:
+        """The method's combination of J (``power`` 1) or G (2) and ℓ̃, as they are without the loss scale."""
+        context = self.context
+        return call_method(method, context.unscaled(matrix, power), context.unscaled(balanced.detach()))
 
     def _representation(
         self, balanced: Tensor, shared: Sequence[Tensor], features: Tensor, split: FeatureCut, method: GradientBalancer
@@ -283,15 +389,16 @@ class Engine:
                 matrix if reads_gramian(method) else row_norms(flat),
                 head_grads,
                 rows_finite=lambda: torch.isfinite(rows).all(dim=1),
+                agree=self.context.agree,
             )
-        combination = call_method(method, matrix, balanced.detach())
+        combination = self._call(method, matrix, balanced, power=2 if reads_gramian(method) else 1)
         if combination.weights is not None and combination.direction is None:
             check_weights(combination.weights, n)
             cotangent = (combination.weights.to(flat.dtype) @ flat).reshape(features.shape)
         else:
             assert combination.direction is not None
             check_direction(combination.direction, flat.shape[1], "the flattened features")
-            cotangent = combination.direction.to(features.dtype).reshape(features.shape)
+            cotangent = self.context.scaled(combination.direction.to(features.dtype).reshape(features.shape))
         inputs = [*shared, *split.trunk_side]
         if split.trunk_side:  # they need ∇ Σ ℓ̃ = the product with Σ_k J_z[k]: one 2-batched trunk pass for both
             both = torch.stack([cotangent, jz.sum(0)])
@@ -301,11 +408,26 @@ class Engine:
         else:
             update = list(torch.autograd.grad(features, inputs, cotangent, allow_unused=True))
             trunk_grads = []
-        if method.max_norm is not None:
-            update = clip_blocks(update, method.max_norm)
-        accumulate(shared, update)
-        accumulate([*split.head_side, *split.trunk_side], [*head_grads, *trunk_grads])
+        max_norm = self.context.max_norm(method.max_norm)
+        if max_norm is not None:
+            update = clip_blocks(update, max_norm)
+        self._write(shared, update, False, [*split.head_side, *split.trunk_side], [*head_grads, *trunk_grads])
         return combination
+
+
+def _mean_blocks(
+    ranks: Ranks,
+    n: int,
+    shared: Sequence[Tensor],
+    blocks: Sequence[Tensor | None],
+    task_params: Sequence[Tensor],
+    task_grads: Sequence[Tensor | None],
+) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """The per-task blocks of θ (K, *p.shape) and the task parameters' gradients, averaged over the ranks."""
+    filled = [p.new_zeros((n, *p.shape)) if b is None else b for b, p in zip(blocks, shared, strict=True)]
+    filled += [p.new_zeros(p.shape) if g is None else g for g, p in zip(task_grads, task_params, strict=True)]
+    reduced: list[Tensor | None] = list(ranks.mean(filled))
+    return reduced[: len(shared)], reduced[len(shared) :]
 
 
 def _require_exact(path: str, cut: FeatureCut) -> None:

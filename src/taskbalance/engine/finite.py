@@ -8,7 +8,10 @@ row norms of J (K,), the norm of each other gradient (one fused ``_foreach_norm`
 non-finite. Only then is more computed: whether an other gradient really holds one (its norm may merely
 overflow, which is no error there), and the message.
 
-:func:`require_finite` is the only place that decides what a non-finite step does (today: raise).
+:func:`require_finite` is the only place that decides what a non-finite step does: raise
+:class:`NonFiniteGradientError`, which a Balancer given a GradScaler turns into a skipped step (an update of Inf
+that the scaler skips, every method's state as before). On a process group whose ranks check their own gradients
+(``distributed="local"``) the verdict is agreed first, so that every rank raises or none does.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ _ADVICE = (
     "Nothing was changed. Fix the computation there (sqrt, log or a division at 0 has an infinite derivative; add "
     "a small constant), scale that loss down, or pass Balancer(check_finite=False) to let non-finite values through."
 )
+
+
+class NonFiniteGradientError(ValueError):
+    """A gradient of finite losses is NaN or Inf (or G = J Jᵀ overflows): the step cannot be balanced."""
 
 
 def _present(tensors: Sequence[Tensor | None]) -> list[Tensor]:
@@ -48,25 +55,36 @@ def require_finite(
     others: Sequence[Tensor | None] = (),
     *,
     rows_finite: Callable[[], Tensor] | None = None,
+    agree: Callable[[bool], bool] | None = None,
 ) -> None:
-    """Raise one ValueError unless every gradient of this step is finite.
+    """Raise one :class:`NonFiniteGradientError` unless every gradient of this step is finite.
 
     Args:
         per_task: G (K × K) or the row norms of J (K,), or None (no per-task gradients on this path).
         others: further gradients (the task parameters', or the summed update) checked for NaN/Inf only.
         rows_finite: on failure, whether each row of J has only finite entries (K,), to tell a non-finite
             gradient from an overflowing norm; without it that is told from G's diagonal where it can be.
+        agree: the verdict of every rank from this rank's (True: all finite), when each rank checks its own.
     """
+    finite = _finite(per_task, others)
+    if agree is not None and not agree(finite) and finite:
+        raise NonFiniteGradientError(f"another rank's gradient is non-finite (NaN or Inf). {_ADVICE}")
+    if finite:
+        return
+    broken = [i for i, t in enumerate(_present(others)) if not bool(torch.isfinite(t).all())]
+    raise NonFiniteGradientError(_describe(per_task, len(broken), rows_finite))
+
+
+def _finite(per_task: Tensor | None, others: Sequence[Tensor | None]) -> bool:
+    """Whether the step may go on: no NaN/Inf anywhere (an other gradient whose norm merely overflows is finite)."""
     parts = [] if per_task is None else [per_task.detach().reshape(-1).float()]
     sizes = norms(others)
     if sizes is not None:
         parts.append(sizes)
     if not parts or bool(torch.isfinite(torch.cat(parts)).all()):
-        return
-    broken = [i for i, t in enumerate(_present(others)) if not bool(torch.isfinite(t).all())]
-    if (per_task is None or bool(torch.isfinite(per_task).all())) and not broken:
-        return  # an other gradient's norm overflowed, its entries are finite: nothing reads its norm
-    raise ValueError(_describe(per_task, len(broken), rows_finite))
+        return True
+    broken = any(not bool(torch.isfinite(t).all()) for t in _present(others))
+    return not broken and (per_task is None or bool(torch.isfinite(per_task).all()))
 
 
 def _describe(per_task: Tensor | None, broken: int, rows_finite: Callable[[], Tensor] | None) -> str:
