@@ -265,10 +265,10 @@ class Balancer(nn.Module):
         shared = self._check_shared(shared_params, losses)
         ranks = Ranks.of(self.distributed, self.group)
         if accumulate or self._micro_batches.pending:
-            return self._accumulated(losses, shared, scaler, ranks, start, last=not accumulate)
+            return self._accumulated(losses, shared, features, scaler, ranks, start, last=not accumulate)
         self._engine.check(losses, shared, self.gradient, features, StepContext(ranks=ranks))
         values, seen = self._global_losses(losses, shared, ranks)
-        if not self._values_usable(values, scaler, ranks):
+        if not self._values_usable(values, scaler):
             return self._skip(losses, shared, seen, scaler)
         try:
             with atomic(self):
@@ -304,17 +304,17 @@ class Balancer(nn.Module):
         mean = Ranks.mean_of(gathered, losses)
         return gathered, (losses - losses.detach()) + mean
 
-    def _values_usable(self, values: Tensor, scaler: GradScaler | None, ranks: Ranks | None) -> bool:
+    def _values_usable(self, values: Tensor, scaler: GradScaler | None) -> bool:
         """Refuse loss values the methods cannot take; False (skip the step) for a non-finite one with a scaler."""
         finite = torch.isfinite(values)
         if not bool(finite.all()):
             if scaler is not None:
                 return False
             if self.check_finite:
-                raise ValueError(f"non-finite loss (NaN or Inf) for {_where(~finite, ranks)}: {values.tolist()}")
+                raise ValueError(f"non-finite loss (NaN or Inf) for {_where(~finite)}: {values.tolist()}")
         if self.loss.takes_log and not bool((values > 0).all()):
             raise ValueError(
-                f"{type(self.loss).__name__} takes log L_k, but {_where(values <= 0, ranks)} have loss <= 0: "
+                f"{type(self.loss).__name__} takes log L_k, but {_where(values <= 0)} have loss <= 0: "
                 f"{values.tolist()}. Use strictly positive losses (e.g. add a small constant)."
             )
         return True
@@ -329,7 +329,7 @@ class Balancer(nn.Module):
         """What must be the same on every rank: K, the settings, each method's class and options (not its seed,
         which the state carries: rank 0's is taken)."""
         methods = [
-            f"{name or 'balancer'}={type(module).__name__}{module._identity()}"
+            f"{name or 'balancer'}={type(module).__name__}({_options_text(module._identity())})"
             for name, module in self.named_modules()
             if isinstance(module, Declared)
         ]
@@ -357,6 +357,7 @@ class Balancer(nn.Module):
         self,
         losses: Tensor,
         shared: list[Tensor],
+        features: Tensor | None,
         scaler: GradScaler | None,
         ranks: Ranks | None,
         start: float,
@@ -367,23 +368,27 @@ class Balancer(nn.Module):
         heads = [t for t in reachable_leaves(losses) if all(t is not p for p in shared)]
         inputs = [*shared, *heads]
         micro.check_inputs(inputs)
-        self._engine.check_method(self.gradient)
-        if not last and not bool(torch.isfinite(losses.detach()).all()) and scaler is not None:
-            micro.record(losses.detach(), [p.new_zeros((self.n_tasks, *p.shape)) for p in inputs], inputs, False)
+        self._engine.check(losses, shared, self.gradient, features, StepContext(ranks=ranks))
+        represent = self._engine.path == "representation"
+        values = losses.detach()
+        if not bool(torch.isfinite(values).all()) and scaler is not None and not last:
+            micro.record(values, [p.new_zeros((self.n_tasks, *p.shape)) for p in inputs], inputs, False)
             return None
         if not last:
-            self._values_usable(losses.detach(), None, None)
-        scale = 1.0
-        if scaler is not None:
-            scale = _scale_of(scaler, losses)
-        blocks = self._engine.raw_jacobian(losses if scale == 1.0 else losses * scale, inputs)
-        blocks = [b if scale == 1.0 else b / scale for b in blocks]
-        finite = self._blocks_finite(blocks, scaler is not None)
+            self._values_usable(values, None)
+        scale = _scale_of(scaler, losses)
+        scaled = losses if scale == 1.0 else losses * scale
+        feature_rows = None
+        if represent:
+            assert features is not None  # the engine's check requires them
+            feature_rows = self._engine.feature_rows(scaled, features) / scale
+        blocks = [b if scale == 1.0 else b / scale for b in self._engine.raw_jacobian(scaled, inputs)]
+        finite = self._blocks_finite(blocks, scaler is not None or ranks is not None)
         if not last:
-            micro.record(losses, blocks, inputs, finite)
+            micro.record(losses, blocks, inputs, finite, feature_rows)
             return None
-        mean, total = micro.totals(losses, blocks)
-        finite = finite and micro.finite and bool(torch.isfinite(losses.detach()).all())
+        mean, total, represented = micro.totals(losses, blocks, feature_rows)
+        finite = finite and micro.finite and bool(torch.isfinite(values).all())
         if ranks is not None:
             self._align(ranks)
             gathered = ranks.gather_losses(mean, signature(shared, heads))
@@ -393,8 +398,13 @@ class Balancer(nn.Module):
             finite = ranks.all_true(finite)
         if not finite:
             micro.clear()
+            if scaler is None:
+                raise NonFiniteGradientError(
+                    "a per-task gradient of an accumulated micro-batch is non-finite (NaN or Inf) although the "
+                    "losses are finite, on this or another rank; the pending micro-batches were dropped"
+                )
             return self._skip(losses, shared, mean, scaler)
-        self._values_usable(mean, None, None)
+        self._values_usable(mean, None)
         context = StepContext(scale, ranks)
         with atomic(self):
             leaf = mean.detach().clone().requires_grad_(True)
@@ -419,6 +429,7 @@ class Balancer(nn.Module):
                 [*head_grads, *own_grads],
                 self.gradient,
                 context,
+                None if represented is None else context.scaled(chain.to(represented.dtype) @ represented),
             )
         micro.clear()
         overhead = time.perf_counter() - (start if combination is not None else before_engine)
@@ -451,7 +462,7 @@ class Balancer(nn.Module):
         checked = self._check_losses(losses, need_grad=False).detach()
         ranks = Ranks.of(self.distributed, self.group)
         values = checked if ranks is None else ranks.gather_losses(checked, [0.0] * 5)
-        self._values_usable(values, None, ranks)
+        self._values_usable(values, None)
         seen = checked if ranks is None else Ranks.mean_of(values, checked)
         with atomic(self):
             self.loss.after_step(seen)
@@ -541,7 +552,11 @@ class Balancer(nn.Module):
         return f"n_tasks={self.n_tasks}, engine={self.engine!r}{every}"
 
 
-def _where(mask: Tensor, ranks: Ranks | None) -> str:
+def _options_text(options: Mapping[str, Any]) -> str:
+    return ", ".join(f"{name}={value!r}" for name, value in options.items())
+
+
+def _where(mask: Tensor) -> str:
     """Which tasks (and, for values gathered from every rank, which ranks) ``mask`` marks."""
     if mask.dim() == 1:
         return f"task(s) {torch.nonzero(mask).flatten().tolist()}"

@@ -34,11 +34,14 @@ def losses_of(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return features, losses
 
 
-def train(spec: str, rank: int, world: int, wrap_ddp: bool = False, **options: Any) -> dict[str, Tensor]:
+def train(
+    spec: str, rank: int, world: int, wrap_ddp: bool = False, micro_batches: int = 1, **options: Any
+) -> dict[str, Tensor]:
     """STEPS steps of SGD on this rank's shard of each global batch; the model's and the balancer's final state.
 
     The balancer is built after seeding with the rank: methods seeded from the global RNG start apart on each
-    rank, so equal results show that rank 0's state was taken.
+    rank, so equal results show that rank 0's state was taken. ``micro_batches`` > 1 accumulates the shard in
+    that many micro-batches (``accumulate=True`` on all but the last).
     """
     torch.manual_seed(1000 + rank)
     model = TinyMTL(n_tasks=N_TASKS, seed=0)
@@ -46,11 +49,14 @@ def train(spec: str, rank: int, world: int, wrap_ddp: bool = False, **options: A
     net: nn.Module = nn.parallel.DistributedDataParallel(model) if wrap_ddp else model
     optimizer = torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=0.05)
     shard = GLOBAL_BATCH // world
+    micro = shard // micro_batches
     for step, (x, y) in enumerate(batches()):
         xs, ys = x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]
         optimizer.zero_grad()
-        features, losses = losses_of(net, xs, ys)
-        balancer.backward(losses, model.encoder.parameters(), features=features)
+        for i in range(micro_batches):
+            part = slice(i * micro, (i + 1) * micro)
+            features, losses = losses_of(net, xs[part], ys[part])
+            balancer.backward(losses, model.encoder.parameters(), features=features, accumulate=i < micro_batches - 1)
         optimizer.step()
         with torch.no_grad():
             balancer.after_step(losses_of(net, xs, ys)[1])
@@ -93,26 +99,57 @@ def run_ranks(rank: int, world: int, port: int, out: str, job: Callable[[int, in
 
 #: every method of the issue's list, and two compositions
 SPECS = [
-    "ew",
-    "si",
-    "uw",
-    "dwa",
-    "famo",
-    "igbv1",
-    "igbv2",
-    "dbmtl",
-    "nashmtl",
-    "upgrad",
-    "cagrad",
-    "imgrad",
-    "mgda",
-    "pcgrad",
-    "graddrop",
+    *[
+        "ew",
+        "si",
+        "uw",
+        "dwa",
+        "famo",
+        "igbv1",
+        "igbv2",
+        "dbmtl",
+        "nashmtl",
+        "upgrad",
+        "cagrad",
+        "imgrad",
+        "mgda",
+        "pcgrad",
+        "graddrop",
+    ],
     "igbv1+nashmtl",
     "igbv2+cagrad",
+    # IGBv2 whose agent trains from the 2nd epoch (5 steps) and whose policy acts from the 3rd
+    "igbv2[base_epoch=0,train_epoch=1,policy_epoch=2,update_every=2,batch_size=4]",
 ]
 
+#: (label, spec, options of train) of one run
+Run = tuple[str, str, dict[str, Any]]
 
-def train_all(rank: int, world: int, specs: tuple[str, ...] = tuple(SPECS), **options: Any) -> dict[str, Any]:
-    """:func:`train` for each spec (one group for all: a spawn costs seconds)."""
-    return {spec: train(spec, rank, world, **options) for spec in specs}
+
+def train_runs(rank: int, world: int, runs: tuple[Run, ...]) -> dict[str, Any]:
+    """:func:`train` for each run (one process group for all: a spawn costs seconds)."""
+    return {label: train(spec, rank, world, **options) for label, spec, options in runs}
+
+
+def refusals(rank: int, world: int) -> dict[str, str]:
+    """What each rank is told when the ranks disagree (each case must raise on every rank, never hang)."""
+    told: dict[str, str] = {}
+    x, y = batches(1)[0]
+
+    def attempt(case: str, balancer: tb.Balancer, model: TinyMTL, shared: list[nn.Parameter], losses: Tensor) -> None:
+        try:
+            balancer.backward(losses, shared)
+        except ValueError as error:
+            told[case] = str(error)
+
+    model = TinyMTL(n_tasks=N_TASKS, seed=0)
+    everything = list(model.encoder.parameters())
+    shared = everything if rank == 0 else everything[:2]
+    attempt("shared", tb.make("mgda", n_tasks=N_TASKS), model, shared, losses_of(model, x, y)[1])
+    balancer = tb.make(f"igbv1[base_epoch={1 + rank}]", n_tasks=N_TASKS)
+    attempt("options", balancer, model, everything, losses_of(model, x, y)[1])
+    losses = losses_of(model, x, y)[1]
+    if rank == 1:
+        losses = losses * torch.tensor([1.0, float("nan"), 1.0])
+    attempt("nan", tb.make("nashmtl", n_tasks=N_TASKS), model, everything, losses)
+    return told

@@ -48,8 +48,8 @@ is scaled before the update backward.
 
 from __future__ import annotations
 
-from .engine import Engine
+from .engine import CompiledModelWarning, Engine
 from .paths import ENGINE_PATHS, EnginePath
 from .vjp import EngineFallbackWarning
 
-__all__ = ["ENGINE_PATHS", "Engine", "EngineFallbackWarning", "EnginePath"]
+__all__ = ["ENGINE_PATHS", "CompiledModelWarning", "Engine", "EngineFallbackWarning", "EnginePath"]

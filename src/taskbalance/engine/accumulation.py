@@ -33,10 +33,12 @@ class MicroBatches:
         self.blocks: list[Tensor] = []
         self.inputs: tuple[int, ...] = ()
         self.finite = True
+        self.features: list[Tensor] = []
 
     def clear(self) -> None:
         """Drop the recorded micro-batches (after the step that balanced them, or on request)."""
         self.count, self.loss_sum, self.blocks, self.inputs, self.finite = 0, None, [], (), True
+        self.features = []
 
     @property
     def pending(self) -> bool:
@@ -52,17 +54,34 @@ class MicroBatches:
                 "shared_params, or call reset_accumulation() to drop the pending ones"
             )
 
-    def totals(self, losses: Tensor, blocks: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """The whole batch's mean losses and mean J_L with the last micro-batch (new tensors; nothing recorded)."""
+    def totals(
+        self, losses: Tensor, blocks: Sequence[Tensor], features: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor], Tensor | None]:
+        """The whole batch's mean losses, mean J_L and feature Jacobian with the last micro-batch (new tensors;
+        nothing recorded). The whole batch's J_z holds each micro-batch's columns divided by N: its features are
+        the micro-batches' side by side, and its loss is their mean."""
         n = self.count + 1
+        represented = None if features is None else torch.cat([*self.features, features], dim=1) / n
         if not self.pending:
-            return losses.detach().clone(), list(blocks)
+            return losses.detach().clone(), list(blocks), represented
         assert self.loss_sum is not None
         mean_losses = (self.loss_sum + losses.detach()) / n
-        return mean_losses, [(total + block) / n for total, block in zip(self.blocks, blocks, strict=True)]
+        totals = [(total + block) / n for total, block in zip(self.blocks, blocks, strict=True)]
+        return mean_losses, totals, represented
 
-    def record(self, losses: Tensor, blocks: Sequence[Tensor], inputs: Sequence[Tensor], finite: bool) -> None:
-        """Add one micro-batch (not the last); ``finite`` False marks the whole step to be skipped."""
+    def record(
+        self,
+        losses: Tensor,
+        blocks: Sequence[Tensor],
+        inputs: Sequence[Tensor],
+        finite: bool,
+        features: Tensor | None = None,
+    ) -> None:
+        """Add one micro-batch (not the last); ``finite`` False marks the whole step to be skipped. ``features``:
+        the per-task gradients of the raw losses w.r.t. the flattened features (K × B_i·d), for the
+        representation path (MGDA-UB), which reads them instead of J."""
+        if features is not None:
+            self.features.append(features)
         if not self.pending:
             self.loss_sum = losses.detach().clone()
             self.blocks = [block.clone() for block in blocks]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -13,11 +14,15 @@ from .context import StepContext
 from .distributed import Ranks
 from .finite import require_finite, row_norms
 from .grad import accumulate, accumulate_summed, backward, clip_blocks, unaliased
-from .graph import FeatureCut, reachable_leaves, task_split
+from .graph import FeatureCut, reachable_leaves, task_split, through_compiled
 from .heads import features_jacobian
 from .paths import CUT_PATHS, ENGINE_PATHS, FEATURE_PATHS, EnginePath, resolve_auto
 from .reuse import WeightReuse
 from .vjp import BlockBuffers, VmapMemo, batched_vjp, streaming_gramian, summed_gradient
+
+
+class CompiledModelWarning(RuntimeWarning):
+    """A model compiled as one graph hides the features from ``auto``, which then takes K full backward passes."""
 
 
 class Engine:
@@ -47,6 +52,7 @@ class Engine:
         self.buffers = BlockBuffers()
         self.last_path = ""
         self.context = StepContext()
+        self.warned_compiled = False
 
     @property
     def fell_back(self) -> bool:
@@ -151,6 +157,15 @@ class Engine:
         blocks = batched_vjp(losses, inputs, eye, self.memo, kind="raw", final=True, try_vmap=vmap)
         return [p.new_zeros((n, *p.shape)) if b is None else b for b, p in zip(blocks, inputs, strict=True)]
 
+    def feature_rows(self, losses: Tensor, features: Tensor) -> Tensor:
+        """The per-task gradients of ``losses`` w.r.t. the flattened ``features`` (K × numel), keeping the graph:
+        what the representation path reads, recorded by a micro-batch of exact accumulation."""
+        n = losses.shape[0]
+        eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
+        vmap = losses.device.type != "cpu"
+        (rows,) = batched_vjp(losses, [features], eye, self.memo, kind="raw features", final=False, try_vmap=vmap)
+        return features.new_zeros((n, features.numel())) if rows is None else rows.reshape(n, -1)
+
     def step_blocks(
         self,
         balanced: Tensor,
@@ -160,10 +175,12 @@ class Engine:
         task_grads: Sequence[Tensor | None],
         method: GradientBalancer,
         context: StepContext,
+        represented: Tensor | None = None,
     ) -> Combination | None:
         """One balanced step from per-task blocks of θ computed beforehand (accumulated micro-batches, averaged
         over exact ranks already): sum, reuse or solve, as :meth:`step` does from a graph. ``balanced`` holds the
-        values of ℓ̃ and, like the blocks and ``task_grads``, carries the context's loss scale."""
+        values of ℓ̃ and, like the blocks and ``task_grads``, carries the context's loss scale. ``represented``:
+        J_z of ℓ̃ (K × numel of the features), which the representation path hands the method instead of J."""
         self.context = context
         n = balanced.shape[0]
         if method.needs == "nothing":
@@ -178,23 +195,65 @@ class Engine:
             self.last_path = "reuse"
             weights = reused.to(device=balanced.device, dtype=balanced.dtype)
             check_weights(weights, n)
-            update = [
-                None if b is None else (weights.to(b.dtype) @ b.reshape(n, -1)).view(p.shape)
-                for b, p in zip(blocks, shared, strict=True)
-            ]
-            max_norm = context.max_norm(method.max_norm)
-            if max_norm is not None:
-                update = clip_blocks(update, max_norm)
+            update = self._weighted(blocks, shared, Combination(weights=weights), method)
             if self.check_finite:
                 require_finite(None, [*update, *task_grads], agree=context.agree)
             self._write(shared, update, True, task_params, task_grads, True)
             return Combination(weights=weights)
+        if represented is not None:
+            combination = self._represented_blocks(balanced, shared, blocks, represented, method)
+            self._write(
+                shared, self._weighted(blocks, shared, combination, method), True, task_params, task_grads, True
+            )
+            self.reuse.keep(combination)
+            return combination
         self.last_path = "accumulated"
         check = task_grads if self.check_finite else None
         combination, update, owned = apply_blocks(balanced, shared, blocks, method, None, check, context)
         self._write(shared, update, owned, task_params, task_grads, True)
         self.reuse.keep(combination)
         return combination
+
+    def _represented_blocks(
+        self,
+        balanced: Tensor,
+        shared: Sequence[Tensor],
+        blocks: Sequence[Tensor | None],
+        represented: Tensor,
+        method: GradientBalancer,
+    ) -> Combination:
+        """The representation path's solve from an accumulated J_z: the method reads J_z (or G_z) and must return
+        weights, which then combine the blocks of θ (a direction in feature space needs the features' graph)."""
+        self.last_path = "representation"
+        gramian = reads_gramian(method)
+        matrix = represented @ represented.T if gramian else represented
+        if self.check_finite:
+            require_finite(matrix if gramian else row_norms(represented), agree=self.context.agree)
+        combination = self._call(method, matrix, balanced, power=2 if gramian else 1)
+        if combination.weights is None or combination.direction is not None:
+            raise ValueError(
+                f"{type(method).__name__} returned a direction in feature space, which accumulated micro-batches "
+                "cannot apply (their graphs are freed); use another engine path to accumulate with it"
+            )
+        check_weights(combination.weights, balanced.shape[0])
+        return combination
+
+    def _weighted(
+        self,
+        blocks: Sequence[Tensor | None],
+        shared: Sequence[Tensor],
+        combination: Combination,
+        method: GradientBalancer,
+    ) -> list[Tensor | None]:
+        """Σ_k w_k B_k per block of θ, clipped to the method's ``max_norm`` (blocks and update carry the scale)."""
+        assert combination.weights is not None
+        n = combination.weights.shape[0]
+        update: list[Tensor | None] = [
+            None if b is None else (combination.weights.to(b.dtype) @ b.reshape(n, -1)).view(p.shape)
+            for b, p in zip(blocks, shared, strict=True)
+        ]
+        max_norm = self.context.max_norm(method.max_norm)
+        return update if max_norm is None else clip_blocks(update, max_norm)
 
     def __call__(
         self,
@@ -263,6 +322,8 @@ class Engine:
             gramian_only = reads_gramian(method) and self.context.exact_ranks is None
             size = balanced.shape[0] * sum(p.numel() * p.element_size() for p in shared) if gramian_only else 0
             path, trunk_vmap = resolve_auto(split.exact, balanced.device, size, gramian_only)
+            if features is not None and not split.exact:
+                self._warn_compiled(balanced)
         if path == "representation":
             assert features is not None
             return self._representation(balanced, shared, features, split, method)
@@ -314,6 +375,20 @@ class Engine:
             update, task_grads, owned, owned_task = both[: len(shared)], both[len(shared) :], True, True
         accumulate(task_params, task_grads, owned=owned_task)
         accumulate(shared, update, owned=owned)
+
+    def _warn_compiled(self, balanced: Tensor) -> None:
+        """Say once why a compiled model costs K full backward passes, and what to do."""
+        if self.warned_compiled or not through_compiled(balanced):
+            return
+        self.warned_compiled = True
+        warnings.warn(
+            "taskbalance engine: the model is compiled as one graph (torch.compile), so its features and heads sit "
+            "inside one compiled node and 'auto' cannot take the features-first path: each step runs K backward "
+            "passes through the whole model instead. Compile the encoder alone (model.encoder = "
+            "torch.compile(model.encoder)) and keep the heads and the balancer eager: same gradients, features-first.",
+            CompiledModelWarning,
+            stacklevel=5,
+        )
 
     def _features(
         self, balanced: Tensor, shared: Sequence[Tensor], features: Tensor, split: FeatureCut, trunk_vmap: bool

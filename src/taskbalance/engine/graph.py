@@ -69,6 +69,23 @@ def leaves_before(output: Tensor, cut: Tensor | None) -> list[Tensor]:
     return leaves
 
 
+def through_compiled(output: Tensor) -> bool:
+    """Whether the backward graph of ``output`` runs through a node of ``torch.compile`` (one opaque node for
+    everything it compiled: a cut inside it, such as features between a compiled trunk and compiled heads, cannot
+    be seen)."""
+    seen: set[int] = set()
+    stack = [] if output.grad_fn is None else [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if "CompiledFunction" in node.name():
+            return True
+        stack.extend(child for child, _ in node.next_functions if child is not None)
+    return False
+
+
 class FeatureCut:
     """θ, the other leaves, and how they sit around ``features`` z (which leaves ℓ̃ reaches without z)."""
 
