@@ -177,9 +177,9 @@ def test_update_weights_every_counts_optimizer_steps_under_accumulation() -> Non
 def test_a_micro_batch_of_other_parameters_is_refused_and_reset_drops_the_pending_ones() -> None:
     model, balancer = _setup("mgda")
     x, y = _data()
-    features, losses = losses_of(model, x, y)
+    _, losses = losses_of(model, x, y)
     balancer.backward(losses, model.encoder.parameters(), accumulate=True)
-    _features, losses = losses_of(model, x, y)
+    _, losses = losses_of(model, x, y)
     with pytest.raises(ValueError, match="other parameters"):
         balancer.backward(losses, list(model.encoder.parameters())[:2], accumulate=True)
     balancer.reset_accumulation()
