@@ -23,7 +23,7 @@ from torch.amp import GradScaler
 from .engine import Engine, EnginePath
 from .engine.accumulation import MicroBatches, loss_jacobian
 from .engine.context import StepContext
-from .engine.distributed import DistributedMode, Ranks, check_mode, signature
+from .engine.distributed import NO_SIGNATURE, DistributedMode, Ranks, check_mode, signature
 from .engine.finite import NonFiniteGradientError, require_finite
 from .engine.grad import accumulate as accumulate_grads
 from .engine.graph import reachable_leaves
@@ -267,7 +267,7 @@ class Balancer(nn.Module):
         if accumulate or self._micro_batches.pending:
             return self._accumulated(losses, shared, features, scaler, ranks, start, last=not accumulate)
         self._engine.check(losses, shared, self.gradient, features, StepContext(ranks=ranks))
-        values, seen = self._global_losses(losses, shared, ranks)
+        values, seen = self._global_losses(losses, shared, ranks, features)
         if not self._values_usable(values, scaler):
             return self._skip(losses, shared, seen, scaler)
         try:
@@ -290,7 +290,9 @@ class Balancer(nn.Module):
         """Drop the micro-batches recorded by ``backward(..., accumulate=True)`` since the last balanced step."""
         self._micro_batches.clear()
 
-    def _global_losses(self, losses: Tensor, shared: Sequence[Tensor], ranks: Ranks | None) -> tuple[Tensor, Tensor]:
+    def _global_losses(
+        self, losses: Tensor, shared: Sequence[Tensor], ranks: Ranks | None, features: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         """(the values to check, the losses the loss method sees): this process's, or the global batch's.
 
         On a process group the values are every rank's (R × K) and the loss method sees their mean in rank order
@@ -300,7 +302,7 @@ class Balancer(nn.Module):
             return losses.detach(), losses
         self._align(ranks)
         others = [t for t in reachable_leaves(losses) if all(t is not p for p in shared)]
-        gathered = ranks.gather_losses(losses, signature(shared, others))
+        gathered = ranks.gather_losses(losses, signature(shared, others, features))
         mean = Ranks.mean_of(gathered, losses)
         return gathered, (losses - losses.detach()) + mean
 
@@ -461,7 +463,7 @@ class Balancer(nn.Module):
         """
         checked = self._check_losses(losses, need_grad=False).detach()
         ranks = Ranks.of(self.distributed, self.group)
-        values = checked if ranks is None else ranks.gather_losses(checked, [0.0] * 5)
+        values = checked if ranks is None else ranks.gather_losses(checked, NO_SIGNATURE)
         self._values_usable(values, None)
         seen = checked if ranks is None else Ranks.mean_of(values, checked)
         with atomic(self):
