@@ -227,3 +227,42 @@ def test_a_model_compiled_whole_is_exact_on_the_loop_path_and_says_why_once() ->
     assert path == "loop"
     assert len(warned) == 1 and "Compile the encoder alone" in str(warned[0].message)
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("spec", ["igbv1+nashmtl", "dbmtl", "uw", "mgda_ub"])
+def test_accumulation_under_a_scaler_is_the_plain_update_and_an_overflowing_micro_batch_skips_the_step(
+    spec: str,
+) -> None:
+    reference, _ = _plain(spec)
+    model, balancer = _setup(spec)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    optimizer = torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=0.1)
+    x, y = _data()
+
+    def step(overflow_at: int | None) -> tb.BalanceResult | None:
+        result = None
+        for i in range(4):
+            part = slice(4 * i, 4 * i + 4)
+            features, losses = losses_of(model, x[part], y[part])
+            if i == overflow_at:
+                losses = _overflowing(losses, features)
+            result = balancer.backward(
+                losses, model.encoder.parameters(), features=features, scaler=scaler, accumulate=i < 3
+            )
+        return result
+
+    step(None)
+    optimizer_view = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler.unscale_(optimizer_view)
+    assert _relative(_grads(model), reference) <= 1e-5
+    scaler.update()
+    optimizer.zero_grad()
+    state = flat_state(balancer.state_dict(), "")
+    result = step(overflow_at=1)
+    assert result is not None and result.skipped
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == scale / 2
+    after = flat_state(balancer.state_dict(), "")
+    assert all(torch.equal(after[k], state[k]) for k in state)
