@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[dev,rl,bench]"
+python -m pip install -q -e ".[dev,rl,bench,lightning]"
 # pure Python: lets the QM9 model tests run (qm9pack and rdkit, 100+ MB, stay optional; their tests use fixtures)
 python -m pip install -q "torch_geometric>=2.4"
 # torchjd with its UPGrad projector (small wheels): the speed benchmark's comparison is tested against it
