@@ -266,3 +266,19 @@ def test_accumulation_under_a_scaler_is_the_plain_update_and_an_overflowing_micr
     assert scaler.get_scale() == scale / 2
     after = flat_state(balancer.state_dict(), "")
     assert all(torch.equal(after[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("spec", ["nashmtl", "igbv1+upgrad", "dbmtl", "ew"])
+def test_backward_called_inside_the_autocast_region_is_the_backward_called_after_it(spec: str) -> None:
+    outside, inside = [], []
+    for results, within in ((outside, False), (inside, True)):
+        model, balancer = _setup(spec)
+        x, y = _data()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features, losses = losses_of(model, x, y)
+            if within:
+                results.append(balancer.backward(losses, model.encoder.parameters(), features=features).weights)
+        if not within:
+            results.append(balancer.backward(losses, model.encoder.parameters(), features=features).weights)
+        results.append(_grads(model))
+    assert all(torch.equal(a, b) for a, b in zip(outside, inside, strict=True))

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 import warnings
@@ -261,11 +262,24 @@ class Balancer(nn.Module):
         start = time.perf_counter()
         if scaler is not None and not isinstance(scaler, GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
-        losses = self._check_losses(losses)
-        shared = self._check_shared(shared_params, losses)
-        ranks = Ranks.of(self.distributed, self.group)
-        if accumulate or self._micro_batches.pending:
-            return self._accumulated(losses, shared, features, scaler, ranks, start, last=not accumulate)
+        with _autocast_off():  # called inside an autocast region: the balancing itself runs in full precision
+            losses = self._check_losses(losses)
+            shared = self._check_shared(shared_params, losses)
+            ranks = Ranks.of(self.distributed, self.group)
+            if accumulate or self._micro_batches.pending:
+                return self._accumulated(losses, shared, features, scaler, ranks, start, last=not accumulate)
+            return self._step(losses, shared, features, scaler, ranks, start)
+
+    def _step(
+        self,
+        losses: Tensor,
+        shared: list[Tensor],
+        features: Tensor | None,
+        scaler: GradScaler | None,
+        ranks: Ranks | None,
+        start: float,
+    ) -> BalanceResult:
+        """One balanced step of the whole batch (see :meth:`backward`)."""
         self._engine.check(losses, shared, self.gradient, features, StepContext(ranks=ranks))
         values, seen = self._global_losses(losses, shared, ranks, features)
         if not self._values_usable(values, scaler):
@@ -552,6 +566,19 @@ class Balancer(nn.Module):
     def extra_repr(self) -> str:
         every = f", update_weights_every={self.update_weights_every}" if self.update_weights_every > 1 else ""
         return f"n_tasks={self.n_tasks}, engine={self.engine!r}{every}"
+
+
+def _autocast_off() -> contextlib.ExitStack:
+    """A context that turns off every autocast region that is on (the CPU's and accelerators')."""
+    stack = contextlib.ExitStack()
+    for device_type in ("cpu", "cuda", "xpu", "mps"):
+        try:
+            enabled = torch.is_autocast_enabled(device_type)
+        except (TypeError, RuntimeError):  # torch < 2.4 takes no device type; a device type this build lacks
+            continue
+        if enabled:
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
 
 
 def _options_text(options: Mapping[str, Any]) -> str:

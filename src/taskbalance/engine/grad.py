@@ -40,6 +40,8 @@ def accumulate(params: Sequence[Tensor], grads: Sequence[Tensor | None], owned: 
         if g is None:
             continue
         g = g.detach().reshape(p.shape)
+        if g.dtype != p.dtype:  # .grad is in the parameter's own dtype (a bf16 product under autocast)
+            g = g.to(p.dtype)
         if p.grad is not None:
             p.grad.add_(g)
         elif owned and g.stride() == p.stride():
