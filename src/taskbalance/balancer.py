@@ -281,7 +281,7 @@ class Balancer(nn.Module):
     ) -> BalanceResult:
         """One balanced step of the whole batch (see :meth:`backward`)."""
         self._engine.check(losses, shared, self.gradient, features, StepContext(ranks=ranks))
-        values, seen = self._global_losses(losses, shared, ranks, features)
+        values, seen = self._global_losses(losses, shared, ranks)
         if not self._values_usable(values, scaler):
             return self._skip(losses, shared, seen, scaler)
         try:
@@ -304,9 +304,7 @@ class Balancer(nn.Module):
         """Drop the micro-batches recorded by ``backward(..., accumulate=True)`` since the last balanced step."""
         self._micro_batches.clear()
 
-    def _global_losses(
-        self, losses: Tensor, shared: Sequence[Tensor], ranks: Ranks | None, features: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
+    def _global_losses(self, losses: Tensor, shared: Sequence[Tensor], ranks: Ranks | None) -> tuple[Tensor, Tensor]:
         """(the values to check, the losses the loss method sees): this process's, or the global batch's.
 
         On a process group the values are every rank's (R × K) and the loss method sees their mean in rank order
@@ -316,7 +314,7 @@ class Balancer(nn.Module):
             return losses.detach(), losses
         self._align(ranks)
         others = [t for t in reachable_leaves(losses) if all(t is not p for p in shared)]
-        gathered = ranks.gather_losses(losses, signature(shared, others, features))
+        gathered = ranks.gather_losses(losses, signature(shared, others))
         mean = Ranks.mean_of(gathered, losses)
         return gathered, (losses - losses.detach()) + mean
 

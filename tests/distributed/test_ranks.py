@@ -121,4 +121,3 @@ def test_ranks_that_disagree_are_all_refused_with_one_clear_error(tmp_path: Path
         assert "ranks [1] hold another balancer than rank 0" in rank["options"]
         assert "base_epoch=2" in rank["options"]
         assert "non-finite loss (NaN or Inf) for task(s) [1] on rank(s) [1]" in rank["nan"]
-        assert "ranks [1] have other shard sizes than rank 0" in rank["shard"]

@@ -148,11 +148,6 @@ def refusals(rank: int, world: int) -> dict[str, str]:
     attempt("shared", tb.make("mgda", n_tasks=N_TASKS), model, shared, losses_of(model, x, y)[1])
     balancer = tb.make(f"igbv1[base_epoch={1 + rank}]", n_tasks=N_TASKS)
     attempt("options", balancer, model, everything, losses_of(model, x, y)[1])
-    features, losses = losses_of(model, x[: 8 - rank], y[: 8 - rank])
-    try:
-        tb.make("ew", n_tasks=N_TASKS).backward(losses, everything, features=features)
-    except ValueError as error:
-        told["shard"] = str(error)
     losses = losses_of(model, x, y)[1]
     if rank == 1:
         losses = losses * torch.tensor([1.0, float("nan"), 1.0])

@@ -2,6 +2,8 @@
 
 Data parallelism splits a batch into equal shards, one per rank; with mean-reduced losses the global batch's loss
 of task k is L_k = (1/R) Σ_r L_k^(r), and every gradient of it is the mean over ranks of the shards' gradients.
+(Shards of unequal sizes n_r, as DDP, count equally: pass L^(r) · R·n_r/n to weigh every sample alike, as
+``taskbalance run --nproc`` does for a last, smaller batch.)
 A balancer that works on each shard alone solves R different problems, so the ranks drift apart. Here:
 
 - **Losses** (every mode): each rank contributes its K raw losses and a signature of what it balances (the
@@ -38,15 +40,8 @@ from torch import Tensor, nn
 
 DistributedMode = Literal["exact", "local", "none"]
 DISTRIBUTED_MODES: tuple[str, ...] = ("exact", "local", "none")
-#: the signature numbers gathered with the losses, and what a difference in each means
-_SIGNATURE = (
-    "balance other parameters than rank 0 (number, sizes or shapes of the shared parameters or of the task "
-    "parameters differ): every rank must pass the same shared_params of the same model",
-) * 5 + (
-    "have other shard sizes than rank 0 (the features' first dimension): the mean of the shards' mean losses "
-    "would weigh samples unequally; give every rank an equal shard (DistributedSampler pads to equal sizes, or "
-    "drop the last incomplete batch)",
-)
+#: what a rank balances, gathered with its losses (see :func:`signature`): must be the same on every rank
+_SIGNATURE = 5
 
 
 def _dist() -> Any:
@@ -101,16 +96,18 @@ class Ranks:
     def gather_losses(self, losses: Tensor, signature: Sequence[float]) -> Tensor:
         """Every rank's K raw losses (R, K), gathered (on the group's device) with a :func:`signature` that must be
         the same on every rank."""
-        size = len(_SIGNATURE)
+        size = _SIGNATURE
         row = torch.cat([losses.detach().double(), torch.tensor(signature, dtype=torch.float64)]).to(self.device)
         rows = [torch.empty_like(row) for _ in range(self.world)]
         _dist().all_gather(rows, row, group=self.group)
         gathered = torch.stack(rows).to(losses.device)
-        differ = gathered[:, -size:] != gathered[0, -size:]
+        differ = (gathered[:, -size:] != gathered[0, -size:]).any(dim=1)
         if bool(differ.any()):
-            ranks = torch.nonzero(differ.any(dim=1)).flatten().tolist()
-            meaning = _SIGNATURE[int(torch.nonzero(differ.any(dim=0)).flatten()[0])]
-            raise ValueError(f"ranks {ranks} {meaning}, so the global batch cannot be balanced exactly")
+            raise ValueError(
+                f"ranks {torch.nonzero(differ).flatten().tolist()} balance other parameters than rank 0 (number, "
+                "sizes or shapes of the shared parameters or of the task parameters differ): every rank must pass "
+                "the same shared_params of the same model, or the global batch cannot be balanced exactly"
+            )
         return gathered[:, :-size]
 
     @staticmethod
@@ -174,21 +171,18 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
-def signature(shared: Sequence[Tensor], others: Sequence[Tensor], features: Tensor | None = None) -> list[float]:
-    """What a rank balances, as float64-exact numbers (see :data:`_SIGNATURE`): counts, sizes and a hash of the
-    shapes of the shared and the other parameters, and the shard size (the features' first dimension; -1 when no
-    features are given, so that ranks which do not say are not compared)."""
+def signature(shared: Sequence[Tensor], others: Sequence[Tensor]) -> list[float]:
+    """What a rank balances, as :data:`_SIGNATURE` float64-exact numbers: the counts, sizes and a hash of the shapes
+    of the shared parameters and of the other leaves."""
     shapes = hash((tuple(tuple(p.shape) for p in shared), tuple(tuple(p.shape) for p in others))) % 2**52
-    shard = -1 if features is None or features.dim() == 0 else features.shape[0]
     return [
         float(len(shared)),
         float(sum(p.numel() for p in shared)),
         float(len(others)),
         float(sum(p.numel() for p in others)),
         float(shapes),
-        float(shard),
     ]
 
 
 #: the signature of a call that balances nothing (``after_step``)
-NO_SIGNATURE = [0.0] * len(_SIGNATURE)
+NO_SIGNATURE = [0.0] * _SIGNATURE
