@@ -37,6 +37,7 @@ examples:
   taskbalance run multimnist --methods ew,igbv1+nashmtl --seeds 3 --epochs 20
   taskbalance run multifashion_mnist --protocol paper --seeds 0,1,2 --device cuda --out runs/fm-paper
   taskbalance run multimnist --out runs/multimnist --resume     # continue an interrupted run
+  taskbalance run multimnist --nproc 2 --threads 2              # each method run on 2 processes
 
 Each run of a seed starts from the same initialisation and sees the same batches. Single-task baselines are
 trained first (cached in $TASKBALANCE_CACHE/stl, default ~/.cache/taskbalance/stl, and reused; delete it to
@@ -123,6 +124,7 @@ def _run(args: argparse.Namespace) -> int:
             threads=args.threads,
             progress=not args.no_progress,
             command=args.command_line,
+            nproc=args.nproc,
         )
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with the same command and --out {out} --resume", file=sys.stderr)
@@ -243,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="CPU threads for torch (default 1: CPU results then do not depend on the core count, and a small "
         "model gains little from more threads; raise it for large models on the CPU)",
+    )
+    run.add_argument(
+        "--nproc",
+        type=_positive,
+        default=1,
+        help="processes that train each method run together, each on its share of every batch (default 1; at "
+        "most the CPU count, or the GPU count with --device cuda; must divide the batch size); each process gets "
+        "--threads / N torch threads, at least one",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(handler=_run)

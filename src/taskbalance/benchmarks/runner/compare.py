@@ -16,6 +16,11 @@ fingerprint of :mod:`.fingerprint`), ``data_manifest.json``, ``results.json`` / 
 finished runs, continues the others from their last checkpoint, and adds the methods and seeds not yet in the
 folder. A start that fails before any run wrote to a new folder (missing data, a missing extra) removes the
 config.json it wrote, so the same command starts afresh.
+
+``nproc=N`` > 1 trains the method runs on N local processes, each on its share of every global batch
+(:mod:`.launch`); the baselines, the checks and the summary stay in the calling process. The fingerprint records N:
+a resume with another N is refused (each rank draws its own dropout stream, so the continued run would be neither
+the N- nor the M-process run).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from .fingerprint import (
     manifest_digest,
     merged,
 )
+from .launch import check_nproc, check_shards, train_on_ranks
 from .training import SELECTION_RULE, Job, RunTrainer, Settings, StepHook, torch_threads
 
 #: bump when a change makes cached single-task baselines stale
@@ -287,6 +293,7 @@ def run(
     progress: bool = True,
     command: str | None = None,
     on_step: StepHook | None = None,
+    nproc: int = 1,
 ) -> RunResults:
     """Train the single-task baselines and every method × seed of ``benchmark``; write and return the results.
 
@@ -303,7 +310,9 @@ def run(
         threads: CPU threads for torch during the run (None: torch's default).
         progress: show progress bars (on stderr).
         command: the command line recorded in config.json.
-        on_step: called as ``on_step(job, epoch, step)`` after every optimizer step (monitoring, tests).
+        on_step: called as ``on_step(job, epoch, step)`` after every optimizer step (monitoring, tests); with
+            ``nproc`` > 1, in every rank of the method runs (it must pickle).
+        nproc: processes that train each method run together (1: this process alone); see :mod:`.launch`.
 
     Raises:
         ValueError: bad arguments, unknown benchmark / method / protocol, or settings that differ on resume.
@@ -327,6 +336,7 @@ def run(
         device=resolve_device(device),
         progress=progress,
     )
+    check_nproc(nproc, settings.device)
     reduced = bench.protocol.reduced or settings.epochs < bench.protocol.epochs
     description = bench.protocol.description
     if settings.epochs != bench.protocol.epochs:
@@ -334,6 +344,7 @@ def run(
     out = Path(out_dir)
     _check_out_dir(out)  # before the data: reading (or downloading) it can take a while
     manifest = data_manifest(bench.data_sources())
+    check_shards(bench, settings.batch_size, nproc)
     header = {
         "benchmark": bench.name,
         "protocol": bench.protocol.name,
@@ -350,6 +361,7 @@ def run(
         "train_size": bench.protocol.train_size,
         "device": str(settings.device),
         "threads": threads if threads is not None else torch.get_num_threads(),
+        "nproc": nproc,
         "data_dir": bench.data_dir,
         "selection_rule": SELECTION_RULE,
         "command": command if command is not None else "taskbalance.benchmarks.runner.run (Python API)",
@@ -357,13 +369,18 @@ def run(
         "tasks": list(bench.tasks),
         "metrics": [{"name": m.name, "task": m.task, "higher_is_better": m.higher_is_better} for m in bench.metrics],
         "fingerprint": fingerprint(
-            bench, settings.epochs, settings.device, {s: describe_method(s, bench.n_tasks) for s in specs}, manifest
+            bench,
+            settings.epochs,
+            settings.device,
+            {s: describe_method(s, bench.n_tasks) for s in specs},
+            manifest,
+            nproc=nproc,
         ),
     }
     created_dir = not out.exists()
     fresh = _prepare_out_dir(out, config, resume, manifest)
     try:
-        _train_all(bench, specs, seed_list, settings, out, resume, threads, on_step, manifest_digest(manifest))
+        _train_all(bench, specs, seed_list, settings, out, resume, threads, on_step, manifest_digest(manifest), nproc)
     except BaseException:
         if fresh:
             _roll_back(out, created_dir)
@@ -385,17 +402,25 @@ def _train_all(
     threads: int | None,
     on_step: StepHook | None,
     data_digest: str,
+    nproc: int = 1,
 ) -> None:
-    """The single-task baselines of every seed (in the cache, linked into ``out``), then every seed × method."""
+    """The single-task baselines of every seed (in the cache, linked into ``out``), then every seed × method (on
+    ``nproc`` processes when > 1: the baselines are trained here, by this process alone)."""
     stl_root = _stl_cache_root(bench, settings, data_digest)
     jobs = [Job("stl", seed, task) for seed in seed_list for task in range(bench.n_tasks)]
     jobs += [Job(spec, seed) for seed in seed_list for spec in specs]
     stl_val: dict[int, dict[str, float]] = {s: {} for s in seed_list}
+    on_ranks: list[tuple[Job, Path, dict[str, float]]] = []
     with torch_threads(threads):
         overall = tqdm(jobs, desc=f"{bench.name} runs", disable=not settings.progress, dynamic_ncols=True)
         for job in overall:
             overall.set_postfix_str(job.label(bench.tasks), refresh=True)
-            if job.task is not None:
+            if job.task is None and nproc > 1:
+                run_dir = out / "runs" / method_dir(job.spec) / f"seed{job.seed}"
+                trainer = RunTrainer(bench, job, run_dir, settings, reference=stl_val[job.seed])
+                if not (resume and trainer.finished()):
+                    on_ranks.append((job, run_dir, stl_val[job.seed]))
+            elif job.task is not None:
                 task = bench.tasks[job.task]
                 cached = stl_root / task / f"seed{job.seed}"
                 trainer = RunTrainer(bench, job, cached, settings, reference=None, on_step=on_step)
@@ -410,3 +435,6 @@ def _train_all(
                 if not (resume and trainer.finished()):
                     trainer.train(resume=resume)
         overall.close()
+        if on_ranks:
+            per_rank = max(1, (threads if threads is not None else torch.get_num_threads()) // nproc)
+            train_on_ranks(bench, on_ranks, settings, nproc, resume=resume, threads=per_rank, on_step=on_step)

@@ -1,13 +1,13 @@
 """What determines a run folder's results, recorded when it is created and compared on ``--resume``.
 
 A resume continues the same experiment or refuses. ``config.json`` holds a ``fingerprint``: the benchmark, every
-field of its protocol, the epochs, the device type, the taskbalance and torch versions, a digest of the data
-(every file under :meth:`Benchmark.data_sources`, by label, size and SHA-256; the full list is
-``data_manifest.json``) and each method's canonical spec with the method as built (every option, defaults
-included). :func:`check_resume` raises one :class:`ResumeError` naming the first difference. Methods and seeds may
-be added or dropped on a resume (each run is its own experiment); a method already in the folder must be built
-the same way. Another taskbalance or torch version is refused, naming both: training code and kernels change
-between versions, so the continued runs would not be the ones started.
+field of its protocol, the epochs, the device type, the number of processes per run (``nproc``), the taskbalance
+and torch versions, a digest of the data (every file under :meth:`Benchmark.data_sources`, by label, size and
+SHA-256; the full list is ``data_manifest.json``) and each method's canonical spec with the method as built (every
+option, defaults included). :func:`check_resume` raises one :class:`ResumeError` naming the first difference.
+Methods and seeds may be added or dropped on a resume (each run is its own experiment); a method already in the
+folder must be built the same way. Another taskbalance or torch version is refused, naming both: training code
+and kernels change between versions, so the continued runs would not be the ones started.
 
 A folder written before fingerprints existed is resumed when everything its config.json records matches
 (benchmark, protocol name, epochs, batch size, learning rate, training size, the ``--data-dir`` as written, device
@@ -145,8 +145,10 @@ def fingerprint(
     device: torch.device,
     methods: Mapping[str, str],
     manifest: Mapping[str, Any],
+    nproc: int = 1,
 ) -> dict[str, Any]:
-    """config.json's ``fingerprint`` (``methods``: canonical spec → :func:`describe_method`)."""
+    """config.json's ``fingerprint`` (``methods``: canonical spec → :func:`describe_method`; ``nproc``: the
+    processes that train each method run, which draw one dropout stream each)."""
     protocol = dataclasses.asdict(bench.protocol)
     del protocol["description"]  # prose: a reworded description is the same protocol
     return {
@@ -155,6 +157,7 @@ def fingerprint(
         "protocol": protocol,
         "epochs": epochs,
         "device": device.type,
+        "nproc": nproc,
         "versions": versions(),
         "data": {"files": len(manifest), "digest": manifest_digest(manifest)},
         "methods": dict(methods),
@@ -243,6 +246,8 @@ def check_resume(
         label = "protocol" if key == "name" else f"protocol {key}"
         settings.append((label, old_protocol.get(key), current["protocol"].get(key)))
     settings += [("epochs", old.get("epochs"), current["epochs"]), ("device", old.get("device"), current["device"])]
+    # folders written before nproc was recorded were trained by one process
+    settings.append(("nproc", old.get("nproc", 1), current.get("nproc", 1)))
     if legacy:
         settings.append(("data_dir", old.get("data_dir"), data_dir))
     for name, was, now in settings:

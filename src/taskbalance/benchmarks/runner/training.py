@@ -12,6 +12,12 @@ mean over the epoch's batches of each raw training loss, validation and test met
 task weights at up to 50 evenly spaced steps per epoch), ``checkpoint.pt`` and, once the last epoch is done,
 ``final.json``. Every file is replaced atomically (``weights.csv`` too, rewritten whole each epoch), so a kill
 never leaves a torn line; a resume cuts ``weights.csv`` back to the checkpoint's epoch and step.
+
+On a process group (``Settings.world`` > 1, see :mod:`.launch`) every rank runs the same loop on its share of each
+global batch (:meth:`~..batches.Batches.shards`) and the Balancer balances the global batch. Only rank 0 evaluates
+and writes files; it sends every epoch's record to the others (a metric-driven scheduler steps alike on every
+rank). Each rank draws dropout from its own stream (rank 0's is the one-process stream), and the checkpoint holds
+every rank's RNG state. A last batch shared unequally is weighted so that the mean over ranks is the global mean.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +40,7 @@ from ...balancer import Balancer
 from ...loss_balancing.base import LossBalancer
 from ...registry import make
 from ..base import Benchmark, Split
+from ..batches import Batches, Shard
 from ..datasets.cache import atomic_open
 from ..metrics.delta_m import delta_m
 from ..report.folder import parse_weights_row, read_final
@@ -40,6 +48,10 @@ from .checkpoint import CheckpointError, load_checkpoint, restore_rng, rng_state
 
 #: offset of the dropout stream's seed from the run seed (any constant: it only has to differ from the init's)
 _DROPOUT_STREAM = 1_000_003
+#: offset between the dropout streams of consecutive ranks (rank 0's is the one-process stream)
+_RANK_STREAM = 7_919
+#: how long a rank waits in a collective: the others wait while rank 0 evaluates, which may take long
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
 #: the at most this many weight rows per epoch go to weights.csv (every step when an epoch is shorter)
 WEIGHT_SAMPLES_PER_EPOCH = 50
 #: progress-bar postfix refresh period in steps (reading the loss values synchronises a GPU)
@@ -79,6 +91,14 @@ class Settings:
     batch_size: int
     device: torch.device
     progress: bool = True
+    #: this process's rank and the number of processes training each run together (1: no process group)
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the run folder (rank 0 alone)."""
+        return self.rank == 0
 
 
 def uses_after_step(balancer: Balancer) -> bool:
@@ -181,7 +201,9 @@ class RunTrainer:
     def train(self, resume: bool) -> dict[str, Any]:
         """Train (or continue, with ``resume``, from the checkpoint) to the last epoch; return final.json's dict."""
         bench, job, device = self.benchmark, self.job, self.settings.device
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        rank, world, writes = self.settings.rank, self.settings.world, self.settings.writes
+        if writes:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(job.seed)
         model = bench.model()
         if not isinstance(model, torch.nn.Module):
@@ -190,7 +212,7 @@ class RunTrainer:
         model_module.to(device)
         shared = list(model.encoder.parameters())
         balancer = None if job.is_stl else make(job.spec, n_tasks=bench.n_tasks).to(device)
-        torch.manual_seed(job.seed + _DROPOUT_STREAM)
+        torch.manual_seed(job.seed + _DROPOUT_STREAM + rank * _RANK_STREAM)
         params = [*model_module.parameters(), *(balancer.parameters() if balancer is not None else ())]
         optimizer = bench.optimizer(params)
         scheduler = bench.scheduler(optimizer)
@@ -210,24 +232,31 @@ class RunTrainer:
                     scheduler.load_state_dict(saved["scheduler"])
                 if balancer is not None:
                     balancer.load_state_dict(saved["balancer"])
-                restore_rng(saved["rng"], device)
+                restore_rng(saved["rng"] if world == 1 else _rank_rng(saved, rank, world), device)
                 order.set_state(saved["order"].cpu())
             except (RuntimeError, ValueError, KeyError, TypeError) as error:
                 raise CheckpointError(f"{self.checkpoint_path} does not fit this run ({error}); {fix}") from error
             state = {"epoch": int(saved["epoch"]), "step": int(saved["step"]), "history": list(saved["history"])}
-        self._rewrite_metrics(state["history"])
-        _truncate_weights(self.run_dir / "weights.csv", state["epoch"], state["step"])
-        if state["epoch"] == 0:
-            _write_text(self.run_dir / "weights.csv", "step,epoch," + ",".join(self.benchmark.tasks) + "\n")
+        if writes:
+            self._rewrite_metrics(state["history"])
+            _truncate_weights(self.run_dir / "weights.csv", state["epoch"], state["step"])
+            if state["epoch"] == 0:
+                _write_text(self.run_dir / "weights.csv", "step,epoch," + ",".join(self.benchmark.tasks) + "\n")
 
         for epoch in range(state["epoch"] + 1, self.settings.epochs + 1):
             record = self._epoch(epoch, state, model_module, shared, balancer, optimizer, order)
-            record["val"] = self._evaluate(model_module, "val")
-            record["test"] = self._evaluate(model_module, "test")
+            rank_rngs = None if world == 1 else _all_gather(rng_state(device))
+            if writes:
+                record["val"] = self._evaluate(model_module, "val")
+                record["test"] = self._evaluate(model_module, "test")
+            if world > 1:
+                record = _from_rank0(record)
             if scheduler is not None:
                 bench.step_scheduler(scheduler, record["val"])
             state["history"].append(record)
             state["epoch"] = epoch
+            if not writes:
+                continue
             self._rewrite_metrics(state["history"])
             save_checkpoint(
                 self.checkpoint_path,
@@ -239,13 +268,15 @@ class RunTrainer:
                     "scheduler": None if scheduler is None else scheduler.state_dict(),
                     "balancer": None if balancer is None else balancer.state_dict(),
                     "rng": rng_state(device),
+                    **({} if rank_rngs is None else {"rank_rng": rank_rngs}),
                     "order": order.get_state(),
                     "history": state["history"],
                     "job": {"spec": job.spec, "seed": job.seed, "task": job.task},
                 },
             )
         final = self._final(state["history"])
-        _write_text(self.final_path, json.dumps(final, indent=2) + "\n")
+        if writes:
+            _write_text(self.final_path, json.dumps(final, indent=2) + "\n")
         return final
 
     def _epoch(
@@ -259,8 +290,10 @@ class RunTrainer:
         order: torch.Generator,
     ) -> dict[str, Any]:
         bench, job, device = self.benchmark, self.job, self.settings.device
+        world = self.settings.world
         loader = bench.loader("train", batch_size=self.settings.batch_size, shuffle=True, generator=order)
         n_steps = len(loader) if isinstance(loader, Sized) else None
+        shards = _shards(loader, self.settings.rank, world)
         every = 1 if n_steps is None else max(1, n_steps // WEIGHT_SAMPLES_PER_EPOCH)
         after_step = balancer is not None and uses_after_step(balancer)
         lr = float(optimizer.param_groups[0]["lr"])
@@ -276,32 +309,38 @@ class RunTrainer:
         _sync(device)
         start = time.perf_counter()
         bar = tqdm(
-            loader,
+            shards,
             total=n_steps,
             desc=f"{job.label(bench.tasks)} epoch {epoch}/{self.settings.epochs}",
             leave=False,
             disable=not self.settings.progress,
             dynamic_ncols=True,
         )
-        for batch in bar:
-            inputs, targets = bench.to_device(batch, device)
+        for shard in bar:
+            inputs, targets = bench.to_device(shard.batch, device)
             features, outputs = model(inputs)
             losses = bench.losses(outputs, targets)
+            weight = shard.weight(world)
+            if weight != 1.0:
+                losses = losses * weight
             if balancer is None:
                 assert one_hot is not None and job.task is not None
                 torch.autograd.backward(losses[job.task])
-                weights = one_hot
+                weights, seen = one_hot, losses
             else:
                 result = balancer.backward(losses, shared_params=shared, features=features)
                 weights = result.weights
                 overhead += result.overhead_s
+                # on a process group: the global batch's losses the balancer gathered, the same on every rank
+                seen = losses if world == 1 else result.losses
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if after_step:
                 assert balancer is not None
                 with torch.no_grad():
-                    balancer.after_step(bench.losses(model(inputs)[1], targets))
-            loss_sum += losses.detach().double()
+                    after = bench.losses(model(inputs)[1], targets)
+                    balancer.after_step(after if weight == 1.0 else after * weight)
+            loss_sum += seen.detach().double()
             if steps % every == 0:
                 sampled.append(weights.detach())
                 sampled_steps.append(state["step"] + 1)
@@ -319,7 +358,8 @@ class RunTrainer:
         if steps == 0:
             raise ValueError(f"{bench.name}: the training loader yielded no batch")
         mean_losses = (loss_sum / steps).tolist()
-        self._append_weights(sampled_steps, sampled, epoch)
+        if self.settings.writes:
+            self._append_weights(sampled_steps, sampled, epoch)
         train_tasks = bench.tasks if job.task is None else (bench.tasks[job.task],)
         task_index = {t: i for i, t in enumerate(bench.tasks)}
         return {
@@ -386,6 +426,43 @@ class RunTrainer:
         if self.job.task is not None:
             final["task"] = self.benchmark.tasks[self.job.task]
         return final
+
+
+def _shards(loader: Iterable[Any], rank: int, world: int) -> Iterator[Shard[Any]]:
+    """The batches this process trains on: every batch whole, or on a process group its rank's share."""
+    if world == 1:
+        for batch in loader:
+            yield Shard(batch, 1, 1)
+        return
+    if not isinstance(loader, Batches):
+        raise ValueError(f"the training loader ({type(loader).__name__}) is not a Batches: it cannot be sharded")
+    yield from loader.shards(rank, world)
+
+
+def _all_gather(value: Any) -> list[Any]:
+    """``value`` of every rank, in rank order."""
+    import torch.distributed as dist
+
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's ``value``, on every rank."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _rank_rng(saved: Mapping[str, Any], rank: int, world: int) -> Any:
+    """This rank's RNG state in a checkpoint of a ``world``-process run."""
+    states = saved["rank_rng"]
+    if not isinstance(states, list) or len(states) != world:
+        raise ValueError(f"the checkpoint holds no RNG state for each of {world} processes")
+    return states[rank]
 
 
 @contextlib.contextmanager
