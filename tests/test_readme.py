@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch._functorch.config as functorch_config
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -27,7 +28,8 @@ def test_the_training_loop_section_runs_as_written(capsys: pytest.CaptureFixture
     blocks = _python_blocks(_section("In your training loop: AMP, accumulation, compile, logging"))
     assert len(blocks) == 5
     namespace: dict[str, object] = {}
-    with warnings.catch_warnings():
+    # the blocks set torch's compile configuration as a user would: restored afterwards for the other tests
+    with warnings.catch_warnings(), functorch_config.patch(donated_buffer=functorch_config.donated_buffer):
         warnings.simplefilter("ignore")
         for block in blocks:
             exec(compile(block, str(README), "exec"), namespace)

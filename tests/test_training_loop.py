@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import torch._functorch.config as functorch_config
 from torch import Tensor
 
 import taskbalance as tb
@@ -187,6 +188,13 @@ def test_a_micro_batch_of_other_parameters_is_refused_and_reset_drops_the_pendin
     assert balancer.backward(losses, list(model.encoder.parameters())[:2]) is not None
 
 
+@pytest.fixture
+def _undonated() -> Iterator[None]:
+    """What the README says to set before compiling: the K per-task products run the compiled backward K times."""
+    with functorch_config.patch(donated_buffer=False):
+        yield
+
+
 def _compiled_run(compile_what: str) -> tuple[Tensor, str, list[warnings.WarningMessage]]:
     torch.manual_seed(5)
     model = TinyMTL(n_tasks=3, seed=0)
@@ -214,6 +222,7 @@ def _compiled_run(compile_what: str) -> tuple[Tensor, str, list[warnings.Warning
     )
 
 
+@pytest.mark.usefixtures("_undonated")
 def test_a_compiled_encoder_keeps_the_features_path_and_the_eager_gradients() -> None:
     eager, path, warned = _compiled_run("none")
     compiled, compiled_path, compiled_warned = _compiled_run("encoder")
@@ -221,6 +230,7 @@ def test_a_compiled_encoder_keeps_the_features_path_and_the_eager_gradients() ->
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.usefixtures("_undonated")
 def test_a_model_compiled_whole_is_exact_on_the_loop_path_and_says_why_once() -> None:
     eager, _, _ = _compiled_run("none")
     compiled, path, warned = _compiled_run("model")
@@ -282,3 +292,21 @@ def test_backward_called_inside_the_autocast_region_is_the_backward_called_after
             results.append(balancer.backward(losses, model.encoder.parameters(), features=features).weights)
         results.append(_grads(model))
     assert all(torch.equal(a, b) for a, b in zip(outside, inside, strict=True))
+
+
+@functorch_config.patch(donated_buffer=True)
+def test_a_compiled_backward_with_donated_buffers_is_one_clear_error() -> None:
+    torch._dynamo.reset()
+    # a second compile of nn.Sequential.forward (dynamic shapes then) donates its buffers: what users meet
+    warm = torch.compile(torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()), backend="aot_eager")
+    warm(torch.randn(2, 8)).sum().backward()
+    model, balancer = _setup("mgda")
+    model.encoder = torch.compile(model.encoder, backend="aot_eager")  # type: ignore[assignment]
+    x, y = _data()
+    features, losses = losses_of(model, x, y)
+    state = flat_state(balancer.state_dict(), "")
+    with pytest.raises(RuntimeError, match=r"torch\._functorch\.config\.donated_buffer = False"):
+        balancer.backward(losses, model.encoder._orig_mod.parameters(), features=features)
+    after = flat_state(balancer.state_dict(), "")
+    assert all(torch.equal(after[k], state[k]) for k in state)
+    torch._dynamo.reset()

@@ -13,7 +13,7 @@ import contextlib
 import functools
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
@@ -262,7 +262,7 @@ class Balancer(nn.Module):
         start = time.perf_counter()
         if scaler is not None and not isinstance(scaler, GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
-        with _autocast_off():  # called inside an autocast region: the balancing itself runs in full precision
+        with _autocast_off(), _compiled_backward_advice():
             losses = self._check_losses(losses)
             shared = self._check_shared(shared_params, losses)
             ranks = Ranks.of(self.distributed, self.group)
@@ -564,6 +564,21 @@ class Balancer(nn.Module):
     def extra_repr(self) -> str:
         every = f", update_weights_every={self.update_weights_every}" if self.update_weights_every > 1 else ""
         return f"n_tasks={self.n_tasks}, engine={self.engine!r}{every}"
+
+
+@contextlib.contextmanager
+def _compiled_backward_advice() -> Iterator[None]:
+    """Say what to do when a compiled model's backward cannot be run more than once (donated buffers)."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "donated buffer" not in str(error):
+            raise
+        raise RuntimeError(
+            "the model's backward was compiled by torch.compile with donated buffers, which allow one backward pass "
+            "only; the balancer takes one per task. Set torch._functorch.config.donated_buffer = False before "
+            "compiling (see the README's torch.compile paragraph). Nothing was changed."
+        ) from error
 
 
 def _autocast_off() -> contextlib.ExitStack:
