@@ -308,6 +308,31 @@ def test_linear_plus_norm_converges_where_f_stalls_at_rounding() -> None:
     assert unconverged == 0
 
 
+@pytest.mark.parametrize("k", [2, 5, 10, 14])
+def test_an_asymmetric_gramian_is_solved_as_its_symmetric_part(k: int) -> None:
+    """A float32 matmul J Jᵀ is symmetric only to rounding; only (G + Gᵀ)/2 enters the objectives, so the answer
+    is that of the symmetric part, converged (the working-set equations solved with G but multipliers taken with
+    Gᵀ used to miss ACCURACY and report MGDA and UPGrad unconverged, with UPGrad's weights 80% off)."""
+    gen = torch.Generator().manual_seed(k)
+    jac = reference.jacobian(k, k, 3 * k, 0.5)
+    sym = jac @ jac.T
+    noise = torch.randn(k, k, generator=gen, dtype=F64)
+    # an antisymmetric perturbation at float32's rounding of G (its diagonal stays exact, as a matmul's does)
+    gram = sym + 1e-7 * float(sym.abs().max()) * (noise - noise.T)
+    assert (gram - gram.T).abs().max() > 0
+    lower = torch.eye(k, dtype=F64)
+    for asym, exact in (
+        (min_norm_point(gram), min_norm_point(sym)),
+        (lower_bounded_qp(gram, lower), lower_bounded_qp(sym, lower)),
+    ):
+        assert asym.converged and exact.converged
+        torch.testing.assert_close(asym.x, exact.x, rtol=0, atol=1e-12)
+    rho = 0.4 * float(sym.mean().sqrt())
+    asym, exact = linear_plus_norm(gram, sym.mean(1), rho), linear_plus_norm(sym, sym.mean(1), rho)
+    assert asym.converged and exact.converged
+    torch.testing.assert_close(asym.x, exact.x, rtol=0, atol=1e-12)
+
+
 # -- the batched small-K path against the active-set method ---------------------------------------------------------
 def _general(monkeypatch: pytest.MonkeyPatch) -> None:
     """Route every QP to the active-set method (the batched candidates only serve K <= FLIPS)."""

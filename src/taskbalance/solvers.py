@@ -543,6 +543,14 @@ def _simplex_qp(
     return x[0], iterations, converged
 
 
+def _symmetric(g: Tensor, top: Tensor) -> Tensor:
+    """(G + Gᵀ) / (2·top): the problem scaled to max G_kk = 1 and made exactly symmetric. A Gramian formed by a
+    float32 matmul (J Jᵀ, as the engine does) is symmetric only to its rounding (1e-7 relative at K = 10), and only
+    the symmetric part enters wᵀGw; solving the working-set equations with G but taking the multipliers with Gᵀ
+    left KKT residuals of that size, above ACCURACY, and reported exact answers as unconverged."""
+    return (g + g.mT) / (2 * top)
+
+
 def _default_iterations(k: int) -> int:
     return 10 * k + 50
 
@@ -573,8 +581,7 @@ def min_norm_point(gramian: Tensor, init: Tensor | None = None, max_iter: int | 
     """
     k = gramian.shape[-1]
     g = gramian.to(torch.float64)
-    top = g.diagonal().max().clamp_min(torch.finfo(torch.float64).tiny)
-    g = g / top
+    g = _symmetric(g, g.diagonal().max().clamp_min(torch.finfo(torch.float64).tiny))
     limit = _default_iterations(k) if max_iter is None else max_iter
     if k == 2:
         w, iterations, converged = _min_norm_pair(g), 1, True
@@ -603,8 +610,7 @@ def lower_bounded_qp(
     single = lower.dim() == 1
     bounds = lower.to(torch.float64).reshape(-1, lower.shape[-1])
     g = gramian.to(torch.float64)
-    top = g.diagonal().max().clamp_min(torch.finfo(torch.float64).tiny)
-    g = g / top
+    g = _symmetric(g, g.diagonal().max().clamp_min(torch.finfo(torch.float64).tiny))
     limit = _default_iterations(bounds.shape[-1]) if max_iter is None else max_iter
 
     def start() -> Tensor:
@@ -746,7 +752,7 @@ def linear_plus_norm(
     weight_t = torch.as_tensor(rho, dtype=torch.float64, device=device)
     # the problem scaled to max G_kk = 1, and the start evaluated, before the one read that checks the input, picks
     # the case below (ρ and the scales of G and b) and tells whether the start is already the solution
-    g_scaled = g / top
+    g_scaled = _symmetric(g, top)
     root_top = top.sqrt()
     lin_scaled = lin / root_top
     diag = g_scaled.diagonal().clamp_min(0)
