@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -274,6 +275,39 @@ def test_linear_plus_norm_warm_start_k40_kkt(conflict: bool) -> None:
         rho = 0.4 * float(gram.mean().sqrt())
         result = linear_plus_norm(gram, b, rho, init=warm)
         assert result.converged and float(result.residual) <= 1e-9
+        w = result.x
+        grad = b + rho * (gram @ w) / (w @ gram @ w).sqrt()
+        scale = float(b.abs().max()) + rho * float(gram.diagonal().max().sqrt())
+        assert (grad - w @ grad >= -1e-9 * scale).all()
+        assert (grad[w > 1e-9] - w @ grad).abs().max() <= 1e-9 * scale
+        warm = w
+
+
+@pytest.mark.parametrize("k", [3, 6, 8, 10, 12])
+def test_linear_plus_norm_closed_form_supports_equal_the_sqp(k: int) -> None:
+    """Up to K = 12 the stationary points of the candidate supports (closed form) answer without an SQP subproblem
+    when one passes the KKT test: on a drifting conflicting sequence (supports of 2 to 7 tasks) they do from the
+    second step on, agree with the SQP run to a 1e-14 gap, and satisfy the KKT conditions."""
+    subproblems = [0]
+    original = solvers._simplex_qp
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        subproblems[0] += 1
+        return original(*args, **kwargs)
+
+    warm = None
+    for step, gram in enumerate(_drifting(2, k, 6, True)):
+        b, rho = gram.mean(1), float(gram.mean().sqrt())
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(solvers, "_simplex_qp", counted)
+            subproblems[0] = 0
+            result = linear_plus_norm(gram, b, rho, init=warm)
+        assert step == 0 or subproblems[0] == 0
+        with pytest.MonkeyPatch.context() as patch:
+            _general(patch)
+            sqp = linear_plus_norm(gram, b, rho, init=warm, tol=1e-14)
+        assert result.converged and float(result.residual) <= 1e-9
+        torch.testing.assert_close(result.x, sqp.x, rtol=0, atol=1e-9)
         w = result.x
         grad = b + rho * (gram @ w) / (w @ gram @ w).sqrt()
         scale = float(b.abs().max()) + rho * float(gram.diagonal().max().sqrt())

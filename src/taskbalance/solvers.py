@@ -16,7 +16,8 @@ produced G); the problem data never leave it. Small problems skip the loop, sinc
 K is the number of torch operations, not arithmetic: up to K = 6 every working set is solved in one batch and
 the feasible candidate of least objective is the answer; up to K = 12 the warm start's working set and its K
 neighbours are, for a single problem (not UPGrad's batch), with the active set behind them; the min-norm point
-of two gradients has a closed form. Each gives the active-set method's answer, with one read per solve (the
+of two gradients has a closed form, and so has :func:`linear_plus_norm`'s stationary point on a given support.
+Each gives the active-set method's answer, with one read per solve (the
 finite check) or none. Without a linear term (MGDA, UPGrad) an answer must also satisfy its own equations: a
 working set whose matrix has an eigenvalue near the ridge (dependent gradients nearly spanning a face) defeats the
 ridged solve and its refinements, and is solved again with the pseudo-inverse (the minimum-norm solution); where
@@ -722,6 +723,57 @@ def _sqp_flags(
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _every_support(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Every nonempty subset of {0, …, K−1} as (M, K) masks, and the (M, K, K) masks of their pairs."""
+    masks = _all_free_sets(k, True, device)[0][0]
+    return masks, masks[:, :, None] & masks[:, None, :]
+
+
+def _supports(k: int, support: Tensor | None, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Every support (``support`` None), or ``support`` (1, K) and the K that differ from it in one variable (the
+    empty one replaced by the full one), as masks (M, K) and pair masks (M, K, K)."""
+    if support is None:
+        return _every_support(k, device)
+    masks = support ^ _flips(k, device)
+    masks = masks | ~masks.any(dim=-1, keepdim=True)
+    return masks, masks[:, :, None] & masks[:, None, :]
+
+
+def _support_solves(g: Tensor, columns: Tensor, masks: Tensor, pairs: Tensor) -> Tensor:
+    """G_S⁻¹c_S for every support S of ``masks`` (M, K) and every column c of ``columns`` (K, C): (M, K, C), exactly 0
+    off S, not finite where G_S is singular. One batched solve of the symmetrically scaled systems D G_S D
+    (D = diag(G)^−½, unit diagonal), so that the norms' spread does not enter the condition."""
+    k = g.shape[-1]
+    inverse_root = g.diagonal().clamp_min(torch.finfo(g.dtype).tiny).rsqrt()
+    system = torch.where(pairs, g * torch.outer(inverse_root, inverse_root), _identity(k, g.dtype, g.device))
+    rhs = torch.where(masks[:, :, None], columns * inverse_root[:, None], 0.0)
+    solution: Tensor = torch.linalg.solve_ex(system, rhs)[0]
+    return solution * inverse_root[:, None]
+
+
+def _norm_candidate(g: Tensor, b: Tensor, rho: float, support: Tensor | None) -> Tensor:
+    """The best point of Δ that is stationary for f(w) = bᵀw + ρ√(wᵀGw) on its support, among every support
+    (``support`` None) or ``support`` (1, K) and its K neighbours: closed form, one batch, no read (not finite
+    where no support has such a point; the caller checks the KKT gap either way).
+
+    On a support S where f is differentiable, stationarity reads b_S + ρ·G_S w_S / n = μ·1 with n = √(wᵀGw), and
+    1ᵀw = 1. With u = G_S⁻¹1, v = G_S⁻¹b_S, α = 1ᵀu, β = 1ᵀv, γ = b_Sᵀv, it gives w_S = (μu − v)/r with
+    r = √(β² − α(γ − ρ²)) = ρ/n > 0 and μ = (β + r)/α; then f(w) = wᵀ∇f(w) = μ. So the supports cost one batched
+    solve with two right-hand sides, and the nonnegative candidate of least μ is the best."""
+    k = g.shape[-1]
+    masks, pairs = _supports(k, support, g.device)
+    uv = _support_solves(g, torch.stack([torch.ones_like(b), b], dim=-1), masks, pairs)
+    u, v = uv.unbind(dim=-1)
+    alpha, beta = uv.sum(dim=1).unbind(dim=-1)
+    r = (beta * beta - alpha * (v @ b - rho * rho)).clamp_min(0).sqrt()
+    mu = (beta + r) / alpha
+    w = (mu[:, None] * u - v) / r[:, None]
+    valid = (w >= -1e-12).all(dim=-1) & (alpha > 0) & (r > 0)
+    w = w[torch.where(valid, mu, torch.inf).argmin()].clamp_min(0)
+    return w / w.sum()
+
+
 def linear_plus_norm(
     gramian: Tensor, b: Tensor, rho: float | Tensor, init: Tensor | None = None, max_iter: int = 50, tol: float = 1e-9
 ) -> SolverResult:
@@ -733,7 +785,11 @@ def linear_plus_norm(
     its rounding: once f's decrease is below rounding, the full step is taken where it lowers the KKT gap, since
     the line search can no longer see it). The subproblem is factored with the ridge and refined against the
     exact Hessian (see :meth:`_KKT.refined`), so the ridge does not slow the Newton steps down. ``init``
-    warm-starts it. With ρ = 0 (or G = 0) the problem is linear: w is uniform over argmin_k b_k. Reads from the
+    warm-starts it. Up to K = FLIPS tasks, where the start is not already the answer, the stationary points of every
+    support (K ≤ ENUMERATE) or of the start's support and its K neighbours are first computed in closed form
+    (:func:`_norm_candidate`, one batched solve): the best one is the answer, with one read and no SQP
+    iteration, when it meets the same stopping criterion. With ρ = 0 (or G = 0) the problem is linear: w is
+    uniform over argmin_k b_k. Reads from the
     device: one for the input check, the case analysis and the start's gap, then one per iteration (plus, for
     K > 6, the subproblem's one, see _qp).
 
@@ -790,6 +846,13 @@ def linear_plus_norm(
         return SolverResult(w.to(dtype), 0, torch.zeros((), dtype=torch.float64, device=device), True)
     g, lin = g_scaled, lin_scaled
     scale = lin_max_value / math.sqrt(top_value) + weight
+    if go_on and differentiable and k <= FLIPS and max_iter > 0:
+        # the stationary points of the candidate supports in closed form: the answer when one of them meets the
+        # SQP's own stopping criterion (differentiable, KKT gap ≤ tol), one read instead of the SQP's iterations
+        candidate = _norm_candidate(g, lin, weight, None if k <= ENUMERATE else (w > 1e-12 * w.max())[None])
+        best = evaluate(candidate[None], weight, scale).row(0)
+        if bool(best.resolved & (best.gap <= tol)):
+            return SolverResult(candidate.to(dtype), 1, best.gap, True)
     limit = _default_iterations(k)
     if not differentiable:  # start where f is differentiable
         for start in (uniform, torch.nn.functional.one_hot(g.diagonal().argmax(), k).to(g)):
