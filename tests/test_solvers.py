@@ -369,8 +369,10 @@ def test_an_asymmetric_gramian_is_solved_as_its_symmetric_part(k: int) -> None:
 
 # -- the batched small-K path against the active-set method ---------------------------------------------------------
 def _general(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Route every QP to the active-set method (the batched candidates only serve K <= FLIPS)."""
+    """Route every QP to the active-set method (the batched candidates only serve K <= FLIPS), and
+    min_norm_point and linear_plus_norm past their closed-form supports (K <= CLOSED_FORM)."""
     monkeypatch.setattr(solvers, "FLIPS", 0)
+    monkeypatch.setattr(solvers, "CLOSED_FORM", 0)
 
 
 def _check_min_norm(gram: torch.Tensor, jac: torch.Tensor, init: torch.Tensor | None, exact_w: bool) -> None:
@@ -498,11 +500,15 @@ def test_neighbour_candidates_fall_back_to_the_active_set(seed: int, k: int) -> 
 @given(st.integers(0, 2**31), st.integers(2, 12), st.floats(0.0, 2.0))
 def test_sqp_subproblems_equal_the_active_set(seed: int, k: int, c: float) -> None:
     """linear_plus_norm (whose subproblems have a linear term and a singular exact Hessian) gives the same w
-    through the batched subproblems as through the active set."""
+    through the batched subproblems as through the active set (both SQP: the closed-form supports, which answer
+    to rounding, not to the SQP's tolerance, are tested against it to a 1e-14 gap in
+    test_linear_plus_norm_closed_form_supports_equal_the_sqp)."""
     jac = reference.jacobian(seed, k, k + 5, 0.5)
     gram = jac @ jac.T
     rho = c * float(gram.mean().sqrt())
-    fast = linear_plus_norm(gram, gram.mean(1), rho)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(solvers, "CLOSED_FORM", 0)
+        fast = linear_plus_norm(gram, gram.mean(1), rho)
     with pytest.MonkeyPatch.context() as patch:
         _general(patch)
         general = linear_plus_norm(gram, gram.mean(1), rho)

@@ -376,6 +376,9 @@ def _active_set(problem: _QP, kkt: _KKT, x0: Tensor, max_iter: int) -> tuple[Ten
 #: its K neighbours up to FLIPS (single problems); the active-set iterations beyond (or where those miss)
 ENUMERATE = 6
 FLIPS = 12
+#: up to this many tasks, min_norm_point and linear_plus_norm first try the stationary points of the same candidate
+#: supports in closed form (one batched solve, no ridge: :func:`_min_norm_candidate`, :func:`_norm_candidate`)
+CLOSED_FORM = 12
 
 
 @functools.lru_cache(maxsize=64)
@@ -572,11 +575,44 @@ def _min_norm_pair(g: Tensor) -> Tensor:
     return torch.stack([t, 1 - t])
 
 
+def _min_norm_candidate(g: Tensor, init: Tensor | None, check: _InputCheck) -> Tensor | None:
+    """The min-norm point from the candidate supports in closed form (3 ≤ K ≤ CLOSED_FORM), or None where it does not
+    settle the answer; one read, which also carries the input ``check``.
+
+    On a support S the stationary point is w_S = G_S⁻¹1 / α, α = 1ᵀG_S⁻¹1, of value wᵀGw = 1/α (one batched solve
+    for every support up to ENUMERATE tasks, else for the warm start's support and its K neighbours); the
+    nonnegative one of largest α is taken when it satisfies the KKT conditions: its own equations to ACCURACY
+    (|(Gw)_k − wᵀGw| on S) and strict complementarity ((Gw)_k − wᵀGw > 1e-9 off S, G scaled to max G_kk = 1), so
+    that it is the unique solution. Degenerate problems (dependent gradients on the optimal face, a zero gradient,
+    a multiplier at 0), where the ridged active set picks the most even of several solutions, get None."""
+    k = g.shape[-1]
+    support = None
+    if k > ENUMERATE:
+        start = torch.ones(k, dtype=g.dtype, device=g.device) if init is None else init.to(g)
+        support = (start > 1e-12 * start.max())[None]
+    masks, pairs = _supports(k, support, g.device)
+    u = _support_solves(g, torch.ones_like(g[:, :1]), masks, pairs)[..., 0]
+    alpha = u.sum(dim=-1)
+    candidates = u / alpha[:, None]
+    valid = (candidates >= -1e-12).all(dim=-1) & (alpha > 0)
+    choice = torch.where(valid, alpha, -torch.inf).argmax()
+    w = candidates[choice].clamp_min(0)
+    w = w / w.sum()
+    slack = g @ w - 1 / alpha[choice]  # the multipliers (Gw)_k − wᵀGw
+    on_support = masks[choice]
+    settled = valid.any() & (torch.where(on_support, slack.abs() <= ACCURACY, slack > 1e-9)).all()
+    ok, found = torch.stack([check.finite, settled]).tolist()
+    if not ok:
+        raise _non_finite(check.solver)
+    return w if found else None
+
+
 def min_norm_point(gramian: Tensor, init: Tensor | None = None, max_iter: int | None = None) -> SolverResult:
     """The w ∈ Δ minimising wᵀGw; Jᵀw is then the min-norm element of the convex hull of the rows of J.
 
-    Exact for every K (active set, see the module docstring; closed form for K = 2); ``init`` (K,) warm-starts it
-    (projected onto Δ).
+    Exact for every K (active set, see the module docstring; closed form for K = 2, and for 3 ≤ K ≤ CLOSED_FORM
+    the candidate supports' stationary points in closed form first, :func:`_min_norm_candidate`); ``init`` (K,)
+    warm-starts it (projected onto Δ).
     Residual: the Frank–Wolfe gap (wᵀGw − min_k (Gw)_k) / max_k G_kk, which is ≥ 0 and 0 exactly at the KKT point
     ((Gw)_k ≥ wᵀGw for all k, with equality where w_k > 0).
     """
@@ -584,13 +620,15 @@ def min_norm_point(gramian: Tensor, init: Tensor | None = None, max_iter: int | 
     g = gramian.to(torch.float64)
     g = _symmetric(g, g.diagonal().max().clamp_min(torch.finfo(torch.float64).tiny))
     limit = _default_iterations(k) if max_iter is None else max_iter
-    if k == 2:
+    check = _InputCheck(_finite(gramian), "min_norm_point")
+    w = _min_norm_candidate(g, init, check) if 2 < k <= CLOSED_FORM and limit > 0 else None
+    if w is not None:
+        iterations, converged = 1, True
+    elif k == 2:
         w, iterations, converged = _min_norm_pair(g), 1, True
-        _InputCheck(_finite(gramian), "min_norm_point").require()
+        check.require()
     else:
-        w, iterations, converged = _simplex_qp(
-            _regularised(g), None, init, limit, g, check=_InputCheck(_finite(gramian), "min_norm_point")
-        )
+        w, iterations, converged = _simplex_qp(_regularised(g), None, init, limit, g, check=check)
     gw = g @ w
     residual = (w @ gw - gw.min()).clamp_min(0)
     return SolverResult(w.to(gramian.dtype), iterations, residual, converged)
@@ -785,9 +823,9 @@ def linear_plus_norm(
     its rounding: once f's decrease is below rounding, the full step is taken where it lowers the KKT gap, since
     the line search can no longer see it). The subproblem is factored with the ridge and refined against the
     exact Hessian (see :meth:`_KKT.refined`), so the ridge does not slow the Newton steps down. ``init``
-    warm-starts it. Up to K = FLIPS tasks, where the start is not already the answer, the stationary points of every
-    support (K ≤ ENUMERATE) or of the start's support and its K neighbours are first computed in closed form
-    (:func:`_norm_candidate`, one batched solve): the best one is the answer, with one read and no SQP
+    warm-starts it. Up to K = CLOSED_FORM tasks, where the start is not already the answer, the stationary points
+    of every support (K ≤ ENUMERATE) or of the start's support and its K neighbours are first computed in closed
+    form (:func:`_norm_candidate`, one batched solve): the best one is the answer, with one read and no SQP
     iteration, when it meets the same stopping criterion. With ρ = 0 (or G = 0) the problem is linear: w is
     uniform over argmin_k b_k. Reads from the
     device: one for the input check, the case analysis and the start's gap, then one per iteration (plus, for
@@ -846,7 +884,7 @@ def linear_plus_norm(
         return SolverResult(w.to(dtype), 0, torch.zeros((), dtype=torch.float64, device=device), True)
     g, lin = g_scaled, lin_scaled
     scale = lin_max_value / math.sqrt(top_value) + weight
-    if go_on and differentiable and k <= FLIPS and max_iter > 0:
+    if go_on and differentiable and k <= CLOSED_FORM and max_iter > 0:
         # the stationary points of the candidate supports in closed form: the answer when one of them meets the
         # SQP's own stopping criterion (differentiable, KKT gap ≤ tol), one read instead of the SQP's iterations
         candidate = _norm_candidate(g, lin, weight, None if k <= ENUMERATE else (w > 1e-12 * w.max())[None])
