@@ -192,6 +192,27 @@ def test_linear_plus_norm_beats_a_fine_grid(seed: int, k: int, p: int, c: float)
     torch.testing.assert_close(result.x.sum(), torch.tensor(1.0, dtype=F64))
 
 
+@given(st.integers(0, 2**31), st.integers(2, 12), st.integers(1, 24), st.floats(0.05, 2.0), st.booleans())
+def test_linear_plus_norm_kkt(seed: int, k: int, p: int, c: float, warm: bool) -> None:
+    """A converged answer is a KKT point of min bᵀw + ρ‖Jᵀw‖ over Δ: ∇f_k ≥ ∇fᵀw with equality on the support, for
+    full-rank and rank-deficient G (p < K), from a cold or a random warm start."""
+    jac = reference.jacobian(seed, k, p, 0.5)
+    gram = jac @ jac.T
+    b = gram.mean(1)
+    rho = c * float(gram.mean().sqrt())
+    init = torch.rand(k, generator=torch.Generator().manual_seed(seed), dtype=F64) if warm else None
+    result = linear_plus_norm(gram, b, rho, init=init)
+    w = result.x
+    assert (w >= 0).all() and abs(float(w.sum()) - 1) <= 1e-12
+    if not result.converged:  # only where 0 is in the hull of the gradients (f not differentiable at the optimum)
+        assert float(w @ gram @ w) <= 1e-9 * float(gram.diagonal().max())
+        return
+    grad = b + rho * (gram @ w) / (w @ gram @ w).sqrt()
+    scale = float(b.abs().max()) + rho * float(gram.diagonal().max().sqrt())
+    assert (grad - w @ grad >= -1e-9 * scale).all()
+    assert (w * (grad - w @ grad)).abs().max() <= 1e-9 * scale
+
+
 def test_linear_plus_norm_special_cases() -> None:
     jac = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=F64)
     gram = jac @ jac.T
