@@ -634,6 +634,44 @@ def min_norm_point(gramian: Tensor, init: Tensor | None = None, max_iter: int | 
     return SolverResult(w.to(gramian.dtype), iterations, residual, converged)
 
 
+def _lower_bounded_candidate(g: Tensor, bounds: Tensor, free: Tensor | None, check: _InputCheck) -> Tensor | None:
+    """min vᵀGv s.t. v ≥ u for each row u of ``bounds`` (B, K) from candidate free sets in closed form (K ≤
+    CLOSED_FORM), or None where that does not settle every row; one read, which also carries the input ``check``.
+
+    With the free set F (the others on their bound) the stationary point is v_F = −G_FF⁻¹G_FX u_X; one batched
+    solve for every free set (``free`` None, K ≤ ENUMERATE) or for each row's ``free`` (B, K) and its K
+    neighbours, in the symmetric scaling of :func:`_support_solves`. The feasible candidate of least vᵀGv is
+    taken when every row satisfies the KKT conditions: its own equations to ACCURACY ((Gv)_k = 0 on F, as
+    _active_set judges them) and strict complementarity ((Gv)_k > 1e-9·(1 + max|v|) on the bound, G scaled to max
+    G_kk = 1), so that it is the unique solution; degenerate rows (dependent gradients, a multiplier at 0) leave
+    the whole batch to the ridged active set and its minimum-norm choices."""
+    batch, k = bounds.shape
+    device = g.device
+    masks = _all_free_sets(k, False, device)[0] if free is None else free[:, None, :] ^ _flips(k, device)
+    inverse_root = g.diagonal().clamp_min(torch.finfo(g.dtype).tiny).rsqrt()
+    unit = g * torch.outer(inverse_root, inverse_root)
+    system = torch.where(masks[..., :, None] & masks[..., None, :], unit, _identity(k, g.dtype, device))
+    # scaled variables y = v / inverse_root: fixed ones at their bound, free ones balance them (unit is symmetric)
+    fixed = torch.where(masks, 0.0, (bounds / inverse_root)[:, None, :])
+    rhs = torch.where(masks, -(fixed @ unit), fixed)
+    solution: Tensor = torch.linalg.solve_ex(system, rhs[..., None])[0]
+    candidates = torch.where(masks, inverse_root * solution[..., 0], bounds[:, None, :])  # (B, M, K)
+    size = 1 + candidates.abs().amax(dim=-1, keepdim=True)
+    feasible = (candidates >= bounds[:, None, :] - 1e-12 * size).all(dim=-1)  # NaN (singular) is not
+    value = ((candidates @ g) * candidates).sum(dim=-1)
+    rows = torch.arange(batch, device=device)
+    choice = torch.where(feasible, value, torch.inf).argmin(dim=-1)
+    v, mask = candidates[rows, choice], masks.expand(batch, -1, -1)[rows, choice]
+    v = torch.where(mask, torch.maximum(v, bounds), bounds)
+    gv = v @ g
+    size = 1 + v.abs().amax(dim=-1, keepdim=True)
+    kkt = torch.where(mask, gv.abs() * (1 + (v - bounds).abs()) <= ACCURACY * size, gv > 1e-9 * size)
+    ok, settled = torch.stack([check.finite, feasible.any(dim=-1).all() & kkt.all()]).tolist()
+    if not ok:
+        raise _non_finite(check.solver)
+    return v if settled else None
+
+
 def lower_bounded_qp(
     gramian: Tensor, lower: Tensor, init: Tensor | None = None, max_iter: int | None = None
 ) -> SolverResult:
@@ -642,7 +680,9 @@ def lower_bounded_qp(
     With u ≥ 0, Jᵀv is the projection of Jᵀu onto the dual cone {x : Jx ≥ 0} of the rows of J (Quinton & Rey
     2024, Prop. 1). Started from v = max(init, u) when ``init`` (same shape as ``lower``, e.g. the previous step's
     solution) is given, else from v = u (all bounds active), so a Jᵀu already in the cone costs one iteration, and
-    a warm start with the right free set one iteration too; the answer does not depend on the start.
+    a warm start with the right free set one iteration too; the answer does not depend on the start. Up to
+    K = CLOSED_FORM the candidate free sets (all, or the start's and its K neighbours) are first solved in closed
+    form (:func:`_lower_bounded_candidate`), which answers with one read when every row passes the KKT test.
     Residual (KKT: Gv ≥ 0, (v − u)ᵀGv = 0): max(max_k (−(Gv)_k)₊, max_k |(v_k − u_k)(Gv)_k|) / max_k G_kk,
     over the batch.
     """
@@ -661,8 +701,15 @@ def lower_bounded_qp(
         return torch.where(previous - bounds > 1e-12 * size, previous, bounds)
 
     check = _InputCheck(_finite(lower, gramian), "lower_bounded_qp")
-    problem = _QP(_regularised(g), None, bounds, g, batch=bounds.shape[0])
-    v, iterations, converged = _qp(problem, start, limit, check)
+    k = bounds.shape[-1]
+    found = None
+    if k <= CLOSED_FORM and limit > 0:
+        found = _lower_bounded_candidate(g, bounds, None if k <= ENUMERATE else start() > bounds, check)
+    if found is not None:
+        v, iterations, converged = found, 1, True
+    else:
+        problem = _QP(_regularised(g), None, bounds, g, batch=bounds.shape[0])
+        v, iterations, converged = _qp(problem, start, limit, check)
     gv = v @ g
     residual = torch.maximum((-gv).clamp_min(0).amax(), ((v - bounds) * gv).abs().amax())
     x = v[0] if single else v
