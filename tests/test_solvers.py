@@ -178,6 +178,10 @@ def _objective(w: torch.Tensor, gram: torch.Tensor, b: torch.Tensor, rho: float)
 
 
 @given(st.integers(0, 2**31), st.integers(2, 3), st.integers(1, 6), st.floats(0.0, 2.0))
+# rank 1, ρ just above the linear case: the SQP stopped unconverged at the wrong vertex (0.08 above the optimum); the
+# closed-form candidates take the vertices as they are
+@example(seed=473, k=3, p=1, c=1e-12)
+@example(seed=9, k=3, p=1, c=1e-9)
 def test_linear_plus_norm_beats_a_fine_grid(seed: int, k: int, p: int, c: float) -> None:
     jac = reference.jacobian(seed, k, p)
     gram = jac @ jac.T

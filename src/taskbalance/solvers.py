@@ -581,7 +581,7 @@ def _min_norm_candidate(g: Tensor, init: Tensor | None, check: _InputCheck) -> T
 
     On a support S the stationary point is w_S = G_S⁻¹1 / α, α = 1ᵀG_S⁻¹1, of value wᵀGw = 1/α (one batched solve
     for every support up to ENUMERATE tasks, else for the warm start's support and its K neighbours); the
-    nonnegative one of largest α is taken when it satisfies the KKT conditions: its own equations to ACCURACY
+    nonnegative one of least wᵀGw is taken when it satisfies the KKT conditions: its own equations to ACCURACY
     (|(Gw)_k − wᵀGw| on S) and strict complementarity ((Gw)_k − wᵀGw > 1e-9 off S, G scaled to max G_kk = 1), so
     that it is the unique solution. Degenerate problems (dependent gradients on the optimal face, a zero gradient,
     a multiplier at 0), where the ridged active set picks the most even of several solutions, get None."""
@@ -595,10 +595,13 @@ def _min_norm_candidate(g: Tensor, init: Tensor | None, check: _InputCheck) -> T
     alpha = u.sum(dim=-1)
     candidates = u / alpha[:, None]
     valid = (candidates >= -1e-12).all(dim=-1) & (alpha > 0)
-    choice = torch.where(valid, alpha, -torch.inf).argmax()
+    # ranked by wᵀGw itself, not by 1/α: a nearly singular G_S (dependent gradients) gives a meaningless α
+    value = ((candidates @ g) * candidates).sum(dim=-1)
+    choice = torch.where(valid, value, torch.inf).argmin()
     w = candidates[choice].clamp_min(0)
     w = w / w.sum()
-    slack = g @ w - 1 / alpha[choice]  # the multipliers (Gw)_k − wᵀGw
+    gw = g @ w
+    slack = gw - w @ gw  # the multipliers (Gw)_k − wᵀGw
     on_support = masks[choice]
     settled = valid.any() & (torch.where(on_support, slack.abs() <= ACCURACY, slack > 1e-9)).all()
     ok, found = torch.stack([check.finite, settled]).tolist()
@@ -845,7 +848,7 @@ def _norm_candidate(g: Tensor, b: Tensor, rho: float, support: Tensor | None) ->
     On a support S where f is differentiable, stationarity reads b_S + ρ·G_S w_S / n = μ·1 with n = √(wᵀGw), and
     1ᵀw = 1. With u = G_S⁻¹1, v = G_S⁻¹b_S, α = 1ᵀu, β = 1ᵀv, γ = b_Sᵀv, it gives w_S = (μu − v)/r with
     r = √(β² − α(γ − ρ²)) = ρ/n > 0 and μ = (β + r)/α; then f(w) = wᵀ∇f(w) = μ. So the supports cost one batched
-    solve with two right-hand sides, and the nonnegative candidate of least μ is the best."""
+    solve with two right-hand sides; the nonnegative candidate of least f (μ, for an exact solve) is the best."""
     k = g.shape[-1]
     masks, pairs = _supports(k, support, g.device)
     uv = _support_solves(g, torch.stack([torch.ones_like(b), b], dim=-1), masks, pairs)
@@ -854,8 +857,15 @@ def _norm_candidate(g: Tensor, b: Tensor, rho: float, support: Tensor | None) ->
     r = (beta * beta - alpha * (v @ b - rho * rho)).clamp_min(0).sqrt()
     mu = (beta + r) / alpha
     w = (mu[:, None] * u - v) / r[:, None]
+    w = w / w.sum(dim=-1, keepdim=True)
     valid = (w >= -1e-12).all(dim=-1) & (alpha > 0) & (r > 0)
-    w = w[torch.where(valid, mu, torch.inf).argmin()].clamp_min(0)
+    # a vertex needs no formula (r² = αρ² loses every digit to β² − αγ when ρ ≪ |b|): e_k, where g_k ≠ 0
+    vertex = masks.sum(dim=-1) == 1
+    w = torch.where(vertex[:, None], masks.to(w.dtype), w)
+    valid = torch.where(vertex, (masks & (g.diagonal() > 0)).any(dim=-1), valid)
+    # ranked by f itself, not by μ: a nearly singular G_S (dependent gradients) gives a finite but meaningless μ
+    value = w @ b + rho * ((w @ g) * w).sum(dim=-1).clamp_min(0).sqrt()
+    w = w[torch.where(valid, value, torch.inf).argmin()].clamp_min(0)
     return w / w.sum()
 
 
