@@ -16,7 +16,8 @@ produced G); the problem data never leave it. Small problems skip the loop, sinc
 K is the number of torch operations, not arithmetic: up to K = 6 every working set is solved in one batch and
 the feasible candidate of least objective is the answer; up to K = 12 the warm start's working set and its K
 neighbours are, for a single problem (not UPGrad's batch), with the active set behind them; the min-norm point
-of two gradients has a closed form. Each gives the active-set method's answer, with one read per solve (the
+of two gradients has a closed form, and so has :func:`linear_plus_norm`'s stationary point on a given support.
+Each gives the active-set method's answer, with one read per solve (the
 finite check) or none. Without a linear term (MGDA, UPGrad) an answer must also satisfy its own equations: a
 working set whose matrix has an eigenvalue near the ridge (dependent gradients nearly spanning a face) defeats the
 ridged solve and its refinements, and is solved again with the pseudo-inverse (the minimum-norm solution); where
@@ -375,6 +376,9 @@ def _active_set(problem: _QP, kkt: _KKT, x0: Tensor, max_iter: int) -> tuple[Ten
 #: its K neighbours up to FLIPS (single problems); the active-set iterations beyond (or where those miss)
 ENUMERATE = 6
 FLIPS = 12
+#: up to this many tasks, min_norm_point and linear_plus_norm first try the stationary points of the same candidate
+#: supports in closed form (one batched solve, no ridge: :func:`_min_norm_candidate`, :func:`_norm_candidate`)
+CLOSED_FORM = 12
 
 
 @functools.lru_cache(maxsize=64)
@@ -543,6 +547,14 @@ def _simplex_qp(
     return x[0], iterations, converged
 
 
+def _symmetric(g: Tensor, top: Tensor) -> Tensor:
+    """(G + Gᵀ) / (2·top): the problem scaled to max G_kk = 1 and made exactly symmetric. A Gramian formed by a
+    float32 matmul (J Jᵀ, as the engine does) is symmetric only to its rounding (1e-7 relative at K = 10), and only
+    the symmetric part enters wᵀGw; solving the working-set equations with G but taking the multipliers with Gᵀ
+    left KKT residuals of that size, above ACCURACY, and reported exact answers as unconverged."""
+    return (g + g.mT) / (2 * top)
+
+
 def _default_iterations(k: int) -> int:
     return 10 * k + 50
 
@@ -563,29 +575,104 @@ def _min_norm_pair(g: Tensor) -> Tensor:
     return torch.stack([t, 1 - t])
 
 
+def _min_norm_candidate(g: Tensor, init: Tensor | None, check: _InputCheck) -> Tensor | None:
+    """The min-norm point from the candidate supports in closed form (3 ≤ K ≤ CLOSED_FORM), or None where it does not
+    settle the answer; one read, which also carries the input ``check``.
+
+    On a support S the stationary point is w_S = G_S⁻¹1 / α, α = 1ᵀG_S⁻¹1, of value wᵀGw = 1/α (one batched solve
+    for every support up to ENUMERATE tasks, else for the warm start's support and its K neighbours); the
+    nonnegative one of least wᵀGw is taken when it satisfies the KKT conditions: its own equations to ACCURACY
+    (|(Gw)_k − wᵀGw| on S) and strict complementarity ((Gw)_k − wᵀGw > 1e-9 off S, G scaled to max G_kk = 1), so
+    that it is the unique solution. Degenerate problems (dependent gradients on the optimal face, a zero gradient,
+    a multiplier at 0), where the ridged active set picks the most even of several solutions, get None."""
+    k = g.shape[-1]
+    support = None
+    if k > ENUMERATE:
+        start = torch.ones(k, dtype=g.dtype, device=g.device) if init is None else init.to(g)
+        support = (start > 1e-12 * start.max())[None]
+    masks, pairs = _supports(k, support, g.device)
+    u = _support_solves(g, torch.ones_like(g[:, :1]), masks, pairs)[..., 0]
+    alpha = u.sum(dim=-1)
+    candidates = u / alpha[:, None]
+    valid = (candidates >= -1e-12).all(dim=-1) & (alpha > 0)
+    # ranked by wᵀGw itself, not by 1/α: a nearly singular G_S (dependent gradients) gives a meaningless α
+    value = ((candidates @ g) * candidates).sum(dim=-1)
+    choice = torch.where(valid, value, torch.inf).argmin()
+    w = candidates[choice].clamp_min(0)
+    w = w / w.sum()
+    gw = g @ w
+    slack = gw - w @ gw  # the multipliers (Gw)_k − wᵀGw
+    on_support = masks[choice]
+    settled = valid.any() & (torch.where(on_support, slack.abs() <= ACCURACY, slack > 1e-9)).all()
+    ok, found = torch.stack([check.finite, settled]).tolist()
+    if not ok:
+        raise _non_finite(check.solver)
+    return w if found else None
+
+
 def min_norm_point(gramian: Tensor, init: Tensor | None = None, max_iter: int | None = None) -> SolverResult:
     """The w ∈ Δ minimising wᵀGw; Jᵀw is then the min-norm element of the convex hull of the rows of J.
 
-    Exact for every K (active set, see the module docstring; closed form for K = 2); ``init`` (K,) warm-starts it
-    (projected onto Δ).
+    Exact for every K (active set, see the module docstring; closed form for K = 2, and for 3 ≤ K ≤ CLOSED_FORM
+    the candidate supports' stationary points in closed form first, :func:`_min_norm_candidate`); ``init`` (K,)
+    warm-starts it (projected onto Δ).
     Residual: the Frank–Wolfe gap (wᵀGw − min_k (Gw)_k) / max_k G_kk, which is ≥ 0 and 0 exactly at the KKT point
     ((Gw)_k ≥ wᵀGw for all k, with equality where w_k > 0).
     """
     k = gramian.shape[-1]
     g = gramian.to(torch.float64)
-    top = g.diagonal().max().clamp_min(torch.finfo(torch.float64).tiny)
-    g = g / top
+    g = _symmetric(g, g.diagonal().max().clamp_min(torch.finfo(torch.float64).tiny))
     limit = _default_iterations(k) if max_iter is None else max_iter
-    if k == 2:
+    check = _InputCheck(_finite(gramian), "min_norm_point")
+    w = _min_norm_candidate(g, init, check) if 2 < k <= CLOSED_FORM and limit > 0 else None
+    if w is not None:
+        iterations, converged = 1, True
+    elif k == 2:
         w, iterations, converged = _min_norm_pair(g), 1, True
-        _InputCheck(_finite(gramian), "min_norm_point").require()
+        check.require()
     else:
-        w, iterations, converged = _simplex_qp(
-            _regularised(g), None, init, limit, g, check=_InputCheck(_finite(gramian), "min_norm_point")
-        )
+        w, iterations, converged = _simplex_qp(_regularised(g), None, init, limit, g, check=check)
     gw = g @ w
     residual = (w @ gw - gw.min()).clamp_min(0)
     return SolverResult(w.to(gramian.dtype), iterations, residual, converged)
+
+
+def _lower_bounded_candidate(g: Tensor, bounds: Tensor, free: Tensor | None, check: _InputCheck) -> Tensor | None:
+    """min vᵀGv s.t. v ≥ u for each row u of ``bounds`` (B, K) from candidate free sets in closed form (K ≤
+    CLOSED_FORM), or None where that does not settle every row; one read, which also carries the input ``check``.
+
+    With the free set F (the others on their bound) the stationary point is v_F = −G_FF⁻¹G_FX u_X; one batched
+    solve for every free set (``free`` None, K ≤ ENUMERATE) or for each row's ``free`` (B, K) and its K
+    neighbours, in the symmetric scaling of :func:`_support_solves`. The feasible candidate of least vᵀGv is
+    taken when every row satisfies the KKT conditions: its own equations to ACCURACY ((Gv)_k = 0 on F, as
+    _active_set judges them) and strict complementarity ((Gv)_k > 1e-9·(1 + max|v|) on the bound, G scaled to max
+    G_kk = 1), so that it is the unique solution; degenerate rows (dependent gradients, a multiplier at 0) leave
+    the whole batch to the ridged active set and its minimum-norm choices."""
+    batch, k = bounds.shape
+    device = g.device
+    masks = _all_free_sets(k, False, device)[0] if free is None else free[:, None, :] ^ _flips(k, device)
+    inverse_root = g.diagonal().clamp_min(torch.finfo(g.dtype).tiny).rsqrt()
+    unit = g * torch.outer(inverse_root, inverse_root)
+    system = torch.where(masks[..., :, None] & masks[..., None, :], unit, _identity(k, g.dtype, device))
+    # scaled variables y = v / inverse_root: fixed ones at their bound, free ones balance them (unit is symmetric)
+    fixed = torch.where(masks, 0.0, (bounds / inverse_root)[:, None, :])
+    rhs = torch.where(masks, -(fixed @ unit), fixed)
+    solution: Tensor = torch.linalg.solve_ex(system, rhs[..., None])[0]
+    candidates = torch.where(masks, inverse_root * solution[..., 0], bounds[:, None, :])  # (B, M, K)
+    size = 1 + candidates.abs().amax(dim=-1, keepdim=True)
+    feasible = (candidates >= bounds[:, None, :] - 1e-12 * size).all(dim=-1)  # NaN (singular) is not
+    value = ((candidates @ g) * candidates).sum(dim=-1)
+    rows = torch.arange(batch, device=device)
+    choice = torch.where(feasible, value, torch.inf).argmin(dim=-1)
+    v, mask = candidates[rows, choice], masks.expand(batch, -1, -1)[rows, choice]
+    v = torch.where(mask, torch.maximum(v, bounds), bounds)
+    gv = v @ g
+    size = 1 + v.abs().amax(dim=-1, keepdim=True)
+    kkt = torch.where(mask, gv.abs() * (1 + (v - bounds).abs()) <= ACCURACY * size, gv > 1e-9 * size)
+    ok, settled = torch.stack([check.finite, feasible.any(dim=-1).all() & kkt.all()]).tolist()
+    if not ok:
+        raise _non_finite(check.solver)
+    return v if settled else None
 
 
 def lower_bounded_qp(
@@ -596,15 +683,16 @@ def lower_bounded_qp(
     With u ≥ 0, Jᵀv is the projection of Jᵀu onto the dual cone {x : Jx ≥ 0} of the rows of J (Quinton & Rey
     2024, Prop. 1). Started from v = max(init, u) when ``init`` (same shape as ``lower``, e.g. the previous step's
     solution) is given, else from v = u (all bounds active), so a Jᵀu already in the cone costs one iteration, and
-    a warm start with the right free set one iteration too; the answer does not depend on the start.
+    a warm start with the right free set one iteration too; the answer does not depend on the start. Up to
+    K = CLOSED_FORM the candidate free sets (all, or the start's and its K neighbours) are first solved in closed
+    form (:func:`_lower_bounded_candidate`), which answers with one read when every row passes the KKT test.
     Residual (KKT: Gv ≥ 0, (v − u)ᵀGv = 0): max(max_k (−(Gv)_k)₊, max_k |(v_k − u_k)(Gv)_k|) / max_k G_kk,
     over the batch.
     """
     single = lower.dim() == 1
     bounds = lower.to(torch.float64).reshape(-1, lower.shape[-1])
     g = gramian.to(torch.float64)
-    top = g.diagonal().max().clamp_min(torch.finfo(torch.float64).tiny)
-    g = g / top
+    g = _symmetric(g, g.diagonal().max().clamp_min(torch.finfo(torch.float64).tiny))
     limit = _default_iterations(bounds.shape[-1]) if max_iter is None else max_iter
 
     def start() -> Tensor:
@@ -616,8 +704,15 @@ def lower_bounded_qp(
         return torch.where(previous - bounds > 1e-12 * size, previous, bounds)
 
     check = _InputCheck(_finite(lower, gramian), "lower_bounded_qp")
-    problem = _QP(_regularised(g), None, bounds, g, batch=bounds.shape[0])
-    v, iterations, converged = _qp(problem, start, limit, check)
+    k = bounds.shape[-1]
+    found = None
+    if k <= CLOSED_FORM and limit > 0:
+        found = _lower_bounded_candidate(g, bounds, None if k <= ENUMERATE else start() > bounds, check)
+    if found is not None:
+        v, iterations, converged = found, 1, True
+    else:
+        problem = _QP(_regularised(g), None, bounds, g, batch=bounds.shape[0])
+        v, iterations, converged = _qp(problem, start, limit, check)
     gv = v @ g
     residual = torch.maximum((-gv).clamp_min(0).amax(), ((v - bounds) * gv).abs().amax())
     x = v[0] if single else v
@@ -716,6 +811,64 @@ def _sqp_flags(
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _every_support(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Every nonempty subset of {0, …, K−1} as (M, K) masks, and the (M, K, K) masks of their pairs."""
+    masks = _all_free_sets(k, True, device)[0][0]
+    return masks, masks[:, :, None] & masks[:, None, :]
+
+
+def _supports(k: int, support: Tensor | None, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Every support (``support`` None), or ``support`` (1, K) and the K that differ from it in one variable (the
+    empty one replaced by the full one), as masks (M, K) and pair masks (M, K, K)."""
+    if support is None:
+        return _every_support(k, device)
+    masks = support ^ _flips(k, device)
+    masks = masks | ~masks.any(dim=-1, keepdim=True)
+    return masks, masks[:, :, None] & masks[:, None, :]
+
+
+def _support_solves(g: Tensor, columns: Tensor, masks: Tensor, pairs: Tensor) -> Tensor:
+    """G_S⁻¹c_S for every support S of ``masks`` (M, K) and every column c of ``columns`` (K, C): (M, K, C), exactly 0
+    off S, not finite where G_S is singular. One batched solve of the symmetrically scaled systems D G_S D
+    (D = diag(G)^−½, unit diagonal), so that the norms' spread does not enter the condition."""
+    k = g.shape[-1]
+    inverse_root = g.diagonal().clamp_min(torch.finfo(g.dtype).tiny).rsqrt()
+    system = torch.where(pairs, g * torch.outer(inverse_root, inverse_root), _identity(k, g.dtype, g.device))
+    rhs = torch.where(masks[:, :, None], columns * inverse_root[:, None], 0.0)
+    solution: Tensor = torch.linalg.solve_ex(system, rhs)[0]
+    return solution * inverse_root[:, None]
+
+
+def _norm_candidate(g: Tensor, b: Tensor, rho: float, support: Tensor | None) -> Tensor:
+    """The best point of Δ that is stationary for f(w) = bᵀw + ρ√(wᵀGw) on its support, among every support
+    (``support`` None) or ``support`` (1, K) and its K neighbours: closed form, one batch, no read (not finite
+    where no support has such a point; the caller checks the KKT gap either way).
+
+    On a support S where f is differentiable, stationarity reads b_S + ρ·G_S w_S / n = μ·1 with n = √(wᵀGw), and
+    1ᵀw = 1. With u = G_S⁻¹1, v = G_S⁻¹b_S, α = 1ᵀu, β = 1ᵀv, γ = b_Sᵀv, it gives w_S = (μu − v)/r with
+    r = √(β² − α(γ − ρ²)) = ρ/n > 0 and μ = (β + r)/α; then f(w) = wᵀ∇f(w) = μ. So the supports cost one batched
+    solve with two right-hand sides; the nonnegative candidate of least f (μ, for an exact solve) is the best."""
+    k = g.shape[-1]
+    masks, pairs = _supports(k, support, g.device)
+    uv = _support_solves(g, torch.stack([torch.ones_like(b), b], dim=-1), masks, pairs)
+    u, v = uv.unbind(dim=-1)
+    alpha, beta = uv.sum(dim=1).unbind(dim=-1)
+    r = (beta * beta - alpha * (v @ b - rho * rho)).clamp_min(0).sqrt()
+    mu = (beta + r) / alpha
+    w = (mu[:, None] * u - v) / r[:, None]
+    w = w / w.sum(dim=-1, keepdim=True)
+    valid = (w >= -1e-12).all(dim=-1) & (alpha > 0) & (r > 0)
+    # a vertex needs no formula (r² = αρ² loses every digit to β² − αγ when ρ ≪ |b|): e_k, where g_k ≠ 0
+    vertex = masks.sum(dim=-1) == 1
+    w = torch.where(vertex[:, None], masks.to(w.dtype), w)
+    valid = torch.where(vertex, (masks & (g.diagonal() > 0)).any(dim=-1), valid)
+    # ranked by f itself, not by μ: a nearly singular G_S (dependent gradients) gives a finite but meaningless μ
+    value = w @ b + rho * ((w @ g) * w).sum(dim=-1).clamp_min(0).sqrt()
+    w = w[torch.where(valid, value, torch.inf).argmin()].clamp_min(0)
+    return w / w.sum()
+
+
 def linear_plus_norm(
     gramian: Tensor, b: Tensor, rho: float | Tensor, init: Tensor | None = None, max_iter: int = 50, tol: float = 1e-9
 ) -> SolverResult:
@@ -727,7 +880,11 @@ def linear_plus_norm(
     its rounding: once f's decrease is below rounding, the full step is taken where it lowers the KKT gap, since
     the line search can no longer see it). The subproblem is factored with the ridge and refined against the
     exact Hessian (see :meth:`_KKT.refined`), so the ridge does not slow the Newton steps down. ``init``
-    warm-starts it. With ρ = 0 (or G = 0) the problem is linear: w is uniform over argmin_k b_k. Reads from the
+    warm-starts it. Up to K = CLOSED_FORM tasks, where the start is not already the answer, the stationary points
+    of every support (K ≤ ENUMERATE) or of the start's support and its K neighbours are first computed in closed
+    form (:func:`_norm_candidate`, one batched solve): the best one is the answer, with one read and no SQP
+    iteration, when it meets the same stopping criterion. With ρ = 0 (or G = 0) the problem is linear: w is
+    uniform over argmin_k b_k. Reads from the
     device: one for the input check, the case analysis and the start's gap, then one per iteration (plus, for
     K > 6, the subproblem's one, see _qp).
 
@@ -746,7 +903,7 @@ def linear_plus_norm(
     weight_t = torch.as_tensor(rho, dtype=torch.float64, device=device)
     # the problem scaled to max G_kk = 1, and the start evaluated, before the one read that checks the input, picks
     # the case below (ρ and the scales of G and b) and tells whether the start is already the solution
-    g_scaled = g / top
+    g_scaled = _symmetric(g, top)
     root_top = top.sqrt()
     lin_scaled = lin / root_top
     diag = g_scaled.diagonal().clamp_min(0)
@@ -784,6 +941,13 @@ def linear_plus_norm(
         return SolverResult(w.to(dtype), 0, torch.zeros((), dtype=torch.float64, device=device), True)
     g, lin = g_scaled, lin_scaled
     scale = lin_max_value / math.sqrt(top_value) + weight
+    if go_on and differentiable and k <= CLOSED_FORM and max_iter > 0:
+        # the stationary points of the candidate supports in closed form: the answer when one of them meets the
+        # SQP's own stopping criterion (differentiable, KKT gap ≤ tol), one read instead of the SQP's iterations
+        candidate = _norm_candidate(g, lin, weight, None if k <= ENUMERATE else (w > 1e-12 * w.max())[None])
+        best = evaluate(candidate[None], weight, scale).row(0)
+        if bool(best.resolved & (best.gap <= tol)):
+            return SolverResult(candidate.to(dtype), 1, best.gap, True)
     limit = _default_iterations(k)
     if not differentiable:  # start where f is differentiable
         for start in (uniform, torch.nn.functional.one_hot(g.diagonal().argmax(), k).to(g)):

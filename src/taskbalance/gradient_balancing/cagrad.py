@@ -45,8 +45,9 @@ class CAGrad(GradientBalancer):
 
     Differences from the reference code, on purpose: the dual is solved exactly by our own solver
     (:func:`taskbalance.solvers.linear_plus_norm`, SQP to a 1e-9 relative KKT gap, warm-started from the previous
-    step's w) instead of SciPy's SLSQP from the uniform start on the CPU; the reference's 1e-8 guards inside
-    the square roots are dropped. Where 0 lies in the hull of the gradients and the optimum is g_w = 0 (then d
+    step's w; up to K = 12 the stationary point of each candidate support in closed form first) instead of
+    SciPy's SLSQP from the uniform start on the CPU; the reference's 1e-8 guards inside the square roots are
+    dropped. Where 0 lies in the hull of the gradients and the optimum is g_w = 0 (then d
     is not unique) we return d = K·g₀ (divided as ``rescale`` says) with ``converged=False`` and a note.
 
     Args:

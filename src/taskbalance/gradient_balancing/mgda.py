@@ -36,7 +36,8 @@ class MGDA(GradientBalancer):
       normalisation only chooses w); LibMTL applies them to the normalised gradients, reachable as
       ``apply_to="normalized"`` (weights K·w_k / n_k).
     - The min-norm point is exact for every K (active set, :func:`taskbalance.solvers.min_norm_point`, warm-started
-      from the previous step) instead of Frank–Wolfe stopped after 250 iterations or a change below 1e-5.
+      from the previous step; closed forms per candidate support up to K = 12) instead of Frank–Wolfe stopped
+      after 250 iterations or a change below 1e-5.
     - A zero gradient makes 0 the min-norm point: the update is then 0 (the reference divides by zero under
       ``"l2"``). Among several optimal w (duplicate gradients) the most even one is returned.
 

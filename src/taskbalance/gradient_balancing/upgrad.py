@@ -33,7 +33,8 @@ class UPGrad(GradientBalancer):
       ``norm_eps=1e-4, reg_eps=1e-4`` reproduces torchjd's behaviour (after its trace normalisation).
     - The QPs run on the device (torchjd solves them one by one on the CPU with quadprog), warm-started from the
       previous step's solutions (kept in ``state_dict()``): when the set of binding constraints has not changed,
-      which is the rule between consecutive steps, they take one active-set iteration.
+      which is the rule between consecutive steps, they take one active-set iteration (up to K = 12, the
+      candidate free sets solved in closed form, one batched solve, answer first).
 
     Args:
         norm_eps: below this trace(G) the weights are all 1 (torchjd: 1e-4); default 0.
