@@ -69,6 +69,8 @@ def exact_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any]
         ("ddp:nashmtl", "nashmtl", {"wrap_ddp": True}),
         ("ddp:igbv1", "igbv1", {"wrap_ddp": True}),
         ("accumulated:igbv1+nashmtl", "igbv1+nashmtl", {"micro_batches": 2}),
+        ("reused:nashmtl", "nashmtl", {"update_weights_every": 3}),
+        ("scaled:igbv1+upgrad", "igbv1+upgrad", {"scaled": True}),
         ("local:nashmtl", "nashmtl", {"distributed": "local"}),
         ("local:igbv1+pcgrad", "igbv1+pcgrad", {"distributed": "local"}),
     )
@@ -84,13 +86,21 @@ def test_exact_ranks_stay_identical_and_equal_one_process_on_the_whole_batch(
     _assert_close(rank0, _single(spec))
 
 
-@pytest.mark.parametrize("label", ["ddp:nashmtl", "ddp:igbv1", "accumulated:igbv1+nashmtl"])
-def test_a_ddp_wrapped_model_and_accumulated_shards_give_the_same_run(
+@pytest.mark.parametrize(
+    "label", ["ddp:nashmtl", "ddp:igbv1", "accumulated:igbv1+nashmtl", "reused:nashmtl", "scaled:igbv1+upgrad"]
+)
+def test_ddp_wrapping_accumulation_reused_weights_and_a_grad_scaler_give_the_one_process_run(
     label: str, exact_runs: tuple[dict[str, Any], dict[str, Any]]
 ) -> None:
     rank0, rank1 = (run[label] for run in exact_runs)
     _assert_identical(rank0, rank1)
-    _assert_close(rank0, _single(label.split(":")[1]))
+    options = {
+        "reused:nashmtl": {"update_weights_every": 3},
+        "scaled:igbv1+upgrad": {"scaled": True},  # one process: the whole batch overflows at step 9
+    }.get(label, {})
+    _assert_close(rank0, _single(label.split(":")[1], **options))
+    if label.startswith("scaled"):
+        assert rank0["scale"] == rank1["scale"] and float(rank0["scale"]) < 2.0**8 * 2**5  # backed off once
 
 
 @pytest.mark.parametrize("label", ["local:nashmtl", "local:igbv1+pcgrad"])

@@ -35,19 +35,27 @@ def losses_of(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def train(
-    spec: str, rank: int, world: int, wrap_ddp: bool = False, micro_batches: int = 1, **options: Any
+    spec: str,
+    rank: int,
+    world: int,
+    wrap_ddp: bool = False,
+    micro_batches: int = 1,
+    scaled: bool = False,
+    **options: Any,
 ) -> dict[str, Tensor]:
     """STEPS steps of SGD on this rank's shard of each global batch; the model's and the balancer's final state.
 
     The balancer is built after seeding with the rank: methods seeded from the global RNG start apart on each
     rank, so equal results show that rank 0's state was taken. ``micro_batches`` > 1 accumulates the shard in
-    that many micro-batches (``accumulate=True`` on all but the last).
+    that many micro-batches (``accumulate=True`` on all but the last). ``scaled``: through a GradScaler whose
+    scale grows every 4 steps, with an overflowing loss at step 9 (a skipped step on every rank).
     """
     torch.manual_seed(1000 + rank)
     model = TinyMTL(n_tasks=N_TASKS, seed=0)
     balancer = tb.make(spec, n_tasks=N_TASKS, **options)
     net: nn.Module = nn.parallel.DistributedDataParallel(model) if wrap_ddp else model
     optimizer = torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=4) if scaled else None
     shard = GLOBAL_BATCH // world
     micro = shard // micro_batches
     for step, (x, y) in enumerate(batches()):
@@ -56,14 +64,24 @@ def train(
         for i in range(micro_batches):
             part = slice(i * micro, (i + 1) * micro)
             features, losses = losses_of(net, xs[part], ys[part])
-            balancer.backward(losses, model.encoder.parameters(), features=features, accumulate=i < micro_batches - 1)
-        optimizer.step()
+            if scaled and step == 9 and rank == world - 1:  # the last rank's gradient overflows
+                losses = losses + 0.0 * torch.sqrt(features.sum() - features.sum().detach())
+            balancer.backward(
+                losses, model.encoder.parameters(), features=features, accumulate=i < micro_batches - 1, scaler=scaler
+            )
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
         with torch.no_grad():
             balancer.after_step(losses_of(net, xs, ys)[1])
         if step % 5 == 4:
             balancer.end_epoch()
     state = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
     state.update(flat_state(balancer.state_dict(), "balancer."))
+    if scaler is not None:
+        state["scale"] = torch.tensor(scaler.get_scale(), dtype=torch.float64)
     return state
 
 
