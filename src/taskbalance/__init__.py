@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .balancer import Balancer, BalanceResult
+from .balancer import Balancer
 from .engine import Engine, EngineFallbackWarning
 from .gradient_balancing.base import Combination, GradientBalancer
 from .gradient_balancing.sum import Sum
 from .loss_balancing.base import Balanced, LossBalancer
 from .loss_balancing.equal import Equal
 from .registry import GRADIENT_METHODS, LOSS_METHODS, available, gradient_class, loss_class, make
+from .result import BalanceResult
 
 __version__ = "0.1.0"
 

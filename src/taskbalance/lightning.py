@@ -50,7 +50,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from .balancer import Balancer, BalanceResult
+from .balancer import Balancer
+from .result import BalanceResult
 
 INSTALL_HINT = "pip install 'taskbalance[lightning]'"
 

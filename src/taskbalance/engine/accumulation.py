@@ -104,3 +104,20 @@ def loss_jacobian(balanced: Tensor, losses: Tensor) -> Tensor:
         (row,) = torch.autograd.grad(balanced[k], losses, retain_graph=True, allow_unused=True)
         rows.append(torch.zeros_like(losses) if row is None else row)
     return torch.stack(rows)
+
+
+def chained(
+    chain: Tensor, totals: Sequence[Tensor], n_shared: int, scale: float = 1.0
+) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """The whole batch's per-task blocks of ℓ̃ for the shared parameters, D · J_L (K, *p.shape), and the heads'
+    gradients of Σ_k ℓ̃_k, 1ᵀD · J_L, from the mean J_L blocks (shared first); times the loss scale s."""
+    n = chain.shape[0]
+    column = chain.sum(0)
+
+    def product(left: Tensor, block: Tensor, shape: torch.Size) -> Tensor:
+        out = (left.to(block.dtype) @ block.reshape(n, -1)).view(shape)
+        return out if scale == 1.0 else out * scale
+
+    shared: list[Tensor | None] = [product(chain, b, b.shape) for b in totals[:n_shared]]
+    heads: list[Tensor | None] = [product(column, b, b.shape[1:]) for b in totals[n_shared:]]
+    return shared, heads
