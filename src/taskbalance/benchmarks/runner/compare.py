@@ -133,7 +133,8 @@ def schedule_notes(specs: Sequence[str], n_tasks: int, epochs: int) -> list[str]
             )
         elif isinstance(base_epoch, int) and epochs <= base_epoch + 1:
             notes.append(
-                f"{spec}: its gap weights start at epoch {base_epoch + 2}; in {epochs} epochs it never used them"
+                f"{spec}: its gap weights start at epoch {base_epoch + 2}; in {epochs} epoch"
+                f"{'s' if epochs != 1 else ''} it never used them"
             )
     return notes
 
