@@ -156,7 +156,8 @@ def _bench_speed(args: argparse.Namespace) -> int:
 
     out = None if args.out is None else Path(args.out)
     methods = None if args.methods is None else registry.split_specs(args.methods)
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(speed.run(args.cases.split(","), args.device, args.repeats, not args.no_torchjd, methods, out=out))
     if out is not None:
         print(f"written: {out}")
@@ -282,7 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--methods", help="comma-separated specs to time (default: every registered method)")
     speed.add_argument("--repeats", type=_positive, default=11, help="timed steps per entry (default 11)")
     speed.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    speed.add_argument("--threads", type=_threads, default=1, help="CPU threads for torch (default 1)")
+    speed.add_argument(
+        "--threads",
+        type=_threads,
+        default=None,
+        help="CPU threads for torch (default: torch's default, as users run; 1 thread is timed in CPU time, more "
+        "in wall time)",
+    )
     speed.add_argument("--no-torchjd", action="store_true", help="skip the torchjd comparison")
     speed.add_argument("--out", help="also write the markdown here")
     speed.set_defaults(handler=_bench_speed)

@@ -2,7 +2,7 @@
 and torchjd, measured in the same run; peak memory per step; and whether the speed targets hold.
 
     taskbalance bench speed [--cases multilenet,cnn,qm9,mlp40] [--methods nashmtl,upgrad] [--repeats 11]
-                            [--device cpu] [--threads 1] [--no-torchjd] [--out speed.md]
+                            [--device cpu] [--threads N] [--no-torchjd] [--out speed.md]
 
 Columns: ``× EW`` divides by an EW step (one ordinary backward); ``× floor`` by the cheapest exact computation of
 the K per-task gradients measured here (plain autograd, one call per task or one batched call, and the engine's
@@ -28,7 +28,7 @@ from . import torchjd_steps
 from .cases import CASE_NAMES, build
 from .report import Row, case_table, solve_median, targets, targets_table
 from .steps import entries, timed_specs
-from .timing import measure, peak_memory_mb
+from .timing import measure, peak_memory_mb, uses_wall_time
 
 __all__ = ["CASE_NAMES", "check_cases", "check_methods", "check_writable", "run", "run_case"]
 
@@ -148,7 +148,7 @@ def run(
     all_rows: list[Row] = []
     parts = [
         f"torch {torch.__version__}, {device}, {torch.get_num_threads()} thread(s); median of {repeats} steps "
-        f"({'wall' if device.type == 'cuda' else 'process CPU'} time), timed round-robin\n"
+        f"({'wall' if uses_wall_time(device) else 'process CPU'} time), timed round-robin\n"
     ]
     for name in tqdm(names, desc="speed", unit="model", disable=not progress):
         description, rows = run_case(name, device, repeats, with_torchjd, chosen)

@@ -3,8 +3,10 @@
 Steps are timed round-robin (one of each in turn, repeated), so that a slow spell of a shared machine hits every
 step alike, and the median is reported. The order is shuffled every round (seeded): a step that runs right after
 a memory-hungry one pays for the pages the allocator gave back, and no step should always be the one that pays.
-On the CPU the clock is the process's CPU time, which another job on the machine does not inflate the way it
-inflates wall time; on CUDA it is wall time between synchronisations.
+On the CPU with one torch thread the clock is the process's CPU time, which another job on the machine does not
+inflate the way it inflates wall time; with more threads it is wall time (CPU time would add up the threads'
+work, charging a step for the parallelism that makes it faster); on CUDA it is wall time between
+synchronisations.
 """
 
 from __future__ import annotations
@@ -26,10 +28,15 @@ Step = Callable[[], None]
 T = TypeVar("T")
 
 
+def uses_wall_time(device: torch.device) -> bool:
+    """Whether steps on ``device`` are timed by the wall clock: on CUDA, and on the CPU with several threads."""
+    return device.type == "cuda" or torch.get_num_threads() > 1
+
+
 def timed_call(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
-    """(fn(), its milliseconds): process CPU time on the CPU; on CUDA wall time between synchronisations."""
+    """(fn(), its milliseconds): see :func:`uses_wall_time`; on CUDA between synchronisations."""
     cuda = device.type == "cuda"
-    clock = time.perf_counter if cuda else time.process_time
+    clock = time.perf_counter if uses_wall_time(device) else time.process_time
     if cuda:
         torch.cuda.synchronize(device)
     start = clock()
