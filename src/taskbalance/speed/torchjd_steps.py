@@ -16,11 +16,27 @@ INSTALL_HINT = "the torchjd comparison needs torchjd: pip install 'taskbalance[t
 
 
 def aggregators(n_tasks: int) -> dict[str, Callable[[], Any]]:
-    """Our spec -> a factory of torchjd's aggregator for it (raises ImportError with a hint without torchjd)."""
+    """Our spec -> a factory of torchjd's aggregator for it (raises ImportError with a hint without torchjd).
+
+    An aggregator whose own extra is missing (torchjd's Nash-MTL and CAGrad need cvxpy: ``torchjd[full]``) is left
+    out, so its row shows no torchjd ratio instead of the benchmark stopping after minutes of timing.
+    """
     try:
         from torchjd import aggregation as agg
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError(INSTALL_HINT) from error
+    return {spec: factory for spec, factory in _factories(agg, n_tasks).items() if _builds(factory)}
+
+
+def _builds(factory: Callable[[], Any]) -> bool:
+    try:
+        factory()
+    except ImportError:
+        return False
+    return True
+
+
+def _factories(agg: Any, n_tasks: int) -> dict[str, Callable[[], Any]]:
     return {
         "ew": agg.Mean,
         "upgrad": agg.UPGrad,
