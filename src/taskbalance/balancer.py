@@ -221,8 +221,8 @@ class Balancer(nn.Module):
             with atomic(self):
                 balanced = self.loss(seen)
                 before_engine = time.perf_counter()
-                scaled = balanced.losses if scaler is None else scaler.scale(balanced.losses)
                 context = StepContext(_scale_of(scaler, balanced.losses), ranks)
+                scaled = context.scaled(balanced.losses)
                 combination = self._engine.step(seen, scaled, shared, self.gradient, features, context)
         except NonFiniteGradientError:
             if scaler is None:
@@ -246,8 +246,7 @@ class Balancer(nn.Module):
         if ranks is None:
             return losses.detach(), losses
         self._align(ranks)
-        others = [t for t in reachable_leaves(losses) if all(t is not p for p in shared)]
-        gathered = ranks.gather_losses(losses, signature(shared, others))
+        gathered = ranks.gather_losses(losses, signature(shared, _other_leaves(losses, shared)))
         mean = Ranks.mean_of(gathered, losses)
         return gathered, (losses - losses.detach()) + mean
 
@@ -312,7 +311,7 @@ class Balancer(nn.Module):
     ) -> BalanceResult | None:
         """A micro-batch of exact gradient accumulation: record it, or (``last``) balance all of them as one."""
         micro = self._micro_batches
-        heads = [t for t in reachable_leaves(losses) if all(t is not p for p in shared)]
+        heads = _other_leaves(losses, shared)
         inputs = [*shared, *heads]
         micro.check_inputs(inputs)
         self._engine.check(losses, shared, self.gradient, features, StepContext(ranks=ranks))
@@ -324,7 +323,8 @@ class Balancer(nn.Module):
         if not last:
             self._values_usable(values, None)
         scale = _scale_of(scaler, losses)
-        scaled = losses if scale == 1.0 else losses * scale
+        context = StepContext(scale, ranks)
+        scaled = context.scaled(losses)
         feature_rows = None
         if represent:
             assert features is not None  # the engine's check requires them
@@ -352,7 +352,6 @@ class Balancer(nn.Module):
                 )
             return self._skip(losses, shared, mean, scaler)
         self._values_usable(mean, None)
-        context = StepContext(scale, ranks)
         with atomic(self):
             leaf = mean.detach().clone().requires_grad_(True)
             balanced = self.loss(leaf)
@@ -523,6 +522,13 @@ def _autocast_off() -> contextlib.ExitStack:
 
 def _options_text(options: Mapping[str, Any]) -> str:
     return ", ".join(f"{name}={value!r}" for name, value in options.items())
+
+
+def _other_leaves(losses: Tensor, shared: Sequence[Tensor]) -> list[Tensor]:
+    """The leaves the losses reach besides the shared parameters (the heads): what the ranks compare, and what a
+    micro-batch records beside θ."""
+    shared_ids = {id(p) for p in shared}
+    return [t for t in reachable_leaves(losses) if id(t) not in shared_ids]
 
 
 def _where(mask: Tensor) -> str:
