@@ -72,18 +72,18 @@ def _seeded(name: str) -> bool:
 
 def _make(spec: str, k: int, seed: int = 0) -> tb.Balancer:
     """``tb.make(spec)`` for a name or a ``loss+gradient`` composition, each half seeded when it draws random
-    numbers (so that two builds agree)."""
+    numbers (so that two builds agree), on the engine's rule: ``"auto"`` keeps what it measured in the state, which
+    two runs need not share (its own round trip: tests/engine/test_tuning.py)."""
     parts = _name(spec).split("+")
+    options: dict[str, Any] = {}
     if len(parts) == 1:
-        options: dict[str, Any] = {"seed": seed} if _seeded(parts[0]) else {}
-        return tb.make(spec, n_tasks=k, **options)
-    loss, gradient = parts
-    return tb.make(
-        spec,
-        n_tasks=k,
-        loss_options={"seed": seed} if _seeded(loss) else {},
-        gradient_options={"seed": seed + 1} if _seeded(gradient) else {},
-    )
+        options = {"seed": seed} if _seeded(parts[0]) else {}
+    else:
+        loss, gradient = parts
+        options["loss_options"] = {"seed": seed} if _seeded(loss) else {}
+        options["gradient_options"] = {"seed": seed + 1} if _seeded(gradient) else {}
+    balancer = tb.make(spec, n_tasks=k, **options)
+    return tb.make(spec, n_tasks=k, engine="heuristic", **options) if balancer.engine == "auto" else balancer
 
 
 def _gradient(spec: str, k: int) -> GradientBalancer:

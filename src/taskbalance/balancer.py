@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.amp import GradScaler
 
-from .engine import Engine, EnginePath
+from .engine import Engine, EnginePath, PathTuner
 from .engine.accumulation import MicroBatches, chained, loss_jacobian
 from .engine.context import StepContext
 from .engine.distributed import NO_SIGNATURE, DistributedMode, Ranks, check_mode, signature
@@ -42,7 +42,9 @@ class Balancer(nn.Module):
         loss: a loss-balancing method (default: EW, equal weights).
         gradient: a gradient-balancing method (default: ``Sum``, one ordinary backward).
         n_tasks: K, the number of tasks (losses per step).
-        engine: how per-task gradients are obtained for gradient methods (see :mod:`taskbalance.engine`).
+        engine: how per-task gradients are obtained for gradient methods (see :mod:`taskbalance.engine`):
+            ``"auto"`` (default) times the exact paths on the first steps and keeps the fastest (the choice is
+            part of ``state_dict()``); ``"heuristic"`` or a named path for runs reproducible to the bit.
         check_finite: raise on NaN/Inf losses, and on NaN/Inf gradients of finite losses (or gradients so large
             that G = J Jᵀ overflows), before anything is written: one more device synchronisation per step on
             CUDA. ``False`` lets such values into ``.grad`` (e.g. for a GradScaler, which skips those steps
@@ -107,6 +109,12 @@ class Balancer(nn.Module):
         loss.setup(n_tasks)
         gradient.setup(n_tasks)
         self._warned_solver = False
+
+    @property
+    def path_tuner(self) -> PathTuner:
+        """What ``engine="auto"`` measured: ``chosen`` (graph signature → path), ``timings`` (each candidate's best
+        seconds) and ``dropped`` (the candidates that left a trial, and why)."""
+        return self._engine.tuner
 
     @property
     def engine(self) -> EnginePath:
@@ -472,7 +480,7 @@ class Balancer(nn.Module):
 
     # -- state -----------------------------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
-        return {"n_tasks": self.n_tasks, **self._engine.reuse.state()}
+        return {"n_tasks": self.n_tasks, **self._engine.reuse.state(), **self._engine.tuner.state()}
 
     def set_extra_state(self, state: Any) -> None:
         if not isinstance(state, Mapping) or "n_tasks" not in state:
@@ -480,6 +488,7 @@ class Balancer(nn.Module):
         if state["n_tasks"] != self.n_tasks:
             raise ValueError(f"state is for {state['n_tasks']} tasks, this Balancer has {self.n_tasks}")
         self._engine.reuse.load(state)
+        self._engine.tuner.load(state)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``, all or nothing: a state refused anywhere (by a method, for K, for missing

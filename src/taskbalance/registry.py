@@ -208,6 +208,14 @@ def _level(key: str, spec: str, owners: dict[str, tuple[Callable[..., Any], str,
     return levels[0]
 
 
+def spec_engine(spec: str) -> str | None:
+    """The engine path ``spec`` names, by an option or its preset (``"mgda_ub"``: ``"representation"``); None when
+    it leaves the engine to the Balancer's default."""
+    names, written = read_spec(spec)
+    engine = written.get("engine", _parse(names)[4].get("engine"))
+    return None if engine is None else str(engine)
+
+
 def read_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """The spec without its options, and the options written in it, each read by the type its owner declares
     (``"CAGrad[c=0.5]"`` → (``"CAGrad"``, {"c": 0.5})). Raises what :func:`make` raises for a bad option."""

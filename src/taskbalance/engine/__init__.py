@@ -15,9 +15,10 @@ gradient leaves the device (:mod:`~taskbalance.engine.grad`). Paths (``Balancer(
                       vmap cannot run the graph (warned once, remembered). Cost ≈ one K-batched backward, and each
                       head is run K times (the one-hot of task k still sends zeros through the other heads).
 ``"features"``        features-first, exact: J_z = ∂ℓ̃/∂z through the heads, then one K-batched product
-                      J = J_z · ∂z/∂θ through the trunk. When the graph separates the tasks the heads run once
-                      (an EW backward through them) instead of K times (:mod:`~taskbalance.engine.heads`).
+                      J = J_z · ∂z/∂θ through the trunk under vmap. When the graph separates the tasks the heads
+                      run once (an EW backward through them) instead of K times (:mod:`~taskbalance.engine.heads`).
                       Needs ``features`` and every path from θ to ℓ̃ running through it.
+``"features_loop"``   features-first with the K trunk products taken one task at a time (no vmap).
 ``"gramian"``         for methods that read only G (``needs == "gramian"``): G accumulated parameter by parameter
                       during the backward, never holding J (:func:`~taskbalance.engine.vjp.streaming_gramian`),
                       then the update by one backward of Σ_k w_k ℓ̃_k restricted to θ. One more backward than the
@@ -27,12 +28,18 @@ gradient leaves the device (:mod:`~taskbalance.engine.grad`). Paths (``Balancer(
                       The method reads J_z (or G_z = J_z J_zᵀ) instead of J; the update of θ is the trunk product of
                       the combined feature gradient Σ_k w_k ∂ℓ̃_k/∂z, or of the method's direction read as a
                       direction in feature space (flattened z). Cost ≈ one backward, plus J_z and G_z.
-``"auto"``            (default) the cheapest exact path that is safe: ``"features"`` when ``features`` is given and
-                      every path from θ to ℓ̃ goes through it (checked on the autograd graph), else ``"batched"``.
-                      On the CPU the K products go one task at a time rather than through vmap, which is slower
-                      there (:func:`~taskbalance.engine.paths.resolve_auto`); the heads are still run once. For a
-                      method that reads only G, ``"gramian"`` when J (K × P) would take more than half the memory
-                      available on the device.
+``"heuristic"``       the exact path a rule picks (:func:`~taskbalance.engine.paths.resolve_rule`), no timing:
+                      features-first when ``features`` is given and every path from θ to ℓ̃ goes through it
+                      (checked on the autograd graph), else the whole graph; the K products under vmap on
+                      accelerators and one task at a time on the CPU; for a method that reads only G, ``"gramian"``
+                      when J (K × P) would take more than half the memory available on the device. Deterministic:
+                      what the benchmark runner uses.
+``"auto"``            (default) the fastest exact path, measured: the candidates above (features-first looped or
+                      under vmap when the cut is exact, the whole graph looped or under vmap, the Gramian path for
+                      a G-only method) timed on the first steps of each graph signature (device, threads, shapes),
+                      while those steps apply the rule's gradients bit for bit; then the fastest is kept
+                      (:mod:`~taskbalance.engine.tuning`). The rule when J would not fit, or under
+                      ``torch.use_deterministic_algorithms(True)``.
 
 Two steps of a Balancer take no path at all (:meth:`Engine.step`): ``"sum"``, no gradient method
 (``needs == "nothing"``), is one ordinary backward of Σ_k ℓ̃_k; ``"reuse"``, the calls between two solves of
@@ -50,6 +57,7 @@ from __future__ import annotations
 
 from .engine import CompiledModelWarning, Engine
 from .paths import ENGINE_PATHS, EnginePath
+from .tuning import PathTuner
 from .vjp import EngineFallbackWarning
 
-__all__ = ["ENGINE_PATHS", "CompiledModelWarning", "Engine", "EngineFallbackWarning", "EnginePath"]
+__all__ = ["ENGINE_PATHS", "CompiledModelWarning", "Engine", "EngineFallbackWarning", "EnginePath", "PathTuner"]

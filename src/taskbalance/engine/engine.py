@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -16,9 +17,17 @@ from .finite import require_finite, row_norms
 from .grad import accumulate, accumulate_summed, backward, clip_blocks, unaliased
 from .graph import FeatureCut, reachable_leaves, task_split, through_compiled
 from .heads import features_jacobian
-from .paths import CUT_PATHS, ENGINE_PATHS, FEATURE_PATHS, EnginePath, resolve_auto
+from .paths import CUT_PATHS, ENGINE_PATHS, FEATURE_PATHS, VMAP_PATHS, EnginePath, candidates, resolve_rule
 from .reuse import WeightReuse
-from .vjp import BlockBuffers, VmapMemo, batched_vjp, streaming_gramian, summed_gradient
+from .tuning import PathTuner, Trial, signature, synchronize
+from .vjp import (
+    BlockBuffers,
+    EngineFallbackWarning,
+    VmapMemo,
+    batched_vjp,
+    streaming_gramian,
+    summed_gradient,
+)
 
 
 class CompiledModelWarning(RuntimeWarning):
@@ -53,6 +62,7 @@ class Engine:
         self.last_path = ""
         self.context = StepContext()
         self.warned_compiled = False
+        self.tuner = PathTuner()
 
     @property
     def fell_back(self) -> bool:
@@ -60,8 +70,10 @@ class Engine:
         return bool(self.memo.failed)
 
     def reset(self) -> None:
-        """Forget what was learnt about vmap on the model and the reused weights, and free the reused buffers."""
+        """Forget what was learnt about vmap and the paths on the model and the reused weights, and free the reused
+        buffers."""
         self.memo = VmapMemo()
+        self.tuner.reset()
         self.buffers.clear()
         self.last_path = ""
         self.reuse.reset()
@@ -153,7 +165,7 @@ class Engine:
         micro-batch of exact accumulation records (:mod:`~taskbalance.engine.accumulation`). Frees the graph."""
         n = losses.shape[0]
         eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
-        vmap = self.path == "batched" or (self.path != "loop" and losses.device.type != "cpu")
+        vmap = self.path in VMAP_PATHS or (self.path not in ("loop", "features_loop") and losses.device.type != "cpu")
         blocks = batched_vjp(losses, inputs, eye, self.memo, kind="raw", final=True, try_vmap=vmap)
         return [p.new_zeros((n, *p.shape)) if b is None else b for b, p in zip(blocks, inputs, strict=True)]
 
@@ -317,37 +329,20 @@ class Engine:
         split = FeatureCut(balanced, features if path in CUT_PATHS else None, shared, task_params)
         if path in FEATURE_PATHS:
             _require_exact(path, split)
-        trunk_vmap = True
-        if path == "auto":  # the exact ranks average J: never the Gramian path, which does not hold it
-            gramian_only = reads_gramian(method) and self.context.exact_ranks is None
-            size = balanced.shape[0] * sum(p.numel() * p.element_size() for p in shared) if gramian_only else 0
-            path, trunk_vmap = resolve_auto(split.exact, balanced.device, size, gramian_only)
+        trial: tuple[str, Trial] | None = None
+        if path in ("auto", "heuristic"):
             if features is not None and not split.exact:
                 self._warn_compiled(balanced)
+            path, trial = self._choose(balanced, shared, features, split, method)
         if path == "representation":
             assert features is not None
             return self._representation(balanced, shared, features, split, method)
         if path == "gramian":
             return self._gramian(balanced, shared, task_params, features, split, method)
-        if path == "features":
-            assert features is not None
-            blocks, task_grads = self._features(balanced, shared, features, split, trunk_vmap)
-            task_params = [*split.head_side, *split.trunk_side]
+        if trial is None:
+            blocks, task_params, task_grads = self._gradients(path, balanced, shared, task_params, features, split)
         else:
-            eye = torch.eye(balanced.shape[0], dtype=balanced.dtype, device=balanced.device)
-            inputs = [*shared, *task_params]
-            grads = batched_vjp(
-                balanced,
-                inputs,
-                eye,
-                self.memo,
-                kind="whole",
-                final=True,
-                try_vmap=path != "loop",
-                buffers=self.buffers,
-            )
-            blocks = grads[: len(shared)]
-            task_grads = [None if g is None else g.sum(0) for g in grads[len(shared) :]]
+            blocks, task_params, task_grads = self._trial_step(*trial, balanced, shared, task_params, features, split)
         self.last_path = path
         ranks = self.context.exact_ranks
         if ranks is not None:  # the global batch's per-task gradients: the mean over ranks, in one all-reduce
@@ -355,8 +350,141 @@ class Engine:
         check = task_grads if self.check_finite else None
         combination, update, owned = apply_blocks(balanced, shared, blocks, method, self.buffers, check, self.context)
         # task gradients: sums over K, unless captured by the features path (or reduced)
-        self._write(shared, update, owned, task_params, task_grads, path != "features" or ranks is not None)
+        captured = path in ("features", "features_loop") and ranks is None
+        self._write(shared, update, owned, task_params, task_grads, not captured)
         return combination
+
+    def _choose(
+        self,
+        balanced: Tensor,
+        shared: Sequence[Tensor],
+        features: Tensor | None,
+        split: FeatureCut,
+        method: GradientBalancer,
+    ) -> tuple[EnginePath, tuple[str, Trial] | None]:
+        """The exact path of ``"heuristic"`` (the rule) or ``"auto"`` (measured, :mod:`~.tuning`), and the trial
+        this step belongs to, if any (its gradients are then the rule's)."""
+        # the exact ranks average J: never the Gramian path, which does not hold it
+        gramian_only = reads_gramian(method) and self.context.exact_ranks is None
+        size = balanced.shape[0] * sum(p.numel() * p.element_size() for p in shared) if gramian_only else 0
+        rule = resolve_rule(split.exact, balanced.device, size, gramian_only)
+        if self.path == "heuristic" or rule == "gramian" or torch.are_deterministic_algorithms_enabled():
+            return rule, None
+        key = signature(balanced, shared, features, split.exact, gramian_only)
+        options = candidates(split.exact, gramian_only, vmap_failed=bool(self.memo.failed))
+        trial = self.tuner.trial(key, rule, options if rule in options else [rule, *options])
+        if trial is None:
+            return self.tuner.chosen[key], None  # type: ignore[return-value]  # TIMED_PATHS, checked on load
+        return rule, (key, trial)
+
+    def _gradients(
+        self,
+        path: EnginePath,
+        balanced: Tensor,
+        shared: Sequence[Tensor],
+        task_params: Sequence[Tensor],
+        features: Tensor | None,
+        split: FeatureCut,
+        final: bool = True,
+        own_buffers: bool = True,
+    ) -> tuple[list[Tensor | None], list[Tensor], list[Tensor | None]]:
+        """Per-task blocks of θ along an exact path that holds J, the task parameters and their ∇ Σ ℓ̃.
+
+        ``final``: no later pass of the step needs the graph. ``own_buffers``: the blocks may live in the engine's
+        reused buffers (a timed challenger of a trial must not overwrite the incumbent's there).
+        """
+        buffers = self.buffers if own_buffers else None
+        vmap = path in VMAP_PATHS
+        if path in ("features", "features_loop"):
+            assert features is not None
+            jz, head_grads = self._features_jacobian(balanced, features, split, buffers)
+            inputs = [*shared, *split.trunk_side]
+            grads = batched_vjp(
+                features, inputs, jz, self.memo, kind="trunk", final=final, try_vmap=vmap, buffers=buffers
+            )
+            trunk_grads = [None if g is None else g.sum(0) for g in grads[len(shared) :]]
+            return grads[: len(shared)], [*split.head_side, *split.trunk_side], [*head_grads, *trunk_grads]
+        eye = torch.eye(balanced.shape[0], dtype=balanced.dtype, device=balanced.device)
+        inputs = [*shared, *task_params]
+        grads = batched_vjp(balanced, inputs, eye, self.memo, kind="whole", final=final, try_vmap=vmap, buffers=buffers)
+        task_grads = [None if g is None else g.sum(0) for g in grads[len(shared) :]]
+        return grads[: len(shared)], list(task_params), task_grads
+
+    def _trial_step(
+        self,
+        key: str,
+        trial: Trial,
+        balanced: Tensor,
+        shared: Sequence[Tensor],
+        task_params: Sequence[Tensor],
+        features: Tensor | None,
+        split: FeatureCut,
+    ) -> tuple[list[Tensor | None], list[Tensor], list[Tensor | None]]:
+        """One step of ``"auto"``'s trial: every candidate timed on this step's graph, the incumbent's gradients
+        returned. A challenger that fails (vmap cannot run the graph, out of memory) leaves the trial without a word."""
+        kept: tuple[list[Tensor | None], list[Tensor], list[Tensor | None]] | None = None
+        order = trial.order()
+        with_gramian = "gramian" in trial.candidates  # then J's paths pay for G and Jᵀw too, as the step will
+        for position, candidate in enumerate(order):
+            final = position == len(order) - 1
+            synchronize(balanced.device)
+            start = time.perf_counter()
+            if candidate == trial.incumbent:
+                kept = self._gradients(candidate, balanced, shared, task_params, features, split, final)  # type: ignore[arg-type]
+                if with_gramian:
+                    _combined_cost(kept[0], balanced.shape[0])
+            else:
+                trouble = self._challenge(
+                    candidate, balanced, shared, task_params, features, split, final, with_gramian
+                )
+                if trouble:
+                    trial.drop(candidate, trouble)
+            synchronize(balanced.device)
+            trial.record(candidate, time.perf_counter() - start)
+        self.tuner.end_step(key)
+        assert kept is not None  # the incumbent is never dropped
+        return kept
+
+    def _challenge(
+        self,
+        candidate: str,
+        balanced: Tensor,
+        shared: Sequence[Tensor],
+        task_params: Sequence[Tensor],
+        features: Tensor | None,
+        split: FeatureCut,
+        final: bool,
+        with_gramian: bool,
+    ) -> str:
+        """Run a challenger's gradients and throw them away; why it must leave the trial ('' if it need not)."""
+        failed_before = set(self.memo.failed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                if candidate == "gramian":
+                    _, _, _, update_of = self._streamed(balanced, shared, task_params, features, split, False)
+                    update_of(torch.ones_like(balanced), final)
+                else:
+                    blocks = self._gradients(
+                        candidate,  # type: ignore[arg-type]
+                        balanced,
+                        shared,
+                        task_params,
+                        features,
+                        split,
+                        final,
+                        own_buffers=False,
+                    )[0]
+                    if with_gramian:
+                        _combined_cost(blocks, balanced.shape[0])
+            except RuntimeError as error:  # out of memory, an op it cannot run: not a path for this model
+                return f"failed: {type(error).__name__}: {str(error)[:200]}"
+        if self.memo.failed - failed_before:  # it ran as a loop after all: not the path it stands for
+            return f"vmap cannot run this graph (the {', '.join(sorted(self.memo.failed - failed_before))} pass)"
+        for warning in caught:  # the user's to see, as the incumbent would have shown them
+            if not issubclass(warning.category, EngineFallbackWarning):
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        return ""
 
     def _write(
         self,
@@ -390,23 +518,11 @@ class Engine:
             stacklevel=5,
         )
 
-    def _features(
-        self, balanced: Tensor, shared: Sequence[Tensor], features: Tensor, split: FeatureCut, trunk_vmap: bool
-    ) -> tuple[list[Tensor | None], list[Tensor | None]]:
-        """Per-task blocks of θ, and ∇ Σ ℓ̃ of head-side then trunk-side task parameters."""
-        jz, head_grads = self._features_jacobian(balanced, features, split)
-        inputs = [*shared, *split.trunk_side]
-        grads = batched_vjp(
-            features, inputs, jz, self.memo, kind="trunk", final=True, try_vmap=trunk_vmap, buffers=self.buffers
-        )
-        trunk_grads = [None if g is None else g.sum(0) for g in grads[len(shared) :]]
-        return grads[: len(shared)], [*head_grads, *trunk_grads]
-
     def _features_jacobian(
-        self, balanced: Tensor, features: Tensor, split: FeatureCut
+        self, balanced: Tensor, features: Tensor, split: FeatureCut, buffers: BlockBuffers | None
     ) -> tuple[Tensor, list[Tensor | None]]:
         tasks = task_split(balanced, features, balanced.shape[0])
-        return features_jacobian(balanced, features, split.head_side, tasks, self.memo, self.buffers)
+        return features_jacobian(balanced, features, split.head_side, tasks, self.memo, buffers)
 
     def _gramian(
         self,
@@ -417,33 +533,47 @@ class Engine:
         split: FeatureCut,
         method: GradientBalancer,
     ) -> Combination:
-        n = balanced.shape[0]
+        gramian, owners, grads, update_of = self._streamed(balanced, shared, task_params, features, split)
+        self.last_path = "gramian"
+        if self.check_finite:
+            require_finite(gramian, grads, agree=self.context.agree)
+        combination = self._call(method, gramian, balanced, power=2)
+        weights = weights_for_gramian(combination, gramian, method, self.context.max_norm(method.max_norm))
+        self._write(shared, update_of(weights, True), False, owners, grads)
+        return combination
+
+    def _streamed(
+        self,
+        balanced: Tensor,
+        shared: Sequence[Tensor],
+        task_params: Sequence[Tensor],
+        features: Tensor | None,
+        split: FeatureCut,
+        own_buffers: bool = True,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor | None], Callable[[Tensor, bool], list[Tensor | None]]]:
+        """The Gramian path's G (streamed, J never held), the task parameters and their ∇ Σ ℓ̃, and its update:
+        for weights w, the backward of Σ_k w_k ℓ̃_k into θ (through the trunk alone when the cut is exact)."""
         if split.exact:
             assert features is not None
-            jz, head_grads = self._features_jacobian(balanced, features, split)
+            jz, head_grads = self._features_jacobian(balanced, features, split, self.buffers if own_buffers else None)
             gramian, trunk_grads = streaming_gramian(
                 features, shared, split.trunk_side, jz, self.memo, kind="trunk", final=False
             )
-            self.last_path = "gramian"
-            if self.check_finite:
-                require_finite(gramian, [*head_grads, *trunk_grads], agree=self.context.agree)
-            combination = self._call(method, gramian, balanced, power=2)
-            weights = weights_for_gramian(combination, gramian, method, self.context.max_norm(method.max_norm))
-            cotangent = torch.tensordot(weights.to(jz.dtype), jz, dims=1)
-            update = torch.autograd.grad(features, shared, cotangent, allow_unused=True)
-            self._write(shared, update, False, [*split.head_side, *split.trunk_side], [*head_grads, *trunk_grads])
-            return combination
-        eye = torch.eye(n, dtype=balanced.dtype, device=balanced.device)
+
+            def through_trunk(weights: Tensor, final: bool) -> list[Tensor | None]:
+                cotangent = torch.tensordot(weights.to(jz.dtype), jz, dims=1)
+                return list(torch.autograd.grad(features, shared, cotangent, retain_graph=not final, allow_unused=True))
+
+            return gramian, [*split.head_side, *split.trunk_side], [*head_grads, *trunk_grads], through_trunk
+        eye = torch.eye(balanced.shape[0], dtype=balanced.dtype, device=balanced.device)
         gramian, _ = streaming_gramian(balanced, shared, [], eye, self.memo, kind="whole", final=False)
-        self.last_path = "gramian"
         task_grads = summed_gradient(balanced, task_params)
-        if self.check_finite:
-            require_finite(gramian, task_grads, agree=self.context.agree)
-        combination = self._call(method, gramian, balanced, power=2)
-        weights = weights_for_gramian(combination, gramian, method, self.context.max_norm(method.max_norm))
-        update = torch.autograd.grad(balanced, shared, weights.to(balanced.dtype), allow_unused=True)
-        self._write(shared, update, False, task_params, task_grads)
-        return combination
+
+        def through_graph(weights: Tensor, final: bool) -> list[Tensor | None]:
+            cotangent = weights.to(balanced.dtype)
+            return list(torch.autograd.grad(balanced, shared, cotangent, retain_graph=not final, allow_unused=True))
+
+        return gramian, list(task_params), task_grads, through_graph
 
     def _call(self, method: GradientBalancer, matrix: Tensor, balanced: Tensor, power: int) -> Combination:
         """The method's combination of J (``power`` 1) or G (2) and ℓ̃, as they are without the loss scale."""
@@ -454,7 +584,7 @@ class Engine:
         self, balanced: Tensor, shared: Sequence[Tensor], features: Tensor, split: FeatureCut, method: GradientBalancer
     ) -> Combination:
         n = balanced.shape[0]
-        jz, head_grads = self._features_jacobian(balanced, features, split)
+        jz, head_grads = self._features_jacobian(balanced, features, split, self.buffers)
         self.last_path = "representation"
         flat = jz.reshape(n, -1)
         matrix = flat @ flat.T if reads_gramian(method) else flat
@@ -503,6 +633,15 @@ def _mean_blocks(
     filled += [p.new_zeros(p.shape) if g is None else g for g, p in zip(task_grads, task_params, strict=True)]
     reduced: list[Tensor | None] = list(ranks.mean(filled))
     return reduced[: len(shared)], reduced[len(shared) :]
+
+
+def _combined_cost(blocks: Sequence[Tensor | None], n: int) -> None:
+    """G = Σ_p B_p B_pᵀ and Σ_k B_k, as a step that holds J computes them (timed against the Gramian path)."""
+    for block in blocks:
+        if block is not None:
+            flat = block.reshape(n, -1)
+            flat @ flat.T
+            flat.sum(0)
 
 
 def _require_exact(path: str, cut: FeatureCut) -> None:

@@ -119,6 +119,24 @@ def test_resume_refuses_a_method_built_differently(tmp_path: Path) -> None:
         _run(out, [spec], epochs=1, resume=True)
 
 
+def test_a_run_trains_on_the_rule_and_resumes_one_written_when_auto_was_the_rule(tmp_path: Path) -> None:
+    """The runner builds engine="heuristic" (its numbers must not depend on timings) unless the spec names a path;
+    a run folder written before "auto" measured says engine='auto' for that same rule and resumes."""
+    out = tmp_path / "run"
+    _run(out, ["mgda", "mgda[engine=auto]"], epochs=1)
+    config = json.loads((out / "config.json").read_text())
+    methods = config["fingerprint"]["methods"]
+    assert methods["mgda"].startswith("engine='heuristic' ")
+    assert methods["mgda[engine=auto]"].startswith("engine='auto' ")
+    methods["mgda"] = methods["mgda"].replace("engine='heuristic' ", "engine='auto' ")
+    (out / "config.json").write_text(json.dumps(config))
+    _run(out, ["mgda"], epochs=1, resume=True)  # accepted
+    methods["mgda[engine=auto]"] = methods["mgda[engine=auto]"].replace("engine='auto' ", "engine='heuristic' ")
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape("method mgda[engine=auto] is built differently")):
+        _run(out, ["mgda[engine=auto]"], epochs=1, resume=True)
+
+
 def _as_written_before_fingerprints(out: Path) -> None:
     config = json.loads((out / "config.json").read_text())
     del config["fingerprint"]

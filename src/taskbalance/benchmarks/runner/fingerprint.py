@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from ... import __version__
-from ...registry import make, read_spec
+from ...balancer import Balancer
+from ...registry import make, read_spec, spec_engine
 from ..base import Benchmark
 from ..datasets.cache import atomic_open, cache_dir
 
@@ -69,10 +70,20 @@ def canonical_spec(spec: str, n_tasks: int) -> str:
     return base + "[" + ",".join(f"{k}={_canonical_value(values[k])}" for k in sorted(values)) + "]"
 
 
+def build_balancer(spec: str, n_tasks: int) -> Balancer:
+    """The Balancer a run trains: ``spec`` built by :func:`taskbalance.make`, with the engine's rule
+    (``engine="heuristic"``) where the spec leaves the engine to ``"auto"``. ``"auto"`` times the exact paths, which
+    agree to rounding only, so a run's numbers would depend on the machine's load; a spec may still ask for
+    ``[engine=auto]``."""
+    if spec_engine(spec) is None:  # built once: a method seeded from the global RNG draws its seed here
+        return make(spec, n_tasks=n_tasks, engine="heuristic")
+    return make(spec, n_tasks=n_tasks)
+
+
 def describe_method(spec: str, n_tasks: int) -> str:
     """The method as built, on one line: its classes and every option (defaults included) that a saved state must
     match; a seed drawn when none is given is restored from the checkpoint, so it is left out."""
-    balancer = make(spec, n_tasks=n_tasks)
+    balancer = build_balancer(spec, n_tasks)
     parts = [f"engine={balancer.engine!r}", f"update_weights_every={balancer.update_weights_every}"]
     for part in (balancer.loss, balancer.gradient):
         options = part._identity()  # the method's own "what a saved state must match"
@@ -264,11 +275,22 @@ def check_resume(
     if not isinstance(old_methods, dict):
         raise ResumeError(f"{stop}: config.json's fingerprint lists no methods; restore it or use a new --out")
     for spec, description in current["methods"].items():
-        if spec in old_methods and old_methods[spec] != description:
+        if spec in old_methods and not _same_build(str(old_methods[spec]), description):
             raise ResumeError(
                 f"{stop}: method {spec} is built differently from the run's ({old_methods[spec]} → {description}); "
                 "use a new --out"
             )
+
+
+def _same_build(recorded: str, description: str) -> bool:
+    """Whether a run's recorded method is this build. A run written before ``"auto"`` measured recorded
+    ``engine='auto'`` for what is now ``engine='heuristic'`` (the same rule, the same numbers): it resumes."""
+    if recorded.startswith(_LEGACY_AUTO) and description.startswith(_RULE):
+        recorded = _RULE + recorded[len(_LEGACY_AUTO) :]
+    return recorded == description
+
+
+_LEGACY_AUTO, _RULE = "engine='auto' ", "engine='heuristic' "
 
 
 def merged(previous: Sequence[Any], current: Sequence[Any]) -> list[Any]:

@@ -38,13 +38,13 @@ from tqdm import tqdm
 
 from ...balancer import Balancer
 from ...loss_balancing.base import LossBalancer
-from ...registry import make
 from ..base import Benchmark, Split
 from ..batches import Batches, Shard
 from ..datasets.cache import atomic_open
 from ..metrics.delta_m import delta_m
 from ..report.folder import parse_weights_row, read_final
 from .checkpoint import CheckpointError, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from .fingerprint import build_balancer
 
 #: offset of the dropout stream's seed from the run seed (any constant: it only has to differ from the init's)
 _DROPOUT_STREAM = 1_000_003
@@ -211,7 +211,7 @@ class RunTrainer:
         model_module: torch.nn.Module = model
         model_module.to(device)
         shared = list(model.encoder.parameters())
-        balancer = None if job.is_stl else make(job.spec, n_tasks=bench.n_tasks).to(device)
+        balancer = None if job.is_stl else build_balancer(job.spec, bench.n_tasks).to(device)
         torch.manual_seed(job.seed + _DROPOUT_STREAM + rank * _RANK_STREAM)
         params = [*model_module.parameters(), *(balancer.parameters() if balancer is not None else ())]
         optimizer = bench.optimizer(params)
