@@ -35,8 +35,8 @@ from torch import Tensor
 
 from .paths import TIMED_PATHS
 
-#: trial steps per signature; the first is a warm-up
-TRIAL_STEPS = 3
+#: trial steps per signature; the first is a warm-up (four timed: near ties between paths are common)
+TRIAL_STEPS = 5
 #: a challenger replaces the incumbent only when its best time is below (1 - MARGIN) × the incumbent's
 MARGIN = 0.05
 #: a candidate this many times slower than the fastest in the warm-up leaves the trial there

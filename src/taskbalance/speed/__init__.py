@@ -26,8 +26,8 @@ from ..benchmarks.runner.compare import check_methods as check_specs
 from ..benchmarks.runner.compare import resolve_device
 from . import torchjd_steps
 from .cases import CASE_NAMES, build
-from .report import Row, case_table, solve_median, targets, targets_table
-from .steps import entries, timed_specs
+from .report import Row, auto_note, case_table, solve_median, targets, targets_table
+from .steps import auto_trial, entries, timed_specs
 from .timing import measure, peak_memory_mb, uses_wall_time
 
 __all__ = ["CASE_NAMES", "check_cases", "check_methods", "check_writable", "run", "run_case"]
@@ -37,6 +37,8 @@ MIN_CALL_MS = 200.0
 
 NOTES = """Notes:
 - floor: the fastest of the `floor` rows, measured in the same run; a method below 1.00 is within noise of it.
+  `engine auto (w = 1)` is the path `engine="auto"` chose on the case (its trial is the line above each table);
+  every method on `auto` starts from that choice.
 - famo: its `after_step` forward under the updated model (part of FAMO's definition) is in its step.
 - igbv2: timed over its SAC period (50 steps) at a full replay buffer (capacity 128 so that it fills during the
   warm-up; update count and minibatch as at any full buffer): one SAC update per step on average.
@@ -90,7 +92,8 @@ def run_case(
 ) -> tuple[str, list[Row]]:
     """Time every entry of one case round-robin: (the case's description, one row per entry)."""
     case = build(name, device)
-    timed = entries(case, device, with_torchjd, methods)
+    auto = auto_trial(case, device)
+    timed = entries(case, device, with_torchjd, methods, auto)
     times = measure({e.name: e.step for e in timed}, repeats, device, warmup=1, min_call_ms=MIN_CALL_MS)
     ms = {e.name: statistics.median(times[e.name]) / e.period for e in timed}
     floor = min(ms[e.name] for e in timed if e.kind == "floor")
@@ -112,7 +115,7 @@ def run_case(
                 peak_mb=peak,
             )
         )
-    return case.description, rows
+    return f"{case.description}\n\n{auto_note(auto)}", rows
 
 
 def run(
@@ -153,7 +156,8 @@ def run(
     for name in tqdm(names, desc="speed", unit="model", disable=not progress):
         description, rows = run_case(name, device, repeats, with_torchjd, chosen)
         all_rows += rows
-        parts.append(f"## {name}: {description}, K = {rows[0].n_tasks}\n\n{case_table(rows)}\n")
+        title, note = description.split("\n\n", 1)
+        parts.append(f"## {name}: {title}, K = {rows[0].n_tasks}\n\n{note}\n\n{case_table(rows)}\n")
     parts.append(f"## Targets\n\n{targets_table(targets(all_rows))}\n")
     parts.append(NOTES)
     text = "\n".join(parts)

@@ -13,6 +13,8 @@ import math
 import statistics
 from dataclasses import dataclass
 
+from ..engine import PathTuner
+
 #: the bounds on a ratio to EW, to the cost floor, or to torchjd, measured in the same run
 LOSS_TARGET = 1.05
 FLOOR_TARGET = 1.10
@@ -111,3 +113,19 @@ def targets_table(found: list[Target]) -> str:
 
 def solve_median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
+
+
+def auto_note(tuner: PathTuner) -> str:
+    """One line per trial of ``engine="auto"``: what it chose for the methods that read G, and for those that
+    read J, from which candidates' best times (ms), and which candidates left the trial."""
+    lines = []
+    for key, path in tuner.chosen.items():
+        readers = "G" if key.endswith("G=1") else "J"
+        times = ", ".join(f"{p} {s * 1e3:.1f}" for p, s in sorted(tuner.timings.get(key, {}).items(), key=_second))
+        left = "; ".join(f"{p} left: {why}" for p, why in tuner.dropped.get(key, {}).items())
+        lines.append(f"`auto` for methods reading {readers}: **{path}** (ms: {times}{'; ' + left if left else ''})")
+    return "  \n".join(lines)
+
+
+def _second(item: tuple[str, float]) -> float:
+    return item[1]

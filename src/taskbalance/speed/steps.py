@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from .. import registry
 from ..balancer import Balancer
+from ..engine import PathTuner
+from ..engine.tuning import TRIAL_STEPS
 from ..gradient_balancing.base import Combination, GradientBalancer
 from ..loss_balancing.base import LossBalancer
 from . import torchjd_steps
@@ -25,8 +27,8 @@ from .timing import Step, timed_call
 
 Kind = Literal["ew", "floor", "loss", "gradient", "representation", "amortised", "torchjd"]
 
-#: a Balancer engine path timed with w = 1 for the cost floor (exact paths only)
-FLOOR_PATHS = ("loop", "batched", "features", "gramian")
+#: a Balancer engine path timed with w = 1 for the cost floor (the exact paths, and what "auto" chose among them)
+FLOOR_PATHS = ("loop", "batched", "features_loop", "features", "gramian", "auto")
 #: IGBv2's SAC updates come every ``update_every`` steps: it is timed over that many steps, at a full buffer
 IGBV2_OPTIONS: dict[str, Any] = {"base_epoch": 0, "train_epoch": 1, "policy_epoch": 1, "buffer_size": 128}
 AMORTISED_EVERY = 10
@@ -40,6 +42,28 @@ class FixedWeights(GradientBalancer):
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
         return Combination(weights=torch.ones(self.n_tasks, dtype=matrix.dtype, device=matrix.device))
+
+
+class FixedJacobianWeights(FixedWeights):
+    """w = 1 for a method that reads J: what ``"auto"`` times for the methods that read J."""
+
+    needs: ClassVar[Literal["gramian", "jacobian"]] = "jacobian"
+
+
+def auto_trial(case: SpeedCase, device: torch.device) -> PathTuner:
+    """What ``engine="auto"`` measures on the case, for the methods that read G and for those that read J: one
+    trial each (w = 1), whose choices every timed Balancer then starts from (a trial per method would time the
+    candidates about 40 times on each model, to the same verdict: the graph is the same)."""
+    tuner = PathTuner()
+    for fixed in (FixedWeights(), FixedJacobianWeights()):
+        balancer = Balancer(gradient=fixed, n_tasks=case.n_tasks, engine="auto")
+        step = balancer_step(case, balancer, device)
+        for _ in range(TRIAL_STEPS):
+            step()
+        tuner.chosen.update(balancer.path_tuner.chosen)
+        tuner.timings.update(balancer.path_tuner.timings)
+        tuner.dropped.update(balancer.path_tuner.dropped)
+    return tuner
 
 
 @dataclass
@@ -163,11 +187,21 @@ def timed_specs() -> list[str]:
     return ["ew", *loss_specs(), *gradient_specs()]
 
 
-def entries(case: SpeedCase, device: torch.device, with_torchjd: bool, methods: set[str] | None) -> list[Entry]:
-    """Every step of a case; epoch-based loss methods are primed into their steady state."""
+def entries(
+    case: SpeedCase,
+    device: torch.device,
+    with_torchjd: bool,
+    methods: set[str] | None,
+    auto: PathTuner | None = None,
+) -> list[Entry]:
+    """Every step of a case; epoch-based loss methods are primed into their steady state, and every Balancer on
+    ``engine="auto"`` starts from the choices of the case's trial (``auto``; :func:`auto_trial` when None)."""
     out: list[Entry] = []
+    choices = (auto_trial(case, device) if auto is None else auto).chosen
 
     def add(name: str, kind: Kind, step: Step, balancer: Balancer | None = None, **extra: Any) -> None:
+        if balancer is not None and balancer.engine == "auto":
+            balancer.path_tuner.chosen.update(choices)
         if balancer is not None and type(balancer.loss).end_epoch is not LossBalancer.end_epoch:
             prime(step, balancer)
         out.append(Entry(name, kind, step, **extra))
