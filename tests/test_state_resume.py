@@ -47,7 +47,8 @@ X, Y = make_data(n=BATCHES * BATCH)
 
 def _fresh(spec: str, options: dict[str, Any]) -> tuple[TinyMTL, tb.Balancer, torch.optim.Optimizer]:
     model = TinyMTL()
-    balancer = tb.make(spec, n_tasks=3, **options)
+    # the rule's path: a resume within "auto"'s trial times the paths again (tests/engine/test_tuning.py)
+    balancer = tb.make(spec, n_tasks=3, engine="heuristic", **options)
     optimizer = torch.optim.Adam([*model.parameters(), *balancer.parameters()], lr=0.01)
     return model, balancer, optimizer
 

@@ -106,6 +106,11 @@ def _threads(text: str) -> int:
     return value
 
 
+def _thread_counts(text: str) -> list[int]:
+    """Comma-separated thread counts, each as :func:`_threads` reads it."""
+    return [_threads(part.strip()) for part in text.split(",")]
+
+
 def _run(args: argparse.Namespace) -> int:
     from .benchmarks.runner.compare import run
 
@@ -150,15 +155,12 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _bench_speed(args: argparse.Namespace) -> int:
-    import torch
-
     from . import speed
 
     out = None if args.out is None else Path(args.out)
     methods = None if args.methods is None else registry.split_specs(args.methods)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    print(speed.run(args.cases.split(","), args.device, args.repeats, not args.no_torchjd, methods, out=out))
+    cases = args.cases.split(",")
+    print(speed.run(cases, args.device, args.repeats, not args.no_torchjd, methods, out=out, threads=args.threads))
     if out is not None:
         print(f"written: {out}")
     return 0
@@ -285,10 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--device", default="cpu", help="torch device (default cpu)")
     speed.add_argument(
         "--threads",
-        type=_threads,
+        type=_thread_counts,
         default=None,
-        help="CPU threads for torch (default: torch's default, as users run; 1 thread is timed in CPU time, more "
-        "in wall time)",
+        help="CPU threads for torch, or a comma-separated list of counts to run in turn, the later ones with a "
+        "column of speed-up over the first (default: torch's default, as users run; 1 thread is timed in CPU "
+        "time, more in wall time)",
     )
     speed.add_argument("--no-torchjd", action="store_true", help="skip the torchjd comparison")
     speed.add_argument("--out", help="also write the markdown here")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -10,8 +11,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import taskbalance as tb
+from taskbalance import speed
 from taskbalance.cli import main
-from taskbalance.speed import cases, run_case, steps, torchjd_steps
+from taskbalance.speed import cases, report, run_case, steps, torchjd_steps
 from taskbalance.speed.report import Row, targets
 from taskbalance.speed.timing import PeakMemory, measure
 from tests.models import TinyMTL, make_data
@@ -111,6 +113,48 @@ def test_run_case_end_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
     if with_jd:
         assert by_name["torchjd upgrad"].kind == "torchjd"
         assert by_name["upgrad"].vs_torchjd == by_name["upgrad"].ms / by_name["torchjd upgrad"].ms
+
+
+def test_auto_is_tried_once_per_case_and_every_balancer_starts_from_its_choice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(cases.BUILDERS, "tiny", _tiny)
+    case = cases.build("tiny", torch.device("cpu"))
+    auto = steps.auto_trial(case, torch.device("cpu"))
+    assert sorted(key[-3:] for key in auto.chosen) == ["G=0", "G=1"]  # methods reading J, and reading G
+    tried: list[str] = []
+    original = steps.Balancer.backward
+
+    def spy(self: steps.Balancer, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        tried.extend(self.path_tuner.trials)  # a trial in progress would show here
+        return result
+
+    monkeypatch.setattr(steps.Balancer, "backward", spy)
+    timed = steps.entries(case, torch.device("cpu"), False, {"mgda", "dbmtl"}, auto)
+    for entry in timed:
+        entry.step()
+    assert not tried
+    assert "engine auto (w = 1)" in {e.name for e in timed}
+    note = report.auto_note(auto)
+    assert note.count("`auto` for methods reading") == 2 and all(p in note for p in auto.chosen.values())
+
+
+def test_several_thread_counts_add_a_speed_up_column(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(cases.BUILDERS, "tiny", _tiny)
+    monkeypatch.setitem(speed.__dict__, "CASE_NAMES", (*speed.CASE_NAMES, "tiny"))
+    monkeypatch.setattr(speed, "check_cases", lambda names: list(names))
+    before = torch.get_num_threads()
+    text = speed.run(["tiny"], "cpu", 1, False, ["mgda"], progress=False, threads=[1, 2])
+    assert torch.get_num_threads() == before  # restored
+    one, two = text.split("# 2 thread(s)")
+    assert one.startswith("# 1 thread(s)") and "speed-up vs" not in one
+    header = next(line for line in two.splitlines() if line.startswith("| method"))
+    assert header.endswith("speed-up vs 1 thread(s) |")
+    row = next(line for line in two.splitlines() if line.startswith("| mgda |"))
+    ms_two = float(row.split("|")[3])
+    ms_one = float(next(line for line in one.splitlines() if line.startswith("| mgda |")).split("|")[3])
+    assert float(row.split("|")[-2]) == pytest.approx(ms_one / ms_two, abs=0.01)
 
 
 @pytest.mark.skipif(not torchjd_steps.available(), reason="torchjd not installed")

@@ -2,21 +2,22 @@
 and torchjd, measured in the same run; peak memory per step; and whether the speed targets hold.
 
     taskbalance bench speed [--cases multilenet,cnn,qm9,mlp40] [--methods nashmtl,upgrad] [--repeats 11]
-                            [--device cpu] [--threads N] [--no-torchjd] [--out speed.md]
+                            [--device cpu] [--threads N | --threads 1,2] [--no-torchjd] [--out speed.md]
 
 Columns: ``× EW`` divides by an EW step (one ordinary backward); ``× floor`` by the cheapest exact computation of
 the K per-task gradients measured here (plain autograd, one call per task or one batched call, and the engine's
 exact paths with w = 1), the least any exact gradient method can cost; ``× torchjd`` by torchjd's implementation
 of the same aggregator; ``solve ms`` the median time of the method's own computation from G or J (its solver);
-``peak MiB`` the memory one step allocates beyond the model and batch. See docs/cost-model.md for what each method
-costs and why.
+``peak MiB`` the memory one step allocates beyond the model and batch; with several thread counts, ``speed-up`` is
+a row's time at the first count over its time at this one. Above each table: what ``engine="auto"`` chose on
+the model, from which times. See docs/cost-model.md for what each method costs and why.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -126,13 +127,17 @@ def run(
     methods: Iterable[str] | None = None,
     progress: bool = True,
     out: Path | None = None,
+    threads: Sequence[int] | None = None,
 ) -> str:
     """The whole benchmark as markdown: a table per case, then the targets; also written to ``out`` if given.
-    Every argument is checked, and ``out`` probed, before anything is timed: a mistake found after minutes of
-    timing would waste them.
+    With several ``threads`` counts (default: torch's current count alone) the whole benchmark runs at each, in
+    order, and the tables of the later counts get a column of each row's speed-up over the first count. Every
+    argument is checked, and ``out`` probed, before anything is timed: a mistake found after minutes of timing
+    would waste them.
 
     Raises:
-        ValueError: an unknown case, device or method (:func:`check_cases`, :func:`check_methods`), ``repeats`` < 1.
+        ValueError: an unknown case, device or method (:func:`check_cases`, :func:`check_methods`), ``repeats`` < 1,
+            a thread count < 1.
         OSError: ``out`` cannot be written.
         ImportError: tqdm (the ``bench`` extra) or, with ``with_torchjd``, torchjd is not installed.
     """
@@ -141,6 +146,9 @@ def run(
     device = resolve_device(device)
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    counts = [torch.get_num_threads()] if not threads else list(threads)
+    if min(counts) < 1:
+        raise ValueError(f"thread counts must be >= 1, got {counts}")
     if out is not None:
         check_writable(out)
     require("tqdm", what="the speed benchmark")
@@ -148,19 +156,43 @@ def run(
 
     if with_torchjd and not torchjd_steps.available():
         raise ImportError(torchjd_steps.INSTALL_HINT + " (or pass --no-torchjd)")
-    all_rows: list[Row] = []
-    parts = [
-        f"torch {torch.__version__}, {device}, {torch.get_num_threads()} thread(s); median of {repeats} steps "
-        f"({'wall' if uses_wall_time(device) else 'process CPU'} time), timed round-robin\n"
-    ]
-    for name in tqdm(names, desc="speed", unit="model", disable=not progress):
-        description, rows = run_case(name, device, repeats, with_torchjd, chosen)
-        all_rows += rows
-        title, note = description.split("\n\n", 1)
-        parts.append(f"## {name}: {title}, K = {rows[0].n_tasks}\n\n{note}\n\n{case_table(rows)}\n")
-    parts.append(f"## Targets\n\n{targets_table(targets(all_rows))}\n")
+    before = torch.get_num_threads()
+    first: dict[tuple[str, str], float] = {}
+    parts = []
+    try:
+        for count in counts:
+            torch.set_num_threads(count)
+            runs = [
+                (name, *run_case(name, device, repeats, with_torchjd, chosen))
+                for name in tqdm(names, desc=f"speed, {count} thread(s)", unit="model", disable=not progress)
+            ]
+            all_rows = [row for _, _, rows in runs for row in rows]
+            for row in all_rows:
+                first.setdefault((row.case, row.name), row.ms)
+                row.scaling = first[row.case, row.name] / row.ms
+            scaled_from = counts[0] if count != counts[0] else None
+            heading = "#" if len(counts) > 1 else ""  # each count's tables one level down, under its own title
+            if heading:
+                parts.append(f"# {count} thread(s)\n")
+            parts.append(_timing_line(device, repeats))
+            for name, description, rows in runs:
+                title, _, note = description.partition("\n\n")  # the model, then what auto chose on it
+                above = f"{note}\n\n" if note else ""
+                parts.append(
+                    f"{heading}## {name}: {title}, K = {rows[0].n_tasks}\n\n{above}{case_table(rows, scaled_from)}\n"
+                )
+            parts.append(f"{heading}## Targets\n\n{targets_table(targets(all_rows))}\n")
+    finally:
+        torch.set_num_threads(before)
     parts.append(NOTES)
     text = "\n".join(parts)
     if out is not None:
         out.write_text(text + "\n", encoding="utf-8")
     return text
+
+
+def _timing_line(device: torch.device, repeats: int) -> str:
+    return (
+        f"torch {torch.__version__}, {device}, {torch.get_num_threads()} thread(s); median of {repeats} steps "
+        f"({'wall' if uses_wall_time(device) else 'process CPU'} time), timed round-robin\n"
+    )

@@ -36,6 +36,8 @@ class Row:
     solve_ms: float  # nan for methods without a solver call (loss methods, amortised reuse)
     peak_mb: float
     reads_gramian: bool = False  # a small K × K problem: the solver target applies
+    #: ms at the first thread count of the run / ms here (the speed-up from more threads); nan on a single count
+    scaling: float = math.nan
 
 
 def solver_bound(n_tasks: int) -> float:
@@ -46,15 +48,19 @@ def _fmt(value: float, digits: int = 2) -> str:
     return "—" if math.isnan(value) else f"{value:.{digits}f}"
 
 
-def case_table(rows: list[Row]) -> str:
+def case_table(rows: list[Row], scaled_from: int | None = None) -> str:
+    """One case's rows; with ``scaled_from`` (a thread count), a last column of each row's speed-up over it."""
     head = "| method | kind | ms/step | × EW | × floor | × torchjd | solve ms | peak MiB |"
+    rule = "|---|---|---:|---:|---:|---:|---:|---:|"
+    if scaled_from is not None:
+        head, rule = head + f" speed-up vs {scaled_from} thread(s) |", rule + "---:|"
     # solve ms of a method that reads J (DB-MTL, GradDrop, MoCo) is O(K·P) work on J, marked with a J
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, rule]
     for r in rows:
         lines.append(
             f"| {r.name} | {r.kind} | {r.ms:.2f} | {r.vs_ew:.2f} | {_fmt(r.vs_floor)} | {_fmt(r.vs_torchjd)} | "
             f"{_fmt(r.solve_ms, 3)}{'' if r.reads_gramian or math.isnan(r.solve_ms) else ' (J)'} | "
-            f"{_fmt(r.peak_mb, 1)} |"
+            f"{_fmt(r.peak_mb, 1)} |" + ("" if scaled_from is None else f" {_fmt(r.scaling)} |")
         )
     return "\n".join(lines)
 
