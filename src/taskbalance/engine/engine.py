@@ -29,6 +29,9 @@ from .vjp import (
     summed_gradient,
 )
 
+#: what torch warns when vmap runs an op without a batching rule as a loop over the batch
+_NO_BATCHING_RULE = "we have not yet implemented the batching rule"
+
 
 class CompiledModelWarning(RuntimeWarning):
     """A model compiled as one graph hides the features from ``auto``, which then takes K full backward passes."""
@@ -66,7 +69,8 @@ class Engine:
 
     @property
     def fell_back(self) -> bool:
-        """Whether vmap failed on this model, so that products are taken one task at a time."""
+        """Whether vmap failed on this model, so that products are taken one task at a time (also when it failed
+        silently, for a challenger in a trial of ``"auto"``)."""
         return bool(self.memo.failed)
 
     def reset(self) -> None:
@@ -481,6 +485,9 @@ class Engine:
                 return f"failed: {type(error).__name__}: {str(error)[:200]}"
         if self.memo.failed - failed_before:  # it ran as a loop after all: not the path it stands for
             return f"vmap cannot run this graph (the {', '.join(sorted(self.memo.failed - failed_before))} pass)"
+        slow = [w for w in caught if _NO_BATCHING_RULE in str(w.message)]
+        if slow:  # vmap loops over the batch for that op (QM9's GRU under torch.func.vmap): slow, and not asked for
+            return f"vmap has no batching rule for an op of this graph: {str(slow[0].message)[:160]}"
         for warning in caught:  # the user's to see, as the incumbent would have shown them
             if not issubclass(warning.category, EngineFallbackWarning):
                 warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)

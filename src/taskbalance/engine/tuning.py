@@ -13,10 +13,11 @@ step. The *incumbent* — the path :func:`~taskbalance.engine.paths.resolve_rule
 gradients are the step's: **a trial step's update is the rule's update, bit for bit**, whatever was measured.
 The first trial step is a warm-up whose times are dropped, except that a candidate more than :data:`DROP_FACTOR`
 times slower than the fastest leaves the trial there, paid for once (vmap through a graph whose ops batch badly,
-as QM9's message passing does on the CPU: 3.5× the loop); a challenger that fails — vmap cannot run the graph, or
-it runs out of memory — leaves at once, silently (the user did not ask for it). After the last trial step
-the candidate with the best time is kept when it beats the incumbent's by more than :data:`MARGIN`; otherwise
-the incumbent is.
+as QM9's message passing does on the CPU: 3.5× the loop). A challenger that fails — vmap cannot run the graph, or
+it runs out of memory — or for which torch warns that an op has no batching rule (QM9's GRU backward under
+``torch.func.vmap``, which torch then loops over the batch) leaves at once, silently: the user did not ask for
+it. After the last trial step the candidate with the best time is kept when it beats the incumbent's by more than
+:data:`MARGIN`; otherwise the incumbent is.
 
 Reproducibility. Paths agree to rounding, not to the bit, and a near tie may fall either way on two runs. For
 bit-for-bit reruns name a path (``engine="heuristic"`` is the rule without timing, what the benchmark runner
