@@ -22,6 +22,7 @@ import copy
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from enum import Enum
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -76,12 +77,17 @@ def _describe(cls: str, options: Mapping[str, Any]) -> str:
     return f"{cls}({', '.join(f'{name}={value!r}' for name, value in options.items())})"
 
 
-def _save(value: Any) -> Any:
-    """A field as saved: a generator's state, a nested object's state dict, a copy of a tensor, else the value."""
+#: set while :func:`snapshot` reads a state: the fields a class declares ``replaced`` are then kept by reference
+_SNAPSHOT: ContextVar[bool] = ContextVar("taskbalance_snapshot", default=False)
+
+
+def _save(value: Any, alias: bool = False) -> Any:
+    """A field as saved: a generator's state, a nested object's state dict, a copy of a tensor (the tensor itself
+    with ``alias``), else the value."""
     if isinstance(value, torch.Generator):
         return value.get_state()
     if isinstance(value, Tensor):
-        return value.clone()  # several fields are updated in place by the next step
+        return value if alias else value.clone()  # several fields are updated in place by the next step
     if callable(getattr(value, "state_dict", None)):
         return value.state_dict()
     return value
@@ -97,10 +103,16 @@ def snapshot(module: nn.Module) -> dict[str, Any]:
 
     Parameters and buffers come as aliases: cloned. A :class:`Declared` extra state holds its tensor fields as
     copies already (:func:`_save`) and nested objects' ``state_dict()`` (an optimizer's, live) as references:
-    those are copied.
+    those are copied. The tensor fields a class declares ``replaced`` (never written in place) are kept by
+    reference: DB-MTL's K × P gradient EMA would otherwise be copied on every step.
     """
+    token = _SNAPSHOT.set(True)
+    try:
+        state = module.state_dict()
+    finally:
+        _SNAPSHOT.reset(token)
     saved: dict[str, Any] = {}
-    for key, value in module.state_dict().items():
+    for key, value in state.items():
         if key.endswith(_EXTRA_STATE) and isinstance(value, dict):
             saved[key] = {k: v if isinstance(v, Tensor) else _copied(v) for k, v in value.items()}
         else:
@@ -146,6 +158,9 @@ class Declared(nn.Module):
     options: ClassVar[tuple[str, ...]] = ()
     #: the fields that hold the history (see :func:`fields`; a subclass adds its own)
     state: ClassVar[Mapping[str, object]] = fields()
+    #: tensor fields that a step replaces by another tensor and never writes in place once set: a transaction's
+    #: snapshot (:func:`atomic`) keeps them by reference instead of copying them (``state_dict()`` still copies)
+    replaced: ClassVar[tuple[str, ...]] = ()
     _all_options: ClassVar[tuple[str, ...]] = ()
     _all_state: ClassVar[Mapping[str, object]] = fields()
 
@@ -218,7 +233,10 @@ class Declared(nn.Module):
     # -- state -----------------------------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
         state = {_CLASS: type(self).__name__, _OPTIONS: self._identity()}
-        state.update({_key(name): _save(getattr(self, name)) for name in self._all_state})
+        alias = _SNAPSHOT.get()
+        state.update(
+            {_key(name): _save(getattr(self, name), alias and name in self.replaced) for name in self._all_state}
+        )
         return state
 
     def set_extra_state(self, state: Any) -> None:

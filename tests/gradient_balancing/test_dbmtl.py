@@ -126,3 +126,45 @@ def test_preset_matches_the_step_by_step_reference() -> None:
         ema = _reference_step(reference, x, y, ema, 0.05)
         for a, b in zip(model.parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_step_transaction_keeps_the_ema_by_reference_and_still_restores_it() -> None:
+    """ĝ is written into a spare buffer, never in place, so a step's snapshot keeps it by reference (no K × P copy
+    per step) while state_dict() still copies; a step that fails after DB-MTL combined restores ĝ exactly, and the
+    run then continues as if the failure had not happened."""
+    from taskbalance.method import snapshot
+
+    x, y = make_data()
+    runs = []
+    for fail_at in (None, 2):
+        model, balancer = TinyMTL(), tb.make("dbmtl", n_tasks=3, engine="heuristic")
+        grads = []
+        for step in range(5):
+            model.zero_grad(set_to_none=True)
+            z, losses = task_losses(model, x, y)
+            if step == fail_at:
+                method = balancer.gradient
+                assert isinstance(method, DBMTL)
+                ema = method._ema
+                assert ema is not None
+                assert snapshot(balancer)["gradient._extra_state"]["ema"] is ema  # by reference
+                assert balancer.state_dict()["gradient._extra_state"]["ema"] is not ema  # a copy
+                before, combine = ema.clone(), method.combine
+
+                def fails_after(matrix: torch.Tensor, losses: torch.Tensor, combine: Any = combine) -> Combination:
+                    combine(matrix, losses)  # ĝ written and swapped, then the step fails
+                    raise RuntimeError("after DB-MTL combined")
+
+                method.combine = fails_after  # type: ignore[method-assign]
+                with pytest.raises(RuntimeError, match="after DB-MTL combined"):
+                    balancer.backward(losses, model.encoder.parameters(), features=z)
+                del method.combine
+                restored = method._ema
+                assert restored is not None and torch.equal(restored, before) and method._step == step
+                model.zero_grad(set_to_none=True)
+                z, losses = task_losses(model, x, y)
+            balancer.backward(losses, model.encoder.parameters(), features=z)
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        runs.append(grads)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)

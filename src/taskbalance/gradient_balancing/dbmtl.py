@@ -40,8 +40,10 @@ class DBMTL(GradientBalancer):
     needs: ClassVar[Literal["gramian", "jacobian"]] = "jacobian"
     options = ("beta", "beta_sigma")
     state = fields(_step=0, _ema=None)
+    replaced = ("_ema",)
     _step: int
-    _ema: Tensor | None  # ĝ (K × P), updated in place
+    _ema: Tensor | None  # ĝ (K × P): each step writes the next one into the spare buffer and swaps
+    _spare: Tensor | None = None  # the previous ĝ's memory, reused (not state: its values are never read)
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.0, max_norm: float | None = None) -> None:
         super().__init__(max_norm=max_norm)
@@ -62,12 +64,23 @@ class DBMTL(GradientBalancer):
         beta_t = self.beta / self._step**self.beta_sigma
         # One pass for the EMA (read J, update ĝ in place), one for the norms, one for Σ_k α_k ĝ_k: the norms
         # must all be known before any α_k, and no temporary of J's size is made.
+        # ĝ is written into a spare buffer, never in place: the step's transaction then keeps the old ĝ by
+        # reference instead of copying K × P floats (Declared.replaced); the spare is the ĝ before last.
         if self._ema is None:  # from the zero buffer: ĝ = (1 − β_1)·g, without writing the zeros first
-            self._ema = torch.mul(matrix, 1 - beta_t)
+            self._ema, self._spare = torch.mul(matrix, 1 - beta_t), None
         else:
             if self._ema.device != matrix.device or self._ema.dtype != matrix.dtype:
                 self._ema = self._ema.to(device=matrix.device, dtype=matrix.dtype)
-            self._ema.lerp_(matrix, 1 - beta_t)
+            spare = self._spare
+            usable = (
+                spare is not None
+                and spare is not self._ema
+                and spare.shape == matrix.shape
+                and spare.dtype == matrix.dtype
+                and spare.device == matrix.device
+            )
+            out = spare if usable else torch.empty_like(matrix)
+            self._spare, self._ema = self._ema, torch.lerp(self._ema, matrix, 1 - beta_t, out=out)
         norms = torch.linalg.vector_norm(self._ema, dim=1)
         scales = norms.max() / (norms + 1e-8)
         return Combination(direction=torch.mv(self._ema.T, scales))  # faster than scales @ ĝ at small K
