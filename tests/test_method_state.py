@@ -234,3 +234,47 @@ def test_a_refusal_inside_a_nested_object_leaves_the_method_as_it_was() -> None:
     with pytest.raises(RuntimeError, match=r"size mismatch for buffer\.states"):
         method.load_state_dict(state)
     _assert_same(method.state_dict(), before)
+
+
+@pytest.mark.parametrize(("spec", "field"), [("dbmtl", "_ema"), ("moco", "tracked")])
+def test_a_replaced_field_is_kept_by_reference_and_still_restored_when_a_step_fails(spec: str, field: str) -> None:
+    """DB-MTL's ĝ and MoCo's y (K × P each) are written into a spare buffer, never in place, so a step's snapshot
+    keeps them by reference (no K × P copy per step) while state_dict() still copies; a step that fails after the
+    method combined restores the field exactly, and the run then continues as if the failure had not happened.
+    Fails if the field is written in place (the restored value would be the failed step's)."""
+    from taskbalance.gradient_balancing.base import Combination
+    from taskbalance.method import snapshot
+
+    x, y = make_data()
+    runs = []
+    for fail_at in (None, 2, 3):
+        model, balancer = TinyMTL(), tb.make(spec, n_tasks=3, engine="heuristic")
+        method = balancer.gradient
+        assert field in type(method).replaced
+        grads = []
+        for step in range(6):
+            model.zero_grad(set_to_none=True)
+            z, losses = task_losses(model, x, y)
+            if step == fail_at:
+                value = getattr(method, field)
+                assert snapshot(balancer)["gradient._extra_state"][field.lstrip("_")] is value  # by reference
+                assert balancer.state_dict()["gradient._extra_state"][field.lstrip("_")] is not value  # a copy
+                before, combine = value.clone(), method.combine
+
+                def fails_after(matrix: torch.Tensor, losses: torch.Tensor, combine: Any = combine) -> Combination:
+                    combine(matrix, losses)  # the new value written and swapped in, then the step fails
+                    raise RuntimeError("after the method combined")
+
+                method.combine = fails_after  # type: ignore[method-assign]
+                with pytest.raises(RuntimeError, match="after the method combined"):
+                    balancer.backward(losses, model.encoder.parameters(), features=z)
+                del method.combine
+                assert torch.equal(getattr(method, field), before)
+                model.zero_grad(set_to_none=True)
+                z, losses = task_losses(model, x, y)
+            balancer.backward(losses, model.encoder.parameters(), features=z)
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        runs.append(grads)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert torch.equal(a, b)

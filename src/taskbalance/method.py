@@ -93,6 +93,23 @@ def _save(value: Any, alias: bool = False) -> Any:
     return value
 
 
+def spare_for(spare: Tensor | None, current: Tensor | None, like: Tensor) -> Tensor:
+    """Memory for the next value of a ``replaced`` field: ``spare`` (its value before last) when it can take a
+    tensor shaped like ``like``, else a new one.
+
+    The spare is never the current value (a step that failed after the swap leaves the two the same once the
+    transaction restores the field), nor of another shape, dtype or device.
+    """
+    usable = (
+        spare is not None
+        and spare is not current
+        and spare.shape == like.shape
+        and spare.dtype == like.dtype
+        and spare.device == like.device
+    )
+    return spare if usable and spare is not None else torch.empty_like(like)
+
+
 def _loads_in_place(value: Any) -> bool:
     """Whether a field's current value takes a saved state itself (and may still refuse it)."""
     return isinstance(value, torch.Generator) or callable(getattr(value, "load_state_dict", None))

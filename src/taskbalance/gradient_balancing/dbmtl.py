@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from ..method import fields
+from ..method import fields, spare_for
 from .base import Combination, GradientBalancer
 
 
@@ -54,6 +54,10 @@ class DBMTL(GradientBalancer):
         self.beta = float(beta)
         self.beta_sigma = float(beta_sigma)
 
+    def reset(self) -> None:
+        super().reset()
+        self._spare = None
+
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
         if self._ema is not None and self._ema.shape != matrix.shape:
             raise ValueError(
@@ -62,7 +66,7 @@ class DBMTL(GradientBalancer):
             )
         self._step += 1
         beta_t = self.beta / self._step**self.beta_sigma
-        # One pass for the EMA (read J, update ĝ in place), one for the norms, one for Σ_k α_k ĝ_k: the norms
+        # One pass for the EMA (read J and ĝ, write the new ĝ), one for the norms, one for Σ_k α_k ĝ_k: the norms
         # must all be known before any α_k, and no temporary of J's size is made.
         # ĝ is written into a spare buffer, never in place: the step's transaction then keeps the old ĝ by
         # reference instead of copying K × P floats (Declared.replaced); the spare is the ĝ before last.
@@ -71,15 +75,7 @@ class DBMTL(GradientBalancer):
         else:
             if self._ema.device != matrix.device or self._ema.dtype != matrix.dtype:
                 self._ema = self._ema.to(device=matrix.device, dtype=matrix.dtype)
-            spare = self._spare
-            usable = (
-                spare is not None
-                and spare is not self._ema
-                and spare.shape == matrix.shape
-                and spare.dtype == matrix.dtype
-                and spare.device == matrix.device
-            )
-            out = spare if usable else torch.empty_like(matrix)
+            out = spare_for(self._spare, self._ema, matrix)
             self._spare, self._ema = self._ema, torch.lerp(self._ema, matrix, 1 - beta_t, out=out)
         norms = torch.linalg.vector_norm(self._ema, dim=1)
         scales = norms.max() / (norms + 1e-8)

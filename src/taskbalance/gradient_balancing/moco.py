@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from ..method import fields
+from ..method import fields, spare_for
 from ..solvers import project_simplex
 from .base import Combination, GradientBalancer
 
@@ -61,9 +61,10 @@ class MoCo(GradientBalancer):
     step in that run). Remedy: give MoCo log losses, ``si+moco`` (∇ log L_k = ∇L_k / L_k has no loss scale; the
     same run keeps every K·λ_k in [0.85, 1.14]).
 
-    State (in ``state_dict()``): y (K × P, created at the first step on J's device, then updated in place, so
-    ``state_dict()`` holds a copy of it), λ, the step t. One step reads J once and y twice (no temporary of J's
-    size: see ``_track``).
+    State (in ``state_dict()``): y (K × P, created at the first step on J's device; ``state_dict()`` holds a copy
+    of it), λ, the step t. One step reads J once and y twice (no temporary of J's size: see ``_track``). Each step
+    writes the new y into a spare buffer (the y before last) and swaps, never in place: the step's transaction
+    then keeps the old y by reference instead of copying K × P floats per step (``Declared.replaced``).
 
     Differences from the reference code, and why: LibMTL's softmax and gradient normalisation are options (off by
     default, see above). The sum convention holds only asymptotically: y starts at 0, so the first updates are
@@ -73,8 +74,10 @@ class MoCo(GradientBalancer):
     needs: ClassVar[Literal["gramian", "jacobian"]] = "jacobian"
     options = ("beta", "beta_sigma", "gamma", "gamma_sigma", "rho", "lambda_update", "normalize")
     state = fields("lambd", step=0, tracked=None)
+    replaced = ("tracked",)
     step: int
-    tracked: Tensor | None  # y (K × P), updated in place
+    tracked: Tensor | None  # y (K × P): each step writes the next one into the spare buffer and swaps
+    _spare: Tensor | None = None  # the previous y's memory, reused (not state: its values are never read)
 
     def __init__(
         self,
@@ -108,6 +111,7 @@ class MoCo(GradientBalancer):
 
     def reset(self) -> None:
         super().reset()
+        self._spare = None
         self.lambd = torch.full((self.n_tasks,), 1 / max(self.n_tasks, 1), dtype=torch.float64)
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:
@@ -128,7 +132,7 @@ class MoCo(GradientBalancer):
         return Combination(weights=weights, direction=torch.mv(tracked.T, weights))
 
     def _track(self, jacobian: Tensor, losses: Tensor, beta_t: float, lambd: Tensor) -> tuple[Tensor, Tensor]:
-        """y ← y − β_t (y − J) in place, and y yᵀ λ, in one pass over J and y.
+        """y ← y − β_t (y − J) (into the spare buffer, then swapped), and y yᵀ λ, in one pass over J and y.
 
         The columns go in blocks (:data:`_BLOCK_ELEMENTS` elements on the CPU) so that the block of y just updated
         is still in cache for yᵀλ and y (yᵀλ); y yᵀ itself (K² P multiply-adds) is never formed. The first step
@@ -140,30 +144,24 @@ class MoCo(GradientBalancer):
         if self.normalize:
             norms = torch.linalg.vector_norm(jacobian, dim=1)
             scale = (beta_t * losses.to(jacobian.dtype) / (norms + 1e-8))[:, None]
-        tracked = self.tracked
-        if tracked is None:
-            tracked = self.tracked = torch.empty_like(jacobian)
-            first = True
-        else:
-            if tracked.device != jacobian.device or tracked.dtype != jacobian.dtype:
-                tracked = self.tracked = tracked.to(jacobian)
-            first = False
+        previous = self.tracked
+        if previous is not None and (previous.device != jacobian.device or previous.dtype != jacobian.dtype):
+            previous = self.tracked = previous.to(jacobian)
+        tracked = spare_for(self._spare, previous, jacobian)
         width = max(1, min(p, _BLOCK_ELEMENTS // max(k, 1))) if jacobian.device.type == "cpu" else max(p, 1)
         projection = jacobian.new_empty(width)  # the block of yᵀλ
         curvature = torch.zeros_like(lambd)
         for start in range(0, p, width):
             stop = min(start + width, p)
             block, target = tracked[:, start:stop], jacobian[:, start:stop]
-            if scale is not None:
-                if first:
-                    torch.mul(target, scale, out=block)
-                else:
-                    block.mul_(1 - beta_t).addcmul_(target, scale)
-            elif first:
-                torch.mul(target, beta_t, out=block)
+            if previous is None:  # from y = 0: y = β_1 J (or β_1 c ⊙ J), without a zero buffer
+                torch.mul(target, beta_t if scale is None else scale, out=block)
+            elif scale is not None:
+                torch.mul(previous[:, start:stop], 1 - beta_t, out=block).addcmul_(target, scale)
             else:
-                block.lerp_(target, beta_t)
+                torch.lerp(previous[:, start:stop], target, beta_t, out=block)
             part = projection[: stop - start]
             torch.mv(block.T, lambd, out=part)
             curvature.addmv_(block, part)
+        self._spare, self.tracked = previous, tracked
         return tracked, curvature
