@@ -457,3 +457,24 @@ def test_repr_names_every_option_with_its_value(name: str) -> None:
         else:
             assert f"{option}={parameter.default!r}" in text, (option, text)
     assert repr(method) in repr(balancer)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in GRADIENT_METHODS if tb.gradient_class(n).needs == "gramian"))
+def test_a_method_reading_g_gives_the_same_weights_in_inference_mode(name: str) -> None:
+    """Calling a method that reads G runs its ``combine`` under ``torch.inference_mode`` (the dispatch cost of its
+    K × K operations): the weights equal those of ``combine`` run in grad mode bit for bit, step after step (the
+    state it keeps feeds the next step), and they leave as an ordinary tensor a loss can be multiplied by and
+    differentiated through."""
+    k, generator = 3, torch.Generator().manual_seed(5)
+    fast, plain = _gradient(name, k), _gradient(name, k)
+    base = torch.randn(k, 12, generator=generator, dtype=F64)
+    for _ in range(6):
+        jacobian = base + 0.5 * torch.randn(k, 12, generator=generator, dtype=F64)
+        gramian, losses = jacobian @ jacobian.T, torch.rand(k, generator=generator, dtype=F64) + 0.5
+        called, combined = fast(gramian, losses), plain.combine(gramian, losses)
+        assert called.weights is not None and combined.weights is not None
+        assert torch.equal(called.weights, combined.weights)
+        assert not called.weights.is_inference()
+    head = torch.ones(k, dtype=F64, requires_grad=True)
+    (called.weights * head).sum().backward()  # an inference tensor could not be saved for this backward
+    assert head.grad is not None and torch.equal(head.grad, called.weights)
