@@ -87,4 +87,7 @@ class GradientBalancer(Method):
         return combination if weights is None else replace(combination, weights=weights.clone())
 
     def combine(self, matrix: Tensor, losses: Tensor) -> Combination:  # pragma: no cover - abstract
+        """The method itself (what a subclass writes). A method reading G is called under
+        ``torch.inference_mode()``: the tensors it creates, its kept state included, are inference tensors, which
+        its own later calls may update in place but code outside them may only replace (assign), not modify."""
         raise NotImplementedError
