@@ -3,7 +3,8 @@
 Subcommands: ``methods`` lists every registered method with its level and paper line; ``run`` trains and compares
 methods on a benchmark (:mod:`taskbalance.benchmarks.runner`); ``report`` turns a run folder into a markdown
 table and plots (:mod:`taskbalance.benchmarks.report`); ``bench speed`` times every method's training step
-(:mod:`taskbalance.speed`); ``--version`` prints the installed version.
+(:mod:`taskbalance.speed`), ``bench solvers`` each solve from G at several task counts; ``--version`` prints the
+installed version.
 
 Only ``run``, ``report`` and ``bench`` import the benchmarks (numpy, tqdm; matplotlib for plots), and only when
 they run: ``methods``, ``--version`` and every help text need torch alone.
@@ -166,6 +167,18 @@ def _bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_solvers(args: argparse.Namespace) -> int:
+    from .speed import solvers
+
+    methods = None if args.methods is None else args.methods.split(",")
+    print(solvers.run(args.tasks, methods, args.repeats, threads=args.threads))
+    return 0
+
+
+def _task_counts(text: str) -> list[int]:
+    return [_positive(part.strip()) for part in text.split(",")]
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (the usage it would print first is what ``--help`` shows)."""
 
@@ -296,6 +309,20 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--no-torchjd", action="store_true", help="skip the torchjd comparison")
     speed.add_argument("--out", help="also write the markdown here")
     speed.set_defaults(handler=_bench_speed)
+    solvers = benches.add_parser(
+        "solvers",
+        help="median ms of each solve from G at several task counts; the solver target",
+        description="Call every gradient method that reads G as the engine does, on a drifting sequence of "
+        "synthetic Gramians (K correlated gradients), and print the median ms per solve at each K, with whether "
+        "the solver target holds (≤ 1 ms at K ≤ 10, ≤ 10 ms above).",
+    )
+    solvers.add_argument("--tasks", type=_task_counts, default=[2, 3, 5, 10], help="task counts (default 2,3,5,10)")
+    solvers.add_argument("--methods", help="comma-separated names (default: every method that reads G)")
+    solvers.add_argument("--repeats", type=_positive, default=50, help="timed solves per cell (default 50)")
+    solvers.add_argument(
+        "--threads", type=_threads, default=None, help="CPU threads for torch (default: torch's default)"
+    )
+    solvers.set_defaults(handler=_bench_solvers)
     return parser
 
 
